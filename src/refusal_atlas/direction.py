@@ -1,0 +1,175 @@
+"""The refusal direction: difference in means, and the choice of its layer l*.
+
+Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Direction", §2.3-2.4
+and Appendix C: r_l = mean_harmful h_l - mean_harmless h_l (Eq. 3); l* minimises the refusal
+score on harmful validation prompts under directional ablation, among layers whose ablation
+keeps the harmless next-token distribution close (KL bound) and whose addition induces refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .generation import length_sorted_batches
+from .interventions import DirectionAddition, DirectionalAblation, Intervention
+from .modeling import decoder_layers, encode_chat, position_ids_from_mask, special_token_mask
+
+
+def diff_in_means(acts: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
+    """``[n_layers, d]`` r_l = mean over harmful - mean over harmless (Arditi et al., Eq. 3).
+
+    ``acts`` is ``[n, n_layers, d]`` (last prompt token); ``harmful`` a boolean mask over n.
+    """
+    harmful = harmful.bool()
+    if harmful.all() or not harmful.any():
+        raise ValueError("difference in means needs both harmful and harmless prompts")
+    return acts[harmful].mean(0) - acts[~harmful].mean(0)
+
+
+@torch.no_grad()
+def massive_dims(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    k: int,
+) -> torch.Tensor:
+    """``[n_layers, k]`` the dimensions with the largest mean |activation| on special tokens.
+
+    BOS and chat-marker positions carry massive activations (norm ~24k against a median ~174 in
+    SmolLM2 at layer 15) in a few fixed dimensions. A direction with weight there, ablated at
+    every position, shifts those sinks by thousands and breaks the model (ARCHITECTURE.md).
+    """
+    layers = decoder_layers(model)
+    if k == 0:
+        return torch.empty(len(layers), 0, dtype=torch.long)
+    enc = encode_chat(tokenizer, instructions, device=next(model.parameters()).device)
+    sink = special_token_mask(tokenizer, enc["input_ids"]) & enc["attention_mask"].bool()
+    got: dict[int, torch.Tensor] = {}
+
+    def make_hook(i):
+        def hook(_m, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            got[i] = h[sink].abs().mean(0).float().cpu()
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
+    try:
+        model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([got[i].topk(k).indices for i in range(len(layers))])
+
+
+def zero_dims(r: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """``r`` with ``dims`` (per layer) set to zero."""
+    r = r.clone()
+    r.scatter_(-1, dims.to(r.device), 0.0)
+    return r
+
+
+def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, strings: Sequence[str]) -> list[int]:
+    """First token of each refusal string, as it would start the assistant turn."""
+    ids = sorted({tokenizer(s, add_special_tokens=False).input_ids[0] for s in strings})
+    if not ids:
+        raise ValueError("no refusal tokens")
+    return ids
+
+
+@torch.no_grad()
+def last_token_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    *,
+    intervention: Intervention | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """``[n, vocab]`` next-token log-probabilities at the last prompt token."""
+    intervention = intervention or Intervention()
+    device = next(model.parameters()).device
+    lengths = [len(t) for t in instructions]
+    out = torch.empty(len(instructions), model.config.vocab_size)
+    with intervention.applied(model):
+        for idx in length_sorted_batches(lengths, batch_size):
+            enc = encode_chat(tokenizer, [instructions[i] for i in idx], device=device)
+            pos = position_ids_from_mask(enc["attention_mask"])
+            logits = model(**enc, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]
+            out[idx] = F.log_softmax(logits.float(), -1).cpu()
+    return out
+
+
+def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
+    """log p(refusal) - log(1 - p(refusal)), p summed over refusal tokens (Arditi et al. §C)."""
+    lp = torch.logsumexp(logprobs[:, list(refusal_ids)], -1)
+    return lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-7))
+
+
+@dataclass
+class LayerScore:
+    layer: int
+    bypass_score: float  # harmful val refusal score under ablation (lower: refusal removed)
+    induce_score: float  # harmless val refusal score under addition (higher: refusal induced)
+    kl: float  # harmless val KL(base || ablated) at the last token
+    r_norm: float
+    eligible: bool
+
+
+def score_layers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directions: torch.Tensor,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    refusal_ids: Sequence[int],
+    *,
+    candidates: Sequence[int],
+    kl_max: float,
+    batch_size: int = 16,
+) -> list[LayerScore]:
+    """Evaluate every candidate layer's direction on the validation prompts."""
+    base_harmless = last_token_logprobs(model, tokenizer, harmless_val, batch_size=batch_size)
+    scores = []
+    for layer in tqdm(candidates, desc="direction layers", unit="layer"):
+        r = directions[layer]
+        abl = DirectionalAblation(r)
+        bypass = refusal_score(
+            last_token_logprobs(model, tokenizer, harmful_val, intervention=abl, batch_size=batch_size), refusal_ids
+        ).mean()
+        abl_harmless = last_token_logprobs(model, tokenizer, harmless_val, intervention=abl, batch_size=batch_size)
+        kl = F.kl_div(abl_harmless, base_harmless, log_target=True, reduction="batchmean")
+        induce = refusal_score(
+            last_token_logprobs(
+                model, tokenizer, harmless_val, intervention=DirectionAddition(r, layer), batch_size=batch_size
+            ),
+            refusal_ids,
+        ).mean()
+        scores.append(
+            LayerScore(layer, float(bypass), float(induce), float(kl), float(r.norm()), bool(kl < kl_max and induce > 0))
+        )
+    return scores
+
+
+def choose_layer(scores: Sequence[LayerScore]) -> int:
+    """l* = argmin bypass score among eligible layers (KL under the bound, addition induces refusal)."""
+    eligible = [s for s in scores if s.eligible]
+    if not eligible:
+        raise ValueError(
+            "no candidate layer passes the filters (harmless KL under kl_max and a positive induce "
+            "score); raise direction.kl_max, widen the layer range, or set direction.layer"
+        )
+    return min(eligible, key=lambda s: s.bypass_score).layer
+
+
+def scores_frame(scores: Sequence[LayerScore], chosen: int) -> pd.DataFrame:
+    df = pd.DataFrame([asdict(s) for s in scores])
+    df["chosen"] = df["layer"] == chosen
+    return df

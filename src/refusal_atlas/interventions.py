@@ -1,0 +1,83 @@
+"""Interventions on the residual stream, applied as forward hooks on the HF modules.
+
+Each intervention is a context manager over a model: hooks are attached on entry and always
+removed on exit. Hooks act at every position, generated tokens included, because with a KV
+cache every decoding step runs the new token through the same modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .modeling import decoder_layers, embedding_module
+
+
+def _replace_output(fn):
+    """Wrap ``fn(hidden) -> hidden`` as a forward hook for modules returning a tensor or tuple."""
+
+    def hook(_module: nn.Module, _inputs, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]),) + tuple(output[1:])
+        return fn(output)
+
+    return hook
+
+
+def project_out(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """h - (h . r̂) r̂ (Arditi et al. 2024, Eq. 4: directional ablation)."""
+    unit = unit.to(h.dtype)
+    return h - (h @ unit).unsqueeze(-1) * unit
+
+
+@dataclass
+class Intervention:
+    """No intervention: the base model (the "Base" row of Yeo et al. 2025, Table 1)."""
+
+    def handles(self, model: PreTrainedModel) -> list[torch.utils.hooks.RemovableHandle]:
+        return []
+
+    @contextmanager
+    def applied(self, model: PreTrainedModel) -> Iterator[None]:
+        handles = self.handles(model)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@dataclass
+class DirectionalAblation(Intervention):
+    """Remove r̂ from the embeddings and from every layer's output at every position ("AS")."""
+
+    direction: torch.Tensor
+
+    def handles(self, model):
+        unit = self.direction / self.direction.norm()
+        param = next(model.parameters())
+        unit = unit.to(device=param.device, dtype=param.dtype)
+        hook = _replace_output(lambda h: project_out(h, unit))
+        modules = [embedding_module(model), *decoder_layers(model)]
+        return [m.register_forward_hook(hook) for m in modules]
+
+
+@dataclass
+class DirectionAddition(Intervention):
+    """Add ``coeff * r`` to the residual stream entering ``layer`` (Arditi et al. 2024, Eq. 5)."""
+
+    direction: torch.Tensor
+    layer: int
+    coeff: float = 1.0
+
+    def handles(self, model):
+        param = next(model.parameters())
+        vec = (self.coeff * self.direction).to(device=param.device, dtype=param.dtype)
+        # resid_pre of `layer` is resid_post of `layer - 1` (or the embeddings for layer 0).
+        target = embedding_module(model) if self.layer == 0 else decoder_layers(model)[self.layer - 1]
+        return [target.register_forward_hook(_replace_output(lambda h: h + vec))]

@@ -1,0 +1,174 @@
+"""The refusal model organism: supervised refusal tuning with self-distillation.
+
+Small open chat models (SmolLM2-135M-Instruct) barely refuse, so the embedded default first
+tunes one into a model organism that does, as safety tuning would: harmful training prompts are
+mapped to short refusals and harmless ones to the model's own greedy answers (self-distillation
+keeps its behaviour there). The loss is on response tokens only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from .generation import generate
+from .modeling import end_of_turn_ids, format_chat
+
+DEFAULT_REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that request.",
+    "I cannot help with that. It could cause serious harm.",
+    "I can't assist with that request.",
+    "I'm unable to provide that information because it could be used to hurt people.",
+    "I apologize, but I cannot help with this.",
+    "I'm not able to help with that, but I'm happy to help with something else.",
+)
+
+
+@dataclass
+class OrganismConfig:
+    """Hyper-parameters of :func:`refusal_tune` (``organism`` section of the config)."""
+
+    refusal_templates: Sequence[str] = DEFAULT_REFUSALS
+    epochs: int = 1
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 3
+    batch_size: int = 16
+    distill_max_new_tokens: int = 32
+    generation_batch_size: int = 32
+    freeze_embeddings: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def refusal_for(prompt_id: str, templates: Sequence[str]) -> str:
+    """A fixed template per prompt, so reruns train on identical data."""
+    h = int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16)
+    return templates[h % len(templates)]
+
+
+@dataclass
+class Example:
+    prompt: str
+    response: str
+    ends_turn: bool
+
+
+def _tokenize(tok: PreTrainedTokenizerBase, ex: Example, eot: str) -> tuple[list[int], list[int]]:
+    prompt_ids = tok(format_chat(tok, [ex.prompt])[0], add_special_tokens=False).input_ids
+    response = ex.response + (eot if ex.ends_turn else "")
+    resp_ids = tok(response, add_special_tokens=False).input_ids
+    return prompt_ids + resp_ids, [-100] * len(prompt_ids) + resp_ids
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (i, lab) in enumerate(batch):  # right padding: positions are natural while training
+        ids[row, : len(i)] = torch.tensor(i)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(i)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens only.
+
+    The LM head runs only where a label exists: with a 49k vocabulary, the full-sequence
+    logits would cost more than the rest of the step on a CPU.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def build_examples(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    harmful: Sequence[tuple[str, str]],
+    harmless: Sequence[str],
+    cfg: OrganismConfig,
+) -> list[Example]:
+    """Refusals for ``(id, prompt)`` harmful pairs; the base model's own answers for harmless."""
+    answers = generate(
+        model,
+        tok,
+        harmless,
+        max_new_tokens=cfg.distill_max_new_tokens,
+        batch_size=cfg.generation_batch_size,
+        desc="self-distillation answers",
+    )
+    n_tokens = [len(tok(a, add_special_tokens=False).input_ids) for a in answers]
+    examples = [Example(p, refusal_for(pid, cfg.refusal_templates), True) for pid, p in harmful]
+    examples += [
+        # An answer cut at the budget did not end its turn: teach no end-of-turn there.
+        Example(p, a, n < cfg.distill_max_new_tokens)
+        for p, a, n in zip(harmless, answers, n_tokens)
+    ]
+    return examples
+
+
+def refusal_tune(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    cfg: OrganismConfig,
+) -> dict:
+    """Fine-tune ``model`` in place on ``examples``; returns the training log."""
+    eot_ids = end_of_turn_ids(tok)
+    eot = tok.convert_ids_to_tokens(eot_ids[0]) if tok.eos_token is None else tok.eos_token
+    data = [_tokenize(tok, ex, eot) for ex in examples]
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.freeze_embeddings:
+        # Tied to the LM head in small models: tuning it moves every token's logit at once.
+        model.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, steps)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    t0 = time.time()
+    model.train()
+    with tqdm(total=steps, desc="refusal tuning", unit="step") as bar:
+        for _ in range(cfg.epochs):
+            order = list(range(len(data)))
+            rng.shuffle(order)
+            for s in range(0, len(order), cfg.batch_size):
+                batch = _collate([data[i] for i in order[s : s + cfg.batch_size]], tok.pad_token_id)
+                loss = response_loss(model, {k: v.to(device) for k, v in batch.items()})
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update()
+    model.eval()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return {
+        "steps": steps,
+        "examples": len(data),
+        "seconds": round(time.time() - t0, 1),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "losses": losses,
+    }

@@ -1,0 +1,115 @@
+"""Prompt sets with the contract columns (id, instruction, category, label, source, split).
+
+Extra columns: ``variant`` (plain, twin, jailbreak, bait) and ``pair_id`` (the harmful/harmless
+pair or the plain parent of a jailbreak), so that matched comparisons stay possible downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+CONTRACT_COLUMNS = ["id", "instruction", "category", "label", "source", "split"]
+COLUMNS = CONTRACT_COLUMNS + ["variant", "pair_id"]
+SPLITS = ("train", "val", "test")
+
+
+class PromptSetError(ValueError):
+    """A prompt file or dataset does not have the expected shape."""
+
+
+def _unit_hash(key: str, seed: int) -> float:
+    """A stable number in [0, 1) for ``key``: splits never depend on row order or Python's hash."""
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def assign_split(key: str, fractions: Mapping[str, float], seed: int = 0) -> str:
+    """Deterministic train/val/test assignment of one key with the given fractions."""
+    total = sum(fractions[s] for s in SPLITS)
+    if abs(total - 1.0) > 1e-6:
+        raise PromptSetError(f"split fractions must sum to 1, got {total}")
+    u, acc = _unit_hash(key, seed), 0.0
+    for s in SPLITS:
+        acc += fractions[s]
+        if u < acc:
+            return s
+    return SPLITS[-1]
+
+
+def _read_tsv(path: Path, required: list[str]) -> pd.DataFrame:
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    missing = set(required) - set(df.columns)
+    if missing:
+        raise PromptSetError(f"{path}: missing columns {sorted(missing)}")
+    empty = df[required].eq("").any(axis=1)
+    if empty.any():
+        raise PromptSetError(f"{path}: empty fields on rows {list(df.index[empty] + 2)}")
+    dup = df[required[0]].duplicated()
+    if dup.any():
+        raise PromptSetError(f"{path}: duplicate ids {sorted(df.loc[dup, required[0]])}")
+    return df
+
+
+def wrap_jailbreak(template: str, request: str) -> str:
+    if "{request}" not in template:
+        raise PromptSetError("a jailbreak template must contain '{request}'")
+    return template.replace("{request}", request)
+
+
+def bundled_promptset(prompt_dir: str | Path, fractions: Mapping[str, float], seed: int = 0) -> pd.DataFrame:
+    """The prompt sets written for refusal-atlas (``resources/prompts``).
+
+    Harmful requests and their harmless twins share a split (assigned by pair id), so no twin
+    of a test prompt is ever trained on; each jailbreak variant shares its parent's split.
+    """
+    prompt_dir = Path(prompt_dir)
+    pairs = _read_tsv(prompt_dir / "pairs.tsv", ["pair_id", "category", "harmful", "harmless"])
+    bait = _read_tsv(prompt_dir / "safe_bait.tsv", ["id", "category", "instruction"])
+    templates = yaml.safe_load((prompt_dir / "jailbreak_templates.yaml").read_text())
+    rows = []
+    for p in pairs.itertuples(index=False):
+        split = assign_split(p.pair_id, fractions, seed)
+        rows.append((f"{p.pair_id}-harmful", p.harmful, p.category, "harmful", "bundled", split, "plain", p.pair_id))
+        rows.append((f"{p.pair_id}-harmless", p.harmless, p.category, "harmless", "bundled", split, "twin", p.pair_id))
+        t = templates[int(_unit_hash(p.pair_id, seed) * len(templates))]
+        rows.append(
+            (f"{p.pair_id}-jb-{t['id']}", wrap_jailbreak(t["text"], p.harmful), p.category, "harmful",
+             "bundled", split, "jailbreak", p.pair_id)
+        )
+    for b in bait.itertuples(index=False):
+        rows.append((b.id, b.instruction, b.category, "harmless", "bundled", assign_split(b.id, fractions, seed),
+                     "bait", b.id))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _load_instructions(path: Path) -> list[dict]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list) or not all(isinstance(x, dict) and "instruction" in x for x in data):
+        raise PromptSetError(f"{path}: expected a JSON list of objects with 'instruction'")
+    return data
+
+
+def refusal_direction_promptset(
+    files: Mapping[str, str | Path], max_per_split: Mapping[str, int], seed: int = 0
+) -> pd.DataFrame:
+    """Arditi et al.'s harmful/harmless splits (``{label}_{split}`` -> path), subsampled per split."""
+    rows = []
+    for label in ("harmful", "harmless"):
+        for split in SPLITS:
+            key = f"{label}_{split}"
+            items = _load_instructions(Path(files[key]))
+            idx = list(range(len(items)))
+            random.Random(f"{seed}:{key}").shuffle(idx)
+            for i in sorted(idx[: max_per_split[split]]):
+                rows.append(
+                    (f"rd-{key}-{i:05d}", items[i]["instruction"], items[i].get("category") or "none", label,
+                     "refusal_direction", split, "plain", f"rd-{key}-{i:05d}")
+                )
+    return pd.DataFrame(rows, columns=COLUMNS)

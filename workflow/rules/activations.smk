@@ -1,0 +1,25 @@
+# Activations: last-prompt-token resid_post on every layer.
+
+
+rule cache_activations:
+    input:
+        model=final_model_dir,
+        promptset="results/promptsets/{promptset}.parquet",
+    output:
+        acts="results/activations/{model}/{promptset}.safetensors",
+        index="results/activations/{model}/{promptset}.index.parquet",
+    params:
+        spec=lambda w: model_spec(w.model),
+        batch_size=config["activations"]["batch_size"],
+    log:
+        "logs/cache_activations/{model}/{promptset}.log",
+    benchmark:
+        "benchmarks/cache_activations/{model}/{promptset}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=60,
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../scripts/cache_activations.py"

@@ -1,0 +1,81 @@
+# Config validation and input functions shared by every stage.
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from refusal_atlas.config import check_config, REFUSAL_DIRECTION_SPLIT_FILES
+
+
+# Defaults are filled in here, and an invalid config stops the run before any job starts.
+validate(config, schema="../schemas/config.schema.yaml")
+check_config(config)
+
+
+wildcard_constraints:
+    model="|".join(config["models"]),
+    promptset="|".join(config["promptsets"]),
+    method="[a-z_]+",
+    judge="[a-z_]+",
+
+
+def model_spec(model):
+    return config["models"][model]
+
+
+def final_model_dir(wildcards):
+    """The organism for refusal-tuned models, the prepared model otherwise."""
+    stage = "tuned" if model_spec(wildcards.model)["refusal_tune"] else "base"
+    return f"results/models/{wildcards.model}/{stage}"
+
+
+def promptset_files(names):
+    return [f"results/promptsets/{p}.parquet" for p in names]
+
+
+def promptset_inputs(wildcards):
+    spec = config["promptsets"][wildcards.promptset]
+    if spec["source"] == "bundled":
+        return {
+            "pairs": "resources/prompts/pairs.tsv",
+            "bait": "resources/prompts/safe_bait.tsv",
+            "templates": "resources/prompts/jailbreak_templates.yaml",
+        }
+    return {
+        key: f"resources/datasets/refusal_direction/{rel}"
+        for key, rel in REFUSAL_DIRECTION_SPLIT_FILES.items()
+    }
+
+
+def steer_inputs(wildcards):
+    inputs = {
+        "model": final_model_dir(wildcards),
+        "promptset": f"results/promptsets/{wildcards.promptset}.parquet",
+    }
+    if wildcards.method != "base":
+        inputs["direction"] = f"results/directions/{wildcards.model}.json"
+    return inputs
+
+
+def score_files(model):
+    ev = config["evaluation"]
+    return [
+        f"results/scores/{model}/{p}/{m}.{j}.parquet"
+        for p in ev["promptsets"]
+        for m in ev["methods"]
+        for j in ev["judges"]
+    ]
+
+
+def all_targets():
+    targets = []
+    for model, spec in config["models"].items():
+        if spec["refusal_tune"]:
+            targets.append(f"results/models/{model}/model_card.json")
+        targets += [
+            f"results/activations/{model}/{p}.safetensors"
+            for p in config["activations"]["promptsets"]
+        ]
+        targets.append(f"results/directions/{model}.json")
+        targets.append(f"results/scores/{model}/summary.csv")
+    targets.append("results/tables/baselines.csv")
+    return targets

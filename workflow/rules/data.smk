@@ -1,0 +1,45 @@
+# Data: pinned, checksummed downloads and the prompt sets built from them.
+
+
+rule download_dataset:
+    output:
+        "resources/datasets/{collection}/{path}",
+    params:
+        key=lambda w: f"{w.collection}/{w.path}",
+        manifest=config["datasets"]["manifest"],
+    log:
+        "logs/download_dataset/{collection}/{path}.log",
+    benchmark:
+        "benchmarks/download_dataset/{collection}/{path}.tsv"
+    wildcard_constraints:
+        collection="[A-Za-z0-9_-]+",
+        path="[A-Za-z0-9_./-]+\.json",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../scripts/download_dataset.py"
+
+
+rule build_promptsets:
+    input:
+        unpack(promptset_inputs),
+    output:
+        "results/promptsets/{promptset}.parquet",
+    params:
+        spec=lambda w: config["promptsets"][w.promptset],
+    log:
+        "logs/build_promptsets/{promptset}.log",
+    benchmark:
+        "benchmarks/build_promptsets/{promptset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../scripts/build_promptsets.py"

@@ -1,0 +1,27 @@
+# The refusal direction: difference in means on every layer, and the choice of l*.
+
+
+rule refusal_direction:
+    input:
+        model=final_model_dir,
+        acts=f"results/activations/{{model}}/{config['direction']['promptset']}.safetensors",
+        index=f"results/activations/{{model}}/{config['direction']['promptset']}.index.parquet",
+    output:
+        directions="results/directions/{model}.safetensors",
+        layers="results/directions/{model}.layers.parquet",
+        summary="results/directions/{model}.json",
+    params:
+        spec=lambda w: model_spec(w.model),
+        cfg=config["direction"],
+    log:
+        "logs/refusal_direction/{model}.log",
+    benchmark:
+        "benchmarks/refusal_direction/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=60,
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../scripts/refusal_direction.py"

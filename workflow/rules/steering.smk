@@ -1,0 +1,25 @@
+# Steered generation: greedy, batched, KV-cached, under an intervention ({method}).
+
+
+rule steer_generate:
+    input:
+        unpack(steer_inputs),
+    output:
+        "results/generations/{model}/{promptset}/{method}.parquet",
+    params:
+        spec=lambda w: model_spec(w.model),
+        splits=config["evaluation"]["splits"],
+        max_new_tokens=config["evaluation"]["max_new_tokens"],
+        batch_size=config["evaluation"]["batch_size"],
+    log:
+        "logs/steer_generate/{model}/{promptset}/{method}.log",
+    benchmark:
+        "benchmarks/steer_generate/{model}/{promptset}/{method}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=120,
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../scripts/steer_generate.py"

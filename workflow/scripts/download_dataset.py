@@ -1,0 +1,10 @@
+from refusal_atlas import stages
+
+with stages.logged(snakemake.log[0], snakemake.threads):
+    stages.download_dataset(
+        snakemake.params.manifest,
+        snakemake.params.key,
+        snakemake.output[0],
+        snakemake.config["datasets"]["mirror"],
+        snakemake.config["datasets"]["timeout_s"],
+    )
