@@ -159,7 +159,7 @@ def refusal_tune(
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
     model.eval()

@@ -8,18 +8,18 @@ rule cache_activations:
     output:
         acts="results/activations/{model}/{promptset}.safetensors",
         index="results/activations/{model}/{promptset}.index.parquet",
-    params:
-        spec=lambda w: model_spec(w.model),
-        batch_size=config["activations"]["batch_size"],
     log:
         "logs/cache_activations/{model}/{promptset}.log",
     benchmark:
         "benchmarks/cache_activations/{model}/{promptset}.tsv"
+    conda:
+        "../envs/core.yaml"
     threads: 2
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
-    conda:
-        "../envs/core.yaml"
+    params:
+        spec=lambda w: model_spec(w.model),
+        batch_size=config["activations"]["batch_size"],
     script:
         "../scripts/cache_activations.py"

@@ -5,10 +5,19 @@ from snakemake.utils import validate
 
 from refusal_atlas.config import check_config, REFUSAL_DIRECTION_SPLIT_FILES
 
-
 # Defaults are filled in here, and an invalid config stops the run before any job starts.
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config)
+
+
+# Files that ship with the workflow resolve against the repository, so --directory works.
+REPO = Path(workflow.basedir).parent
+
+
+def repo_path(path):
+    """A relative path that exists in the working directory wins; otherwise the repository's."""
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else REPO / path
 
 
 wildcard_constraints:
@@ -36,9 +45,9 @@ def promptset_inputs(wildcards):
     spec = config["promptsets"][wildcards.promptset]
     if spec["source"] == "bundled":
         return {
-            "pairs": "resources/prompts/pairs.tsv",
-            "bait": "resources/prompts/safe_bait.tsv",
-            "templates": "resources/prompts/jailbreak_templates.yaml",
+            "pairs": REPO / "resources/prompts/pairs.tsv",
+            "bait": REPO / "resources/prompts/safe_bait.tsv",
+            "templates": REPO / "resources/prompts/jailbreak_templates.yaml",
         }
     return {
         key: f"resources/datasets/refusal_direction/{rel}"

@@ -4,9 +4,6 @@
 rule download_dataset:
     output:
         "resources/datasets/{collection}/{path}",
-    params:
-        key=lambda w: f"{w.collection}/{w.path}",
-        manifest=config["datasets"]["manifest"],
     log:
         "logs/download_dataset/{collection}/{path}.log",
     benchmark:
@@ -14,12 +11,15 @@ rule download_dataset:
     wildcard_constraints:
         collection="[A-Za-z0-9_-]+",
         path="[A-Za-z0-9_./-]+\.json",
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=30,
-    conda:
-        "../envs/core.yaml"
+    params:
+        key=lambda w: f"{w.collection}/{w.path}",
+        manifest=str(repo_path(config["datasets"]["manifest"])),
     script:
         "../scripts/download_dataset.py"
 
@@ -29,17 +29,17 @@ rule build_promptsets:
         unpack(promptset_inputs),
     output:
         "results/promptsets/{promptset}.parquet",
-    params:
-        spec=lambda w: config["promptsets"][w.promptset],
     log:
         "logs/build_promptsets/{promptset}.log",
     benchmark:
         "benchmarks/build_promptsets/{promptset}.tsv"
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
+    params:
+        spec=lambda w: config["promptsets"][w.promptset],
     script:
         "../scripts/build_promptsets.py"

@@ -10,18 +10,18 @@ rule refusal_direction:
         directions="results/directions/{model}.safetensors",
         layers="results/directions/{model}.layers.parquet",
         summary="results/directions/{model}.json",
-    params:
-        spec=lambda w: model_spec(w.model),
-        cfg=config["direction"],
     log:
         "logs/refusal_direction/{model}.log",
     benchmark:
         "benchmarks/refusal_direction/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
     threads: 2
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
-    conda:
-        "../envs/core.yaml"
+    params:
+        spec=lambda w: model_spec(w.model),
+        cfg=config["direction"],
     script:
         "../scripts/refusal_direction.py"

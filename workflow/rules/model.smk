@@ -4,18 +4,18 @@
 rule prepare_model:
     output:
         directory("results/models/{model}/base"),
-    params:
-        spec=lambda w: model_spec(w.model),
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
         "benchmarks/prepare_model/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
     threads: 2
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
-    conda:
-        "../envs/core.yaml"
+    params:
+        spec=lambda w: model_spec(w.model),
     script:
         "../scripts/prepare_model.py"
 
@@ -33,20 +33,20 @@ rule refusal_tune:
     output:
         model=directory("results/models/{model}/tuned"),
         card="results/models/{model}/model_card.json",
+    log:
+        "logs/refusal_tune/{model}.log",
+    benchmark:
+        "benchmarks/refusal_tune/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
+        runtime=120,
     params:
         spec=lambda w: model_spec(w.model),
         organism=config["organism"],
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
-    log:
-        "logs/refusal_tune/{model}.log",
-    benchmark:
-        "benchmarks/refusal_tune/{model}.tsv"
-    threads: 2
-    resources:
-        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
-        runtime=120,
-    conda:
-        "../envs/core.yaml"
     script:
         "../scripts/refusal_tune.py"

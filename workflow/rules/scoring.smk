@@ -6,18 +6,18 @@ rule judge:
         "results/generations/{model}/{promptset}/{method}.parquet",
     output:
         "results/scores/{model}/{promptset}/{method}.{judge}.parquet",
-    params:
-        substrings=config["judges"]["substring"]["substrings"],
     log:
         "logs/judge/{model}/{promptset}/{method}.{judge}.log",
     benchmark:
         "benchmarks/judge/{model}/{promptset}/{method}.{judge}.tsv"
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
+    params:
+        substrings=config["judges"]["substring"]["substrings"],
     script:
         "../scripts/judge.py"
 
@@ -32,18 +32,18 @@ rule summarize_scores:
             category="Baselines",
             subcategory="{model}",
         ),
-    params:
-        boot=config["bootstrap"],
     log:
         "logs/summarize_scores/{model}.log",
     benchmark:
         "benchmarks/summarize_scores/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
+    params:
+        boot=config["bootstrap"],
     script:
         "../scripts/summarize_scores.py"
 
@@ -62,11 +62,11 @@ rule baselines_table:
         "logs/baselines_table.log",
     benchmark:
         "benchmarks/baselines_table.tsv"
+    conda:
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/core.yaml"
     script:
         "../scripts/baselines_table.py"

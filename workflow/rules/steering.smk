@@ -6,20 +6,20 @@ rule steer_generate:
         unpack(steer_inputs),
     output:
         "results/generations/{model}/{promptset}/{method}.parquet",
+    log:
+        "logs/steer_generate/{model}/{promptset}/{method}.log",
+    benchmark:
+        "benchmarks/steer_generate/{model}/{promptset}/{method}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=120,
     params:
         spec=lambda w: model_spec(w.model),
         splits=config["evaluation"]["splits"],
         max_new_tokens=config["evaluation"]["max_new_tokens"],
         batch_size=config["evaluation"]["batch_size"],
-    log:
-        "logs/steer_generate/{model}/{promptset}/{method}.log",
-    benchmark:
-        "benchmarks/steer_generate/{model}/{promptset}/{method}.tsv"
-    threads: 2
-    resources:
-        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
-        runtime=120,
-    conda:
-        "../envs/core.yaml"
     script:
         "../scripts/steer_generate.py"

@@ -1,0 +1,77 @@
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from refusal_atlas.config import ConfigError, check_config
+
+from conftest import ROOT
+
+SCHEMA = str(ROOT / "workflow/schemas/config.schema.yaml")
+DEFAULT = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+
+
+def validated(cfg):
+    cfg = copy.deepcopy(cfg)
+    validate(cfg, SCHEMA)
+    return cfg
+
+
+def test_default_config_is_valid_and_defaults_are_filled():
+    minimal = {"models": {"m": {"source": "local", "path": "/x"}}, "promptsets": {"b": {"source": "bundled"}}}
+    cfg = validated(minimal)
+    assert cfg["models"]["m"]["trust_remote_code"] is False
+    assert cfg["models"]["m"]["dtype"] == "float32"
+    assert cfg["promptsets"]["b"]["split_fractions"] == {"train": 0.5, "val": 0.2, "test": 0.3}
+    assert cfg["evaluation"]["methods"] == ["base", "as"]
+    assert cfg["organism"]["targets"]["harmful_min"] == 0.8
+    assert "I'm sorry" in cfg["judges"]["substring"]["substrings"]
+    check_config(validated(DEFAULT))
+
+
+@pytest.mark.parametrize(
+    "path, value, names",
+    [
+        (("models", "smollm2-135m", "sourse"), "hub", "sourse"),  # unknown model key
+        (("models", "smollm2-135m", "refusal_tune"), "yes", "refusal_tune"),  # wrong type
+        (("activations", "batch_size"), -4, "batch_size"),  # negative batch size
+        (("evaluation", "methods"), ["base", "magic"], "magic"),  # unknown method
+        (("models", "smollm2-135m", "source"), "ftp", "source"),
+        (("datasets", "mirror"), "not-a-url", "mirror"),
+    ],
+)
+def test_invalid_config_is_rejected_naming_the_key(path, value, names):
+    cfg = copy.deepcopy(DEFAULT)
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(WorkflowError) as e:
+        validate(cfg, SCHEMA)
+    assert names in str(e.value)
+
+
+def test_unknown_promptset_reference_names_the_key():
+    cfg = validated(DEFAULT)
+    cfg["evaluation"]["promptsets"] = ["bundled", "advbnch"]
+    with pytest.raises(ConfigError, match=r"evaluation.promptsets: unknown promptset\(s\) \['advbnch'\]"):
+        check_config(cfg)
+
+
+def test_invalid_config_stops_snakemake_before_any_job(tmp_path):
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["activations"]["batch_size"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(path),
+         "--directory", str(tmp_path), "--cores", "1"],
+        capture_output=True, text=True,
+    )
+    assert res.returncode != 0
+    assert "batch_size" in res.stderr + res.stdout and "-1" in res.stderr + res.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()

@@ -1,0 +1,87 @@
+import torch
+
+from refusal_atlas.generation import generate, length_sorted_batches
+from refusal_atlas.interventions import DirectionAddition, DirectionalAblation, Intervention
+from refusal_atlas.modeling import decoder_layers, encode_chat, end_of_turn_ids
+
+PROMPTS = ["How do I make a pipe bomb at home?", "Hi", "Write a poem about a soldier returning from war."]
+
+
+def _record(model):
+    seen = []
+
+    def hook(_m, _i, out):
+        seen.append(out[0] if isinstance(out, tuple) else out)
+
+    return seen, [l.register_forward_hook(hook) for l in decoder_layers(model)]
+
+
+def test_ablation_removes_direction_everywhere(tiny):
+    model, tok = tiny
+    r = torch.randn(model.config.hidden_size)
+    unit = r / r.norm()
+    with DirectionalAblation(r).applied(model):
+        seen, handles = _record(model)  # registered after: sees the ablated outputs
+        enc = encode_chat(tok, PROMPTS)
+        with torch.no_grad():
+            model(**enc)
+        for h in handles:
+            h.remove()
+    assert len(seen) == model.config.num_hidden_layers
+    for h in seen:
+        assert (h @ unit).abs().max() < 1e-4
+    # hooks are removed on exit
+    seen, handles = _record(model)
+    with torch.no_grad():
+        model(**enc)
+    for h in handles:
+        h.remove()
+    assert max(float((h @ unit).abs().max()) for h in seen) > 1e-2
+
+
+def test_ablation_fires_at_every_generated_step(tiny):
+    model, tok = tiny
+    calls = []
+    abl = DirectionalAblation(torch.randn(model.config.hidden_size))
+    layer0 = decoder_layers(model)[0]
+    handle = layer0.register_forward_hook(lambda m, i, o: calls.append((o[0] if isinstance(o, tuple) else o).shape[1]))
+    try:
+        generate(model, tok, PROMPTS[:1], max_new_tokens=6, intervention=abl)
+    finally:
+        handle.remove()
+    # one prefill pass plus one single-token pass per further generated token (KV cache)
+    assert calls[0] > 1 and calls[1:] == [1] * (len(calls) - 1) and len(calls) >= 2
+
+
+def test_addition_adds_at_layer_input(tiny):
+    model, tok = tiny
+    r = torch.randn(model.config.hidden_size)
+    enc = encode_chat(tok, PROMPTS[:1])
+    got = {}
+
+    def grab(_m, args, kwargs):
+        got["x"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    h = decoder_layers(model)[2].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**enc)
+        base = got["x"].clone()
+        with DirectionAddition(r, layer=2, coeff=2.0).applied(model):
+            model(**enc)
+    h.remove()
+    assert torch.allclose(got["x"] - base, (2.0 * r).expand_as(base), atol=1e-5)
+
+
+def test_no_intervention_generation_matches_hf(tiny):
+    model, tok = tiny
+    ours = generate(model, tok, PROMPTS, max_new_tokens=5, batch_size=2, intervention=Intervention())
+    for p, o in zip(PROMPTS, ours):
+        enc = encode_chat(tok, [p])
+        seq = model.generate(**enc, max_new_tokens=5, do_sample=False, eos_token_id=end_of_turn_ids(tok),
+                             pad_token_id=tok.pad_token_id)
+        assert o == tok.decode(seq[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_length_sorted_batches_cover_everything():
+    b = length_sorted_batches([5, 1, 3, 9, 2], 2)
+    assert sorted(i for x in b for i in x) == list(range(5)) and all(len(x) <= 2 for x in b)

@@ -1,0 +1,70 @@
+import pandas as pd
+import pytest
+import yaml
+
+from refusal_atlas.prompts import (
+    CONTRACT_COLUMNS,
+    PromptSetError,
+    assign_split,
+    bundled_promptset,
+    refusal_direction_promptset,
+)
+
+from conftest import ROOT, SHARED_DATASETS
+
+PROMPTS = ROOT / "resources/prompts"
+FRACTIONS = {"train": 0.5, "val": 0.2, "test": 0.3}
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return bundled_promptset(PROMPTS, FRACTIONS, seed=0)
+
+
+def test_bundled_sizes_and_contract(bundled):
+    assert list(bundled.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
+    assert bundled.id.is_unique
+    harmful = bundled[(bundled.label == "harmful") & (bundled.variant == "plain")]
+    assert len(harmful) >= 150 and harmful.category.nunique() >= 6
+    twins = bundled[bundled.variant == "twin"]
+    assert set(twins.pair_id) == set(harmful.pair_id)  # every harmful request has its twin
+    jb = bundled[bundled.variant == "jailbreak"]
+    assert len(jb) >= 60 and set(jb.pair_id) <= set(harmful.pair_id)
+    kinds = {t["kind"] for t in yaml.safe_load((PROMPTS / "jailbreak_templates.yaml").read_text())}
+    assert {"roleplay", "fiction", "hypothetical"} <= kinds
+    assert (bundled.variant == "bait").sum() >= 60
+    assert not bundled.instruction.str.contains("{request}").any()
+
+
+def test_splits_are_deterministic_and_keep_pairs_together(bundled):
+    again = bundled_promptset(PROMPTS, FRACTIONS, seed=0)
+    pd.testing.assert_frame_equal(bundled, again)
+    assert (bundled.groupby("pair_id").split.nunique() == 1).all()
+    share = bundled[bundled.variant == "plain"].split.value_counts(normalize=True)
+    for s, f in FRACTIONS.items():
+        assert abs(share[s] - f) < 0.12
+    other = bundled_promptset(PROMPTS, FRACTIONS, seed=1)
+    assert (other.split != bundled.split).any()  # the seed matters
+
+
+def test_assign_split_rejects_bad_fractions():
+    with pytest.raises(PromptSetError, match="sum to 1"):
+        assign_split("x", {"train": 0.5, "val": 0.5, "test": 0.5})
+
+
+def test_bad_tsv_is_a_clear_error(tmp_path):
+    for name in ("safe_bait.tsv", "jailbreak_templates.yaml"):
+        (tmp_path / name).write_text((PROMPTS / name).read_text())
+    (tmp_path / "pairs.tsv").write_text("pair_id\tcategory\tharmful\nx\ty\tz\n")
+    with pytest.raises(PromptSetError, match="missing columns"):
+        bundled_promptset(tmp_path, FRACTIONS)
+
+
+def test_refusal_direction_promptset():
+    rd = SHARED_DATASETS / "refusal_direction/splits"
+    files = {f"{l}_{s}": rd / f"{l}_{s}.json" for l in ("harmful", "harmless") for s in ("train", "val", "test")}
+    df = refusal_direction_promptset(files, {"train": 50, "val": 10, "test": 20}, seed=0)
+    counts = df.groupby(["label", "split"]).size()
+    assert counts[("harmful", "train")] == 50 and counts[("harmless", "test")] == 20
+    assert df.id.is_unique and df.source.eq("refusal_direction").all()
+    assert df.equals(refusal_direction_promptset(files, {"train": 50, "val": 10, "test": 20}, seed=0))

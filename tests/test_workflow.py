@@ -1,0 +1,87 @@
+"""The whole DAG on the tiny .test config, through the real download path (local HTTP mirror)."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir, config, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(config),
+         "--directory", str(workdir), "--cores", "2", "--show-failed-logs", *extra],
+        capture_output=True, text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, mirror_url):
+    work = tmp_path_factory.mktemp("work")
+    cfg = yaml.safe_load((ROOT / ".test/config/config.yaml").read_text())
+    cfg["models"]["tiny"]["path"] = str(tiny_model_dir)
+    cfg["datasets"]["mirror"] = mirror_url
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = snakemake(work, path)
+    assert res.returncode == 0, res.stderr[-5000:]
+    return work, path
+
+
+def test_outputs_follow_the_contracts(run):
+    work, _ = run
+    ps = pd.read_parquet(work / "results/promptsets/refusal_direction.parquet")
+    assert {"id", "instruction", "category", "label", "source", "split"} <= set(ps.columns)
+    assert len(ps) == 2 * (12 + 8 + 8)
+    assert (work / "resources/datasets/refusal_direction/splits/harmful_train.json").exists()
+
+    card = json.loads((work / "results/models/tiny/model_card.json").read_text())
+    for stage in ("base", "tuned"):
+        rates = card["refusal_rate"][stage]
+        assert {"bundled/harmful/plain", "bundled/harmless/twin", "refusal_direction/harmful/plain"} <= set(rates)
+        for r in rates.values():
+            assert r["n"] > 0 and r["ci_low"] <= r["rate"] <= r["ci_high"]
+    assert set(card["targets"]) >= {"bundled/harmful/plain", "refusal_direction/harmless/plain"}
+    assert card["training"]["steps"] > 0
+
+    acts = load_file(work / "results/activations/tiny/bundled.safetensors")["resid_post"]
+    index = pd.read_parquet(work / "results/activations/tiny/bundled.index.parquet")
+    assert acts.shape == (len(index), 4, 64) and (index.row == range(len(index))).all()
+
+    info = json.loads((work / "results/directions/tiny.json").read_text())
+    d = load_file(work / "results/directions/tiny.safetensors")
+    assert d["direction"].shape == (4, 64) and 0 <= info["layer"] < 4
+    layers = pd.read_parquet(work / "results/directions/tiny.layers.parquet")
+    assert layers.chosen.sum() == 1
+
+    summary = pd.read_csv(work / "results/scores/tiny/summary.csv")
+    assert set(summary.method) == {"base", "as"} and set(summary.promptset) == {"bundled", "refusal_direction"}
+    assert (summary.n > 0).all() and ((summary.ci_low <= summary.refusal_rate) & (summary.refusal_rate <= summary.ci_high)).all()
+    gens = pd.read_parquet(work / "results/generations/tiny/bundled/as.parquet")
+    assert (gens.split == "test").all() and gens.generation.notna().all()
+    assert (work / "results/tables/baselines.csv").exists()
+    for rule in ("refusal_tune", "cache_activations", "refusal_direction", "steer_generate"):
+        assert (work / "logs" / rule).exists() and (work / "benchmarks" / rule).exists()
+
+
+def test_rerun_does_nothing_and_a_param_change_reruns_only_its_stage(run):
+    work, path = run
+    dry = snakemake(work, path, "-n")
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr
+    cfg = yaml.safe_load(path.read_text())
+    cfg["evaluation"]["max_new_tokens"] = 5
+    changed = work / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    dry = snakemake(work, changed, "-n", "--quiet", "rules")
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0
+    assert "steer_generate" in out and "judge" in out
+    for upstream in ("refusal_tune", "cache_activations", "refusal_direction", "prepare_model"):
+        assert upstream not in out
