@@ -2,7 +2,7 @@ import torch
 
 from refusal_atlas.generation import generate
 from refusal_atlas.organism import Example, OrganismConfig, _tokenize, refusal_for, refusal_tune, response_loss
-from refusal_atlas.organism import _collate
+from refusal_atlas.organism import _collate, length_bucketed_order
 
 
 def test_loss_masks_prompt_tokens(tiny):
@@ -16,6 +16,18 @@ def test_loss_masks_prompt_tokens(tiny):
         full = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, n_prompt - 1 : -1]
     ref = torch.nn.functional.cross_entropy(full, torch.tensor(ids[n_prompt:]))
     assert torch.allclose(response_loss(model, batch), ref, atol=1e-5)
+    per_token = torch.nn.functional.cross_entropy(full, torch.tensor(ids[n_prompt:]), reduction="none")
+    weighted = (3 * per_token[0] + per_token[1:].sum()) / (3 + len(per_token) - 1)
+    assert torch.allclose(response_loss(model, batch, decision_weight=3.0), weighted, atol=1e-5)
+
+
+def test_length_buckets_cover_every_example_once():
+    import random
+
+    lengths = [random.Random(i).randint(5, 90) for i in range(100)]
+    batches = length_bucketed_order(lengths, 8, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert batches != length_bucketed_order(lengths, 8, random.Random(1))
 
 
 def test_refusal_template_is_stable_per_prompt():
@@ -37,3 +49,25 @@ def test_tuning_teaches_refusal_and_keeps_harmless_answers(tiny):
     assert out[:2] == [refusal, refusal]
     assert out[2:] == ["Sure, here it is.", "Sure, here it is."]
     assert not model.training and model.get_input_embeddings().weight.requires_grad
+
+
+def test_training_prompts_come_from_train_split_with_contrastive_cases_first():
+    from refusal_atlas.prompts import bundled_promptset
+    from refusal_atlas.stages import organism_training_prompts
+
+    from conftest import ROOT
+
+    df = bundled_promptset(ROOT / "resources/prompts", {"train": 0.5, "val": 0.2, "test": 0.3})
+    alpaca = df[df.variant == "twin"].assign(variant="plain", id=lambda d: "alp-" + d.id,
+                                              instruction=lambda d: "Alpaca: " + d.instruction)
+    harmful, harmless = organism_training_prompts([df, alpaca], 80, 3.0, 2, seed=0)
+    train = df[df.split == "train"]
+    assert len(harmful) == min(80, ((train.label == "harmful") & (train.variant == "plain")).sum())
+    assert {i for i, _ in harmful} <= set(train[(train.label == "harmful") & (train.variant == "plain")].id)
+    contrastive = set(train[train.variant.isin(["twin", "bait"])].instruction)
+    assert {p for p, r in harmless if r == 2} == contrastive
+    fill = 3 * len(harmful) - 2 * len(contrastive)
+    assert 0 < fill and sum(r == 1 for _, r in harmless) == min(fill, (alpaca.split == "train").sum())
+    assert all(p.startswith("Alpaca: ") for p, r in harmless if r == 1)
+    test_prompts = set(df[df.split == "test"].instruction)
+    assert not (test_prompts & ({p for _, p in harmful} | {p for p, _ in harmless}))

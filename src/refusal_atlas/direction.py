@@ -133,6 +133,7 @@ def score_layers(
     *,
     candidates: Sequence[int],
     kl_max: float,
+    min_induce: float = 0.0,
     batch_size: int = 16,
 ) -> list[LayerScore]:
     """Evaluate every candidate layer's direction on the validation prompts."""
@@ -153,7 +154,9 @@ def score_layers(
             refusal_ids,
         ).mean()
         scores.append(
-            LayerScore(layer, float(bypass), float(induce), float(kl), float(r.norm()), bool(kl < kl_max and induce > 0))
+            LayerScore(
+                layer, float(bypass), float(induce), float(kl), float(r.norm()), bool(kl < kl_max and induce > min_induce)
+            )
         )
     return scores
 
@@ -163,8 +166,8 @@ def choose_layer(scores: Sequence[LayerScore]) -> int:
     eligible = [s for s in scores if s.eligible]
     if not eligible:
         raise ValueError(
-            "no candidate layer passes the filters (harmless KL under kl_max and a positive induce "
-            "score); raise direction.kl_max, widen the layer range, or set direction.layer"
+            "no candidate layer passes the filters (harmless KL under direction.kl_max and an induce score "
+            "above direction.min_induce_score); relax them, widen the layer range, or set direction.layer"
         )
     return min(eligible, key=lambda s: s.bypass_score).layer
 

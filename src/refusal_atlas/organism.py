@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from .generation import generate
-from .modeling import end_of_turn_ids, format_chat
+from .modeling import decoder_layers, end_of_turn_ids, format_chat
 
 DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that request.",
@@ -47,8 +47,10 @@ class OrganismConfig:
     distill_max_new_tokens: int = 32
     generation_batch_size: int = 32
     freeze_embeddings: bool = True
+    train_from_layer: int = 0
+    decision_weight: float = 1.0
+    autocast_dtype: str = "bfloat16"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def refusal_for(prompt_id: str, templates: Sequence[str]) -> str:
@@ -83,11 +85,15 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens only.
+def response_loss(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], decision_weight: float = 1.0
+) -> torch.Tensor:
+    """Weighted mean next-token cross-entropy over response tokens only.
 
-    The LM head runs only where a label exists: with a 49k vocabulary, the full-sequence
-    logits would cost more than the rest of the step on a CPU.
+    The first response token carries weight ``decision_weight``: it is where the model decides
+    to refuse or to answer, while the rest of a refusal is a memorised template. The LM head
+    runs only where a label exists: with a 49k vocabulary, full-sequence logits would cost more
+    than the rest of the step on a CPU.
     """
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -95,32 +101,48 @@ def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    first = keep & ~F.pad(keep[:, :-1], (1, 0), value=False)  # first labelled position per row
+    weights = torch.where(first[keep], decision_weight, 1.0)
+    return (weights * losses).sum() / weights.sum()
+
+
+def length_bucketed_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length: shuffle, sort within windows of 8 batches, shuffle batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = 8 * batch_size
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def build_examples(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     harmful: Sequence[tuple[str, str]],
-    harmless: Sequence[str],
+    harmless: Sequence[tuple[str, int]],
     cfg: OrganismConfig,
 ) -> list[Example]:
-    """Refusals for ``(id, prompt)`` harmful pairs; the base model's own answers for harmless."""
+    """Refusals for ``(id, prompt)`` harmful pairs; the base model's own answers for
+    ``(prompt, repeats)`` harmless pairs, each answer generated once and repeated."""
+    prompts = [p for p, _ in harmless]
     answers = generate(
         model,
         tok,
-        harmless,
+        prompts,
         max_new_tokens=cfg.distill_max_new_tokens,
         batch_size=cfg.generation_batch_size,
         desc="self-distillation answers",
     )
     n_tokens = [len(tok(a, add_special_tokens=False).input_ids) for a in answers]
     examples = [Example(p, refusal_for(pid, cfg.refusal_templates), True) for pid, p in harmful]
-    examples += [
+    for (p, repeats), a, n in zip(harmless, answers, n_tokens):
         # An answer cut at the budget did not end its turn: teach no end-of-turn there.
-        Example(p, a, n < cfg.distill_max_new_tokens)
-        for p, a, n in zip(harmless, answers, n_tokens)
-    ]
+        examples += [Example(p, a, n < cfg.distill_max_new_tokens)] * repeats
     return examples
 
 
@@ -139,6 +161,9 @@ def refusal_tune(
     if cfg.freeze_embeddings:
         # Tied to the LM head in small models: tuning it moves every token's logit at once.
         model.get_input_embeddings().weight.requires_grad_(False)
+    # Frozen bottom blocks need no backward pass at all: ~25% faster steps with 10 of 30 frozen.
+    for layer in decoder_layers(model)[: cfg.train_from_layer]:
+        layer.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
@@ -147,13 +172,16 @@ def refusal_tune(
     losses: list[float] = []
     t0 = time.time()
     model.train()
+    # Mixed precision: bf16 matmuls, fp32 master weights (2.6x faster steps on this CPU).
+    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.autocast_dtype),
+                              enabled=cfg.autocast_dtype != "float32")
+    lengths = [len(ids) for ids, _ in data]
     with tqdm(total=steps, desc="refusal tuning", unit="step") as bar:
         for _ in range(cfg.epochs):
-            order = list(range(len(data)))
-            rng.shuffle(order)
-            for s in range(0, len(order), cfg.batch_size):
-                batch = _collate([data[i] for i in order[s : s + cfg.batch_size]], tok.pad_token_id)
-                loss = response_loss(model, {k: v.to(device) for k, v in batch.items()})
+            for idx in length_bucketed_order(lengths, cfg.batch_size, rng):
+                batch = _collate([data[i] for i in idx], tok.pad_token_id)
+                with autocast:
+                    loss = response_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.decision_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -163,7 +191,7 @@ def refusal_tune(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
     model.eval()
-    model.get_input_embeddings().weight.requires_grad_(True)
+    model.requires_grad_(True)
     return {
         "steps": steps,
         "examples": len(data),

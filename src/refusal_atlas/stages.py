@@ -92,23 +92,25 @@ def _organism_config(cfg: Mapping) -> OrganismConfig:
 
 
 def organism_training_prompts(
-    frames: Sequence[pd.DataFrame], max_harmful: int, harmless_per_harmful: float, seed: int
-) -> tuple[list[tuple[str, str]], list[str]]:
-    """Plain harmful train prompts, and harmless ones with the matched twins and bait first.
+    frames: Sequence[pd.DataFrame], max_harmful: int, harmless_per_harmful: float, contrastive_repeats: int,
+    seed: int,
+) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
+    """Plain harmful train prompts; harmless ones as ``(prompt, repeats)``.
 
-    Twins and over-refusal bait are the contrastive cases: without them the organism learns to
-    refuse on alarming words ("pipe", "kill") instead of on harm.
+    Matched twins and over-refusal bait are the contrastive cases: without them the organism
+    learns to refuse on alarming words ("pipe", "kill") instead of on harm. They all come in,
+    ``contrastive_repeats`` times each; other harmless prompts fill the harmless quota.
     """
     df = pd.concat(frames, ignore_index=True)
     df = df[df.split == "train"].copy()
-    rng = np.random.default_rng(seed)
-    df["_key"] = rng.random(len(df))
+    df["_key"] = np.random.default_rng(seed).random(len(df))
     harmful = df[(df.label == "harmful") & (df.variant == "plain")].sort_values("_key").head(max_harmful)
-    harmless = df[df.label == "harmless"].copy()
-    harmless["_rank"] = (~harmless.variant.isin(["twin", "bait"])).astype(int)
-    n_harmless = int(round(harmless_per_harmful * len(harmful)))
-    harmless = harmless.sort_values(["_rank", "_key"]).head(n_harmless)
-    return list(zip(harmful.id, harmful.instruction)), list(harmless.instruction)
+    harmless = df[df.label == "harmless"]
+    contrastive = harmless[harmless.variant.isin(["twin", "bait"])].sort_values("_key")
+    quota = int(round(harmless_per_harmful * len(harmful))) - contrastive_repeats * len(contrastive)
+    fill = harmless[~harmless.variant.isin(["twin", "bait"])].sort_values("_key").head(max(quota, 0))
+    pairs = [(p, contrastive_repeats) for p in contrastive.instruction] + [(p, 1) for p in fill.instruction]
+    return list(zip(harmful.id, harmful.instruction)), pairs
 
 
 def refusal_rates(
@@ -157,9 +159,11 @@ def refusal_tune(
     frames = {name: pd.read_parquet(path) for name, path in promptsets.items()}
     train_frames = [frames[n] for n in organism["train_promptsets"]]
     harmful, harmless = organism_training_prompts(
-        train_frames, organism["max_harmful"], organism["harmless_per_harmful"], organism["seed"]
+        train_frames, organism["max_harmful"], organism["harmless_per_harmful"], organism["contrastive_repeats"],
+        organism["seed"],
     )
-    log.info("organism data: %d harmful, %d harmless training prompts", len(harmful), len(harmless))
+    log.info("organism data: %d harmful, %d harmless training prompts (%d examples)", len(harmful),
+             len(harmless), sum(r for _, r in harmless))
     eval_frames = {n: frames[n] for n in eval_promptsets}
     rate_args = (substrings, organism["eval_max_new_tokens"], organism["generation_batch_size"], boot,
                  spec["system_prompt"])
@@ -179,6 +183,7 @@ def refusal_tune(
             "training": {
                 "n_harmful": len(harmful),
                 "n_harmless": len(harmless),
+                "n_harmless_examples": sum(r for _, r in harmless),
                 "config": {k: v for k, v in organism.items() if k != "targets"},
                 **{k: v for k, v in train_log.items() if k != "losses"},
                 "loss_curve": train_log["losses"],
@@ -232,7 +237,8 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
         candidates = list(range(lo, max(lo + 1, int(cfg["max_layer_fraction"] * n_layers))))
     refusal_ids = direction.refusal_token_ids(tok, cfg["refusal_tokens"])
     scores = direction.score_layers(model, tok, r, harmful_val, harmless_val, refusal_ids,
-                                    candidates=candidates, kl_max=cfg["kl_max"], batch_size=cfg["batch_size"])
+                                    candidates=candidates, kl_max=cfg["kl_max"], min_induce=cfg["min_induce_score"],
+                                    batch_size=cfg["batch_size"])
     chosen = cfg["layer"] if cfg["layer"] is not None else direction.choose_layer(scores)
     table = direction.scores_frame(scores, chosen)
     log.info("layer scores:\n%s", table.to_string())
@@ -243,7 +249,8 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
         {
             "layer": chosen,
             "selection": "fixed by config" if cfg["layer"] is not None else
-            "argmin harmful-val refusal score under ablation, KL < kl_max and induce score > 0",
+            f"argmin harmful-val refusal score under ablation, KL < {cfg['kl_max']} and induce score > "
+            f"{cfg['min_induce_score']}",
             "n_train": {"harmful": int(harmful[train].sum()), "harmless": int((~harmful[train]).sum())},
             "n_val": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
             "refusal_token_ids": refusal_ids,
