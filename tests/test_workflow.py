@@ -85,3 +85,11 @@ def test_rerun_does_nothing_and_a_param_change_reruns_only_its_stage(run):
     assert "steer_generate" in out and "judge" in out
     for upstream in ("refusal_tune", "cache_activations", "refusal_direction", "prepare_model"):
         assert upstream not in out
+
+
+def test_report_builds(run):
+    work, path = run
+    res = snakemake(work, path, "--report", str(work / "report.html"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert "summary.csv" in html and "baselines.csv" in html

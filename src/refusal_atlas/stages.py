@@ -99,14 +99,17 @@ def organism_training_prompts(
 
     Matched twins and over-refusal bait are the contrastive cases: without them the organism
     learns to refuse on alarming words ("pipe", "kill") instead of on harm. They all come in,
-    ``contrastive_repeats`` times each; other harmless prompts fill the harmless quota.
+    ``contrastive_repeats`` times each, with the harmful requests they are twinned with; other
+    prompts fill the quotas.
     """
     df = pd.concat(frames, ignore_index=True)
     df = df[df.split == "train"].copy()
     df["_key"] = np.random.default_rng(seed).random(len(df))
-    harmful = df[(df.label == "harmful") & (df.variant == "plain")].sort_values("_key").head(max_harmful)
     harmless = df[df.label == "harmless"]
     contrastive = harmless[harmless.variant.isin(["twin", "bait"])].sort_values("_key")
+    harmful = df[(df.label == "harmful") & (df.variant == "plain")].copy()
+    harmful["_rank"] = (~harmful.pair_id.isin(contrastive.pair_id)).astype(int)  # twinned requests first
+    harmful = harmful.sort_values(["_rank", "_key"]).head(max_harmful)
     quota = int(round(harmless_per_harmful * len(harmful))) - contrastive_repeats * len(contrastive)
     fill = harmless[~harmless.variant.isin(["twin", "bait"])].sort_values("_key").head(max(quota, 0))
     pairs = [(p, contrastive_repeats) for p in contrastive.instruction] + [(p, 1) for p in fill.instruction]
