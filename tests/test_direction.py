@@ -41,11 +41,12 @@ def test_refusal_score_is_log_odds():
 
 def test_choose_layer_respects_filters():
     scores = [
-        LayerScore(0, bypass_score=-9.0, induce_score=1.0, kl=5.0, r_norm=1, eligible=False),  # broken model
-        LayerScore(1, bypass_score=-2.0, induce_score=1.0, kl=0.01, r_norm=1, eligible=True),
-        LayerScore(2, bypass_score=-1.0, induce_score=2.0, kl=0.01, r_norm=1, eligible=True),
+        LayerScore(0, 0.0, bypass_score=-9.0, induce_score=1.0, kl=5.0, r_norm=1, eligible=False),  # broken
+        LayerScore(1, 0.2, bypass_score=-3.0, induce_score=1.0, kl=0.01, r_norm=1, eligible=True),
+        LayerScore(2, 0.1, bypass_score=-1.0, induce_score=2.0, kl=0.01, r_norm=1, eligible=True),
+        LayerScore(3, 0.1, bypass_score=-2.0, induce_score=2.0, kl=0.01, r_norm=1, eligible=True),
     ]
-    assert choose_layer(scores) == 1
+    assert choose_layer(scores) == 3  # least judged refusal; the first-token score breaks the tie
     with pytest.raises(ValueError, match="no candidate layer"):
         choose_layer(scores[:1])
 

@@ -1,13 +1,16 @@
 """The refusal direction: difference in means, and the choice of its layer l*.
 
 Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Direction", §2.3-2.4
-and Appendix C: r_l = mean_harmful h_l - mean_harmless h_l (Eq. 3); l* minimises the refusal
-score on harmful validation prompts under directional ablation, among layers whose ablation
-keeps the harmless next-token distribution close (KL bound) and whose addition induces refusal.
+and Appendix C: r_l = mean_harmful h_l - mean_harmless h_l (Eq. 3). l* minimises the judged
+refusal of harmful validation prompts under directional ablation, among layers whose ablation
+keeps the harmless next-token distribution close (KL bound) and whose addition induces refusal
+(Arditi et al. use the first-token refusal score for the first criterion; it is kept as a
+tie-breaker and reported).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -17,9 +20,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import length_sorted_batches
+from .generation import generate, length_sorted_batches
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
+from .judges import DEFAULT_REFUSAL_SUBSTRINGS, substring_refusals
 from .modeling import decoder_layers, encode_chat, position_ids_from_mask, special_token_mask
+
+log = logging.getLogger(__name__)
 
 
 def diff_in_means(acts: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
@@ -116,7 +122,8 @@ def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.T
 @dataclass
 class LayerScore:
     layer: int
-    bypass_score: float  # harmful val refusal score under ablation (lower: refusal removed)
+    val_refusal: float  # substring-judged refusal rate of harmful val generations under ablation
+    bypass_score: float  # harmful val first-token refusal score under ablation (lower: refusal removed)
     induce_score: float  # harmless val refusal score under addition (higher: refusal induced)
     kl: float  # harmless val KL(base || ablated) at the last token
     r_norm: float
@@ -134,14 +141,23 @@ def score_layers(
     candidates: Sequence[int],
     kl_max: float,
     min_induce: float = 0.0,
+    substrings: Sequence[str] = DEFAULT_REFUSAL_SUBSTRINGS,
+    max_new_tokens: int = 16,
     batch_size: int = 16,
 ) -> list[LayerScore]:
-    """Evaluate every candidate layer's direction on the validation prompts."""
+    """Evaluate every candidate layer's direction on the validation prompts.
+
+    The refusal that counts is the judged one: a first-token score alone misleads on models
+    whose answers, too, often start with the refusal token ("I'd be glad to...").
+    """
     base_harmless = last_token_logprobs(model, tokenizer, harmless_val, batch_size=batch_size)
     scores = []
     for layer in tqdm(candidates, desc="direction layers", unit="layer"):
         r = directions[layer]
         abl = DirectionalAblation(r)
+        gens = generate(model, tokenizer, harmful_val, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        intervention=abl, desc=f"ablate layer {layer}")
+        val_refusal = sum(substring_refusals(gens, substrings)) / len(gens)
         bypass = refusal_score(
             last_token_logprobs(model, tokenizer, harmful_val, intervention=abl, batch_size=batch_size), refusal_ids
         ).mean()
@@ -153,23 +169,25 @@ def score_layers(
             ),
             refusal_ids,
         ).mean()
-        scores.append(
-            LayerScore(
-                layer, float(bypass), float(induce), float(kl), float(r.norm()), bool(kl < kl_max and induce > min_induce)
-            )
+        score = LayerScore(
+            layer, val_refusal, float(bypass), float(induce), float(kl), float(r.norm()),
+            bool(kl < kl_max and induce > min_induce),
         )
+        scores.append(score)
+        log.info("layer %d: %s", layer, score)
     return scores
 
 
 def choose_layer(scores: Sequence[LayerScore]) -> int:
-    """l* = argmin bypass score among eligible layers (KL under the bound, addition induces refusal)."""
+    """l* = the eligible layer (harmless KL under the bound, addition induces refusal) whose ablation
+    leaves the least judged refusal on harmful validation prompts; the first-token score breaks ties."""
     eligible = [s for s in scores if s.eligible]
     if not eligible:
         raise ValueError(
             "no candidate layer passes the filters (harmless KL under direction.kl_max and an induce score "
             "above direction.min_induce_score); relax them, widen the layer range, or set direction.layer"
         )
-    return min(eligible, key=lambda s: s.bypass_score).layer
+    return min(eligible, key=lambda s: (s.val_refusal, s.bypass_score)).layer
 
 
 def scores_frame(scores: Sequence[LayerScore], chosen: int) -> pd.DataFrame:

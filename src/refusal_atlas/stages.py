@@ -217,7 +217,7 @@ def cache_activations(model_dir: str, spec: Mapping, promptset: str, batch_size:
 
 # ---------------------------------------------------------------------------- direction
 def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path: str, cfg: Mapping,
-                      directions_out: str, layers_out: str, summary_out: str) -> None:
+                      substrings: Sequence[str], directions_out: str, layers_out: str, summary_out: str) -> None:
     acts = load_file(acts_path)["resid_post"]
     index = pd.read_parquet(index_path)
     plain = index.variant.isin(["plain", "twin"])
@@ -239,9 +239,11 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
         lo = int(cfg["min_layer_fraction"] * n_layers)
         candidates = list(range(lo, max(lo + 1, int(cfg["max_layer_fraction"] * n_layers))))
     refusal_ids = direction.refusal_token_ids(tok, cfg["refusal_tokens"])
-    scores = direction.score_layers(model, tok, r, harmful_val, harmless_val, refusal_ids,
-                                    candidates=candidates, kl_max=cfg["kl_max"], min_induce=cfg["min_induce_score"],
-                                    batch_size=cfg["batch_size"])
+    scores = direction.score_layers(
+        model, tok, r, harmful_val, harmless_val, refusal_ids, candidates=candidates, kl_max=cfg["kl_max"],
+        min_induce=cfg["min_induce_score"], substrings=substrings, max_new_tokens=cfg["select_max_new_tokens"],
+        batch_size=cfg["batch_size"],
+    )
     chosen = cfg["layer"] if cfg["layer"] is not None else direction.choose_layer(scores)
     table = direction.scores_frame(scores, chosen)
     log.info("layer scores:\n%s", table.to_string())
@@ -252,8 +254,8 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
         {
             "layer": chosen,
             "selection": "fixed by config" if cfg["layer"] is not None else
-            f"argmin harmful-val refusal score under ablation, KL < {cfg['kl_max']} and induce score > "
-            f"{cfg['min_induce_score']}",
+            f"argmin judged harmful-val refusal under ablation (first-token score breaks ties), among layers "
+            f"with harmless KL < {cfg['kl_max']} and induce score > {cfg['min_induce_score']}",
             "n_train": {"harmful": int(harmful[train].sum()), "harmless": int((~harmful[train]).sum())},
             "n_val": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
             "refusal_token_ids": refusal_ids,

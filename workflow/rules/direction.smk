@@ -23,5 +23,6 @@ rule refusal_direction:
     params:
         spec=lambda w: model_spec(w.model),
         cfg=config["direction"],
+        substrings=config["judges"]["substring"]["substrings"],
     script:
         "../scripts/refusal_direction.py"

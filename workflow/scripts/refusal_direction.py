@@ -7,6 +7,7 @@ with stages.logged(snakemake.log[0], snakemake.threads):
         snakemake.input.acts,
         snakemake.input.index,
         snakemake.params.cfg,
+        snakemake.params.substrings,
         snakemake.output.directions,
         snakemake.output.layers,
         snakemake.output.summary,
