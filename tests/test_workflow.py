@@ -67,7 +67,7 @@ def test_outputs_follow_the_contracts(run):
     gens = pd.read_parquet(work / "results/generations/tiny/bundled/as.parquet")
     assert (gens.split == "test").all() and gens.generation.notna().all()
     assert (work / "results/tables/baselines.csv").exists()
-    for rule in ("refusal_tune", "cache_activations", "refusal_direction", "steer_generate"):
+    for rule in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "steer_generate"):
         assert (work / "logs" / rule).exists() and (work / "benchmarks" / rule).exists()
 
 
@@ -83,7 +83,7 @@ def test_rerun_does_nothing_and_a_param_change_reruns_only_its_stage(run):
     out = dry.stdout + dry.stderr
     assert dry.returncode == 0
     assert "steer_generate" in out and "judge" in out
-    for upstream in ("refusal_tune", "cache_activations", "refusal_direction", "prepare_model"):
+    for upstream in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "prepare_model"):
         assert upstream not in out
 
 
@@ -93,3 +93,15 @@ def test_report_builds(run):
     assert res.returncode == 0, res.stderr[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and "baselines.csv" in html
+
+
+def test_a_training_knob_reruns_the_organism_but_not_its_baseline(run):
+    work, path = run
+    cfg = yaml.safe_load(path.read_text())
+    cfg["organism"]["lr"] = 2e-3
+    changed = work / "changed_lr.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    dry = snakemake(work, changed, "-n", "--quiet", "rules")
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0 and "refusal_tune" in out and "refusal_direction" in out
+    assert "base_refusal" not in out and "prepare_model" not in out and "build_promptsets" not in out

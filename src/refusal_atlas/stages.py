@@ -38,7 +38,7 @@ log = logging.getLogger("refusal_atlas")
 def logged(log_path: str, threads: int = 1) -> Iterator[None]:
     """Send logging and stderr (tqdm bars) to the rule's log file; use the rule's threads."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", buffering=1) as fh:
+    with open(log_path, "w", buffering=1) as fh:
         old_err = sys.stderr
         sys.stderr = fh
         handler = logging.StreamHandler(fh)
@@ -151,29 +151,39 @@ def check_targets(rates: Mapping[str, dict], sources: Mapping[str, str], targets
     return checks
 
 
+def _eval_frames(promptsets: Mapping[str, str], names: Sequence[str]) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(promptsets[name]) for name in names}
+
+
+def base_refusal(base_dir: str, promptsets: Mapping[str, str], spec: Mapping, organism: Mapping,
+                 substrings: Sequence[str], boot: Mapping, output: str) -> None:
+    """Refusal of the model before tuning, on the organism's evaluation sets (its card's "base")."""
+    model, tok = _load(base_dir, spec)
+    rates = refusal_rates(model, tok, _eval_frames(promptsets, organism["eval_promptsets"]), substrings,
+                          organism["eval_max_new_tokens"], organism["generation_batch_size"], boot,
+                          spec["system_prompt"], desc="base")
+    write_json(rates, output)
+
+
 def refusal_tune(
-    model_name: str, base_dir: str, promptsets: Mapping[str, str], eval_promptsets: Sequence[str],
+    model_name: str, base_dir: str, base_rates: str, promptsets: Mapping[str, str],
     promptset_sources: Mapping[str, str], spec: Mapping, organism: Mapping, substrings: Sequence[str],
     boot: Mapping, out_dir: str, card: str,
 ) -> None:
     t0 = time.time()
     cfg = _organism_config(organism)
     model, tok = _load(base_dir, spec)
-    frames = {name: pd.read_parquet(path) for name, path in promptsets.items()}
-    train_frames = [frames[n] for n in organism["train_promptsets"]]
     harmful, harmless = organism_training_prompts(
-        train_frames, organism["max_harmful"], organism["harmless_per_harmful"], organism["contrastive_repeats"],
-        organism["seed"],
+        [pd.read_parquet(promptsets[n]) for n in organism["train_promptsets"]], organism["max_harmful"],
+        organism["harmless_per_harmful"], organism["contrastive_repeats"], organism["seed"],
     )
     log.info("organism data: %d harmful, %d harmless training prompts (%d examples)", len(harmful),
              len(harmless), sum(r for _, r in harmless))
-    eval_frames = {n: frames[n] for n in eval_promptsets}
-    rate_args = (substrings, organism["eval_max_new_tokens"], organism["generation_batch_size"], boot,
-                 spec["system_prompt"])
-    before = refusal_rates(model, tok, eval_frames, *rate_args, desc="base")
     examples = build_examples(model, tok, harmful, harmless, cfg)
     train_log = _refusal_tune(model, tok, examples, cfg)
-    after = refusal_rates(model, tok, eval_frames, *rate_args, desc="tuned")
+    after = refusal_rates(model, tok, _eval_frames(promptsets, organism["eval_promptsets"]), substrings,
+                          organism["eval_max_new_tokens"], organism["generation_batch_size"], boot,
+                          spec["system_prompt"], desc="tuned")
     checks = check_targets(after, promptset_sources, organism["targets"])
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -192,8 +202,8 @@ def refusal_tune(
                 "loss_curve": train_log["losses"],
             },
             "judge": {"name": "substring", "substrings": list(substrings),
-                      "max_new_tokens": organism["eval_max_new_tokens"]},
-            "refusal_rate": {"base": before, "tuned": after},
+                      "max_new_tokens": organism["eval_max_new_tokens"], "split": "test"},
+            "refusal_rate": {"base": json.loads(Path(base_rates).read_text()), "tuned": after},
             "targets": checks,
             "meets_targets": all(c["met"] for c in checks.values()),
             "seconds": round(time.time() - t0, 1),

@@ -37,8 +37,17 @@ def final_model_dir(wildcards):
     return f"results/models/{wildcards.model}/{stage}"
 
 
-def promptset_files(names):
-    return [f"results/promptsets/{p}.parquet" for p in names]
+def organism_promptset_files():
+    names = set(config["organism"]["train_promptsets"]) | set(
+        config["organism"]["eval_promptsets"]
+    )
+    return [f"results/promptsets/{p}.parquet" for p in sorted(names)]
+
+
+def organism_eval_params():
+    """The organism keys that shape its evaluation, so training knobs do not rerun it."""
+    keys = ("eval_promptsets", "eval_max_new_tokens", "generation_batch_size")
+    return {k: config["organism"][k] for k in keys}
 
 
 def promptset_inputs(wildcards):

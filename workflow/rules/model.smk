@@ -20,16 +20,36 @@ rule prepare_model:
         "../scripts/prepare_model.py"
 
 
+rule base_refusal:
+    input:
+        base="results/models/{model}/base",
+        promptsets=organism_promptset_files(),
+    output:
+        "results/models/{model}/base_refusal.json",
+    log:
+        "logs/base_refusal/{model}.log",
+    benchmark:
+        "benchmarks/base_refusal/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=60,
+    params:
+        spec=lambda w: model_spec(w.model),
+        organism=organism_eval_params(),
+        substrings=config["judges"]["substring"]["substrings"],
+        boot=config["bootstrap"],
+    script:
+        "../scripts/base_refusal.py"
+
+
 rule refusal_tune:
     input:
         base="results/models/{model}/base",
-        promptsets=expand(
-            "results/promptsets/{p}.parquet",
-            p=sorted(
-                set(config["organism"]["train_promptsets"])
-                | set(config["organism"]["eval_promptsets"])
-            ),
-        ),
+        base_rates="results/models/{model}/base_refusal.json",
+        promptsets=organism_promptset_files(),
     output:
         model=directory("results/models/{model}/tuned"),
         card="results/models/{model}/model_card.json",

@@ -1,0 +1,34 @@
+import pandas as pd
+import pytest
+
+from refusal_atlas.io import atomic_path, write_json, write_parquet
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "out.parquet"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half a file")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_directory_write_keeps_the_old_output(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, is_dir=True) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed")
+    assert (target / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with atomic_path(target, is_dir=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (target / "weights").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_writers_round_trip(tmp_path):
+    write_parquet(pd.DataFrame({"a": [1, 2]}), tmp_path / "x.parquet")
+    assert pd.read_parquet(tmp_path / "x.parquet").a.tolist() == [1, 2]
+    write_json({"n": 3}, tmp_path / "x.json")
+    assert (tmp_path / "x.json").read_text().strip() == '{\n  "n": 3\n}'

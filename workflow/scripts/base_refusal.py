@@ -1,0 +1,14 @@
+from pathlib import Path
+
+from refusal_atlas import stages
+
+with stages.logged(snakemake.log[0], snakemake.threads):
+    stages.base_refusal(
+        base_dir=snakemake.input.base,
+        promptsets={Path(p).stem: p for p in snakemake.input.promptsets},
+        spec=snakemake.params.spec,
+        organism=snakemake.params.organism,
+        substrings=snakemake.params.substrings,
+        boot=snakemake.params.boot,
+        output=snakemake.output[0],
+    )
