@@ -235,9 +235,10 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
     harmful = torch.tensor((index.label == "harmful").to_numpy())
     raw = direction.diff_in_means(acts[train], harmful[train])
     model, tok = _load(model_dir, spec)
-    val = index[(index.split == "val") & plain]
-    harmful_val = list(val[val.label == "harmful"].instruction)
-    harmless_val = list(val[val.label == "harmless"].instruction)
+    # A fixed random subset (all categories) bounds the cost: every candidate layer generates on it.
+    val = index[(index.split == "val") & plain].sample(frac=1.0, random_state=0)
+    harmful_val = list(val[val.label == "harmful"].instruction[: cfg["max_val_prompts"]])
+    harmless_val = list(val[val.label == "harmless"].instruction[: cfg["max_val_prompts"]])
     sinks = direction.massive_dims(model, tok, harmless_val[:16], cfg["sink_dims"])
     r = direction.zero_dims(raw, sinks)
     n_layers = r.shape[0]
