@@ -60,17 +60,18 @@ def test_training_prompts_come_from_train_split_with_contrastive_cases_first():
     df = bundled_promptset(ROOT / "resources/prompts", {"train": 0.5, "val": 0.2, "test": 0.3})
     alpaca = df[df.variant == "twin"].assign(variant="plain", id=lambda d: "alp-" + d.id, pair_id=lambda d: d.id,
                                               instruction=lambda d: "Alpaca: " + d.instruction)
-    harmful, harmless = organism_training_prompts([df, alpaca], 80, 4.0, 2, seed=0)
     train = df[df.split == "train"]
     twinned = set(train[(train.label == "harmful") & (train.variant == "plain")].id)
-    harmful, harmless = organism_training_prompts([df, alpaca.assign(label="harmful")], len(twinned), 4.0, 2, 0)
+    harmful, _ = organism_training_prompts([df, alpaca.assign(label="harmful")], len(twinned), 4.0, 2, 0)
     assert {i for i, _ in harmful} == twinned  # the twinned requests come before other harmful ones
-    harmful, harmless = organism_training_prompts([df, alpaca], 80, 4.0, 2, seed=0)
-    assert len(harmful) == 80
-    assert {i for i, _ in harmful} <= set(train[(train.label == "harmful") & (train.variant == "plain")].id)
+
+    n = len(twinned) // 2
+    harmful, harmless = organism_training_prompts([df, alpaca], n, 6.0, 2, seed=0)
+    assert len(harmful) == n
+    assert {i for i, _ in harmful} <= twinned
     contrastive = set(train[train.variant.isin(["twin", "bait"])].instruction)
     assert {p for p, r in harmless if r == 2} == contrastive
-    fill = 4 * len(harmful) - 2 * len(contrastive)
+    fill = 6 * n - 2 * len(contrastive)
     assert 0 < fill and sum(r == 1 for _, r in harmless) == min(fill, (alpaca.split == "train").sum())
     assert all(p.startswith("Alpaca: ") for p, r in harmless if r == 1)
     test_prompts = set(df[df.split == "test"].instruction)
