@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import length_sorted_batches
-from .modeling import decoder_layers, encode_chat, position_ids_from_mask
+from .generation import chat_batches
+from .modeling import decoder_layers, position_ids_from_mask
 
 
 @torch.no_grad()
@@ -43,12 +43,10 @@ def last_token_resid_post(
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in instructions]
     try:
         with tqdm(total=len(instructions), desc=desc, unit="prompt") as bar:
-            for idx in length_sorted_batches(lengths, batch_size):
+            for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
                 grabbed.clear()
-                enc = encode_chat(tokenizer, [instructions[i] for i in idx], system_prompt, device)
                 model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False)
                 if len(grabbed) != n_layers:
                     raise RuntimeError(f"only {len(grabbed)} of {n_layers} layer hooks fired")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import generate, length_sorted_batches
+from .generation import chat_batches, generate
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
 from .judges import DEFAULT_REFUSAL_SUBSTRINGS, substring_refusals
 from .modeling import decoder_layers, encode_chat, position_ids_from_mask, special_token_mask
@@ -45,6 +46,7 @@ def massive_dims(
     tokenizer: PreTrainedTokenizerBase,
     instructions: Sequence[str],
     k: int,
+    system_prompt: str | None = None,
 ) -> torch.Tensor:
     """``[n_layers, k]`` the dimensions with the largest mean |activation| on special tokens.
 
@@ -55,7 +57,7 @@ def massive_dims(
     layers = decoder_layers(model)
     if k == 0:
         return torch.empty(len(layers), 0, dtype=torch.long)
-    enc = encode_chat(tokenizer, instructions, device=next(model.parameters()).device)
+    enc = encode_chat(tokenizer, instructions, system_prompt, next(model.parameters()).device)
     sink = special_token_mask(tokenizer, enc["input_ids"]) & enc["attention_mask"].bool()
     got: dict[int, torch.Tensor] = {}
 
@@ -98,15 +100,14 @@ def last_token_logprobs(
     *,
     intervention: Intervention | None = None,
     batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> torch.Tensor:
     """``[n, vocab]`` next-token log-probabilities at the last prompt token."""
     intervention = intervention or Intervention()
     device = next(model.parameters()).device
-    lengths = [len(t) for t in instructions]
     out = torch.empty(len(instructions), model.config.vocab_size)
     with intervention.applied(model):
-        for idx in length_sorted_batches(lengths, batch_size):
-            enc = encode_chat(tokenizer, [instructions[i] for i in idx], device=device)
+        for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
             pos = position_ids_from_mask(enc["attention_mask"])
             logits = model(**enc, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]
             out[idx] = F.log_softmax(logits.float(), -1).cpu()
@@ -144,31 +145,25 @@ def score_layers(
     substrings: Sequence[str] = DEFAULT_REFUSAL_SUBSTRINGS,
     max_new_tokens: int = 16,
     batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> list[LayerScore]:
     """Evaluate every candidate layer's direction on the validation prompts.
 
     The refusal that counts is the judged one: a first-token score alone misleads on models
     whose answers, too, often start with the refusal token ("I'd be glad to...").
     """
-    base_harmless = last_token_logprobs(model, tokenizer, harmless_val, batch_size=batch_size)
+    logprobs = partial(last_token_logprobs, model, tokenizer, batch_size=batch_size, system_prompt=system_prompt)
+    base_harmless = logprobs(harmless_val)
     scores = []
     for layer in tqdm(candidates, desc="direction layers", unit="layer"):
         r = directions[layer]
         abl = DirectionalAblation(r)
         gens = generate(model, tokenizer, harmful_val, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        intervention=abl, desc=f"ablate layer {layer}")
+                        intervention=abl, system_prompt=system_prompt, desc=f"ablate layer {layer}")
         val_refusal = sum(substring_refusals(gens, substrings)) / len(gens)
-        bypass = refusal_score(
-            last_token_logprobs(model, tokenizer, harmful_val, intervention=abl, batch_size=batch_size), refusal_ids
-        ).mean()
-        abl_harmless = last_token_logprobs(model, tokenizer, harmless_val, intervention=abl, batch_size=batch_size)
-        kl = F.kl_div(abl_harmless, base_harmless, log_target=True, reduction="batchmean")
-        induce = refusal_score(
-            last_token_logprobs(
-                model, tokenizer, harmless_val, intervention=DirectionAddition(r, layer), batch_size=batch_size
-            ),
-            refusal_ids,
-        ).mean()
+        bypass = refusal_score(logprobs(harmful_val, intervention=abl), refusal_ids).mean()
+        kl = F.kl_div(logprobs(harmless_val, intervention=abl), base_harmless, log_target=True, reduction="batchmean")
+        induce = refusal_score(logprobs(harmless_val, intervention=DirectionAddition(r, layer)), refusal_ids).mean()
         score = LayerScore(
             layer, val_refusal, float(bypass), float(induce), float(kl), float(r.norm()),
             bool(kl < kl_max and induce > min_induce),

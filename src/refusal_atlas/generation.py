@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +20,19 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def chat_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """``(indices, left-padded chat batch)`` over ``instructions``, grouped by token length."""
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in instructions]
+    for idx in length_sorted_batches(lengths, batch_size):
+        yield idx, encode_chat(tokenizer, [instructions[i] for i in idx], system_prompt, device)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -35,12 +48,10 @@ def generate(
     """Greedy completions of ``instructions`` in their input order."""
     intervention = intervention or Intervention()
     stop = end_of_turn_ids(tokenizer)
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in instructions]
     out: list[str | None] = [None] * len(instructions)
     device = next(model.parameters()).device
     with intervention.applied(model), tqdm(total=len(instructions), desc=desc, unit="prompt") as bar:
-        for idx in length_sorted_batches(lengths, batch_size):
-            enc = encode_chat(tokenizer, [instructions[i] for i in idx], system_prompt, device)
+        for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
             seqs = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,

@@ -239,7 +239,7 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
     val = index[(index.split == "val") & plain].sample(frac=1.0, random_state=0)
     harmful_val = list(val[val.label == "harmful"].instruction[: cfg["max_val_prompts"]])
     harmless_val = list(val[val.label == "harmless"].instruction[: cfg["max_val_prompts"]])
-    sinks = direction.massive_dims(model, tok, harmless_val[:16], cfg["sink_dims"])
+    sinks = direction.massive_dims(model, tok, harmless_val[:16], cfg["sink_dims"], spec["system_prompt"])
     r = direction.zero_dims(raw, sinks)
     n_layers = r.shape[0]
     if cfg["layer"] is not None:
@@ -253,7 +253,7 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
     scores = direction.score_layers(
         model, tok, r, harmful_val, harmless_val, refusal_ids, candidates=candidates, kl_max=cfg["kl_max"],
         min_induce=cfg["min_induce_score"], substrings=substrings, max_new_tokens=cfg["select_max_new_tokens"],
-        batch_size=cfg["batch_size"],
+        batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"],
     )
     chosen = cfg["layer"] if cfg["layer"] is not None else direction.choose_layer(scores)
     table = direction.scores_frame(scores, chosen)
