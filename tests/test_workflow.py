@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
+from sae_lens import SAE
 from safetensors.torch import load_file
 
 from conftest import ROOT
@@ -67,7 +68,37 @@ def test_outputs_follow_the_contracts(run):
     gens = pd.read_parquet(work / "results/generations/tiny/bundled/as.parquet")
     assert (gens.split == "test").all() and gens.generation.notna().all()
     assert (work / "results/tables/baselines.csv").exists()
-    for rule in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "steer_generate"):
+
+    for layer in (1, 3):
+        sae = SAE.load_from_disk(work / f"results/saes/tiny/layer_{layer}")
+        assert sae.cfg.d_sae == 128 and sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+    quality = pd.read_csv(work / "results/saes/tiny/quality.csv")
+    assert sorted(quality.layer) == [1, 3]
+    assert ((quality.ce_zero >= quality.ce_clean) & (quality.l0 <= 8) & (quality.n_tokens > 0)).all()
+    assert quality.explained_variance.between(-1, 1).all() and "meets_targets" in quality
+
+    eval_harmful = set(index[(index.split == "test") & (index.label == "harmful") & (index.variant == "plain")].id)
+    for method in ("cossim", "actdiff", "ap", "la_ig"):
+        feats = pd.read_parquet(work / f"results/features/tiny/bundled/{method}.parquet")
+        assert set(feats.protocol) == {"transductive", "heldout"}
+        assert {"layer", "feature", "score", "rank", "cos_r", "mean_act_harmful", "mean_act_harmless"} <= set(feats)
+        for _, g in feats.groupby(["protocol", "scope", "prompt_id"], dropna=False):
+            assert list(g["rank"]) == [1, 2, 3, 4, 5] and g.score.is_monotonic_decreasing
+        assert set(feats[feats.scope == "local"].prompt_id) == eval_harmful
+        assert set(feats.layer) <= {1, 3}
+    la = pd.read_parquet(work / "results/features/tiny/bundled/la_ig.parquet")
+    for protocol in ("transductive", "heldout"):
+        # "Ours" only picks among each layer's top-k0 latents by cosine with r
+        ev = load_file(work / f"results/features/tiny/bundled/attribution.{protocol}.safetensors")
+        layers = ev["layers"].tolist()
+        for row in la[la.protocol == protocol].itertuples():
+            cos = ev["cos"][layers.index(row.layer)]
+            assert int((cos > cos[row.feature]).sum()) < 4
+    info = json.loads((work / "results/features/tiny/bundled/attribution.heldout.json").read_text())
+    assert info["fit_split"] == "train" and info["n"]["fit_harmful"] == 8
+    assert (work / "results/tables/features_tiny.csv").exists()
+    for rule in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "steer_generate",
+                 "sae_corpus", "train_sae", "sae_quality", "feature_attribution", "select_features"):
         assert (work / "logs" / rule).exists() and (work / "benchmarks" / rule).exists()
 
 
@@ -93,6 +124,20 @@ def test_report_builds(run):
     assert res.returncode == 0, res.stderr[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and "baselines.csv" in html
+    assert "quality.csv" in html and "features_tiny.csv" in html
+
+
+def test_an_sae_knob_reruns_saes_and_features_but_not_the_organism(run):
+    work, path = run
+    cfg = yaml.safe_load(path.read_text())
+    cfg["models"]["tiny"]["sae"]["k"] = 6
+    changed = work / "changed_sae.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    dry = snakemake(work, changed, "-n", "--quiet", "rules")
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0 and "train_sae" in out and "feature_attribution" in out
+    for upstream in ("refusal_tune", "prepare_model", "sae_corpus", "refusal_direction", "steer_generate"):
+        assert upstream not in out
 
 
 def test_a_training_knob_reruns_the_organism_but_not_its_baseline(run):

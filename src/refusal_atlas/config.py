@@ -27,6 +27,7 @@ def check_config(config: Mapping) -> None:
         "activations.promptsets": config["activations"]["promptsets"],
         "evaluation.promptsets": config["evaluation"]["promptsets"],
         "direction.promptset": [config["direction"]["promptset"]],
+        "features.promptsets": config["features"]["promptsets"],
     }
     for key, names in refs.items():
         unknown = [n for n in names if n not in promptsets]
@@ -40,3 +41,13 @@ def check_config(config: Mapping) -> None:
         fr = spec.get("split_fractions")
         if spec["source"] == "bundled" and fr and abs(sum(fr.values()) - 1) > 1e-6:
             raise ConfigError(f"promptsets.{name}.split_fractions must sum to 1, got {sum(fr.values())}")
+    feats = config["features"]
+    if "heldout" in feats["protocols"] and feats["fit_split"] == feats["eval_split"]:
+        raise ConfigError(
+            f"features.fit_split and features.eval_split are both {feats['fit_split']!r}: the heldout "
+            "protocol needs different splits (the transductive protocol already fits on the eval split)"
+        )
+    for name, spec in config["models"].items():
+        sae = spec["sae"]
+        if sae["source"] == "train" and sae["k"] > sae["d_sae"]:
+            raise ConfigError(f"models.{name}.sae.k ({sae['k']}) exceeds models.{name}.sae.d_sae ({sae['d_sae']})")

@@ -6,27 +6,31 @@ name here, so any stage's code is found from its rule name alone.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import asdict, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import datasets, direction, prompts
+from . import attribution, datasets, direction, features, prompts, saes
 from .activations import last_token_resid_post
 from .generation import generate
 from .interventions import DirectionalAblation, Intervention
 from .io import atomic_path, write_csv, write_json, write_parquet, write_safetensors
 from .judges import substring_refusals
-from .modeling import load_model
+from .modeling import load_model, resolve_device
 from .models import prepare_model as _prepare_model
 from .organism import OrganismConfig, build_examples, refusal_tune as _refusal_tune
 from .stats import bootstrap_rate
@@ -276,6 +280,205 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
         },
         summary_out,
     )
+
+
+# ---------------------------------------------------------------------------- SAEs
+def _check_layers(layers: Sequence[int], n_layers: int, key: str) -> None:
+    bad = [l for l in layers if l >= n_layers]
+    if bad:
+        raise ValueError(f"{key}: layer(s) {bad} do not exist; the model has {n_layers} layers (0-{n_layers - 1})")
+
+
+def sae_corpus(model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, layers: Sequence[int], heldout_only: bool,
+               acts_out: str, index_out: str) -> None:
+    """One activation pass over the corpus for every SAE layer; held-out sequences kept apart."""
+    items = prompts._load_instructions(Path(dataset))
+    order = np.random.default_rng(cfg["seed"]).permutation(len(items))
+    n_ho = min(cfg["heldout_sequences"], len(items) // 2)
+    splits = {"heldout": order[:n_ho]}
+    if not heldout_only:
+        splits["train"] = order[n_ho : n_ho + cfg["max_sequences"]]
+    model, tok = _load(model_dir, spec)
+    _check_layers(layers, model.config.num_hidden_layers, "sae.layers")
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg["autocast_dtype"]))
+                if cfg["autocast_dtype"] else contextlib.nullcontext())
+    tensors, rows = {}, []
+    for split, idx in splits.items():
+        texts = [items[i]["instruction"] for i in idx]
+        with autocast:
+            acts = saes.token_resid_post(model, tok, texts, layers, batch_size=cfg["batch_size"],
+                                         system_prompt=spec["system_prompt"])
+        for layer, a in acts.items():
+            tensors[f"layer_{layer}.{split}"] = a
+        rows += [{"instruction": t, "split": split} for t in texts]
+        log.info("%s: %d sequences, %d tokens", split, len(texts), next(iter(acts.values())).shape[0])
+    meta = {"hook": saes.HOOK_TEMPLATE, "positions": "non-special tokens", "dataset": dataset}
+    write_safetensors(tensors, acts_out, metadata=meta)
+    write_parquet(pd.DataFrame(rows), index_out)
+
+
+def train_sae(acts_path: str, layer: int, model_name: str, spec: Mapping, cfg: Mapping, output_dir: str) -> None:
+    with safe_open(acts_path, "pt") as fh:
+        acts = fh.get_tensor(f"layer_{layer}.train")
+    train_cfg = saes.TopKTrainConfig(
+        d_sae=cfg["d_sae"], k=cfg["k"], lr=cfg["lr"], batch_size=cfg["train_batch_size"],
+        training_tokens=cfg["training_tokens"], dead_feature_window=cfg["dead_feature_window"], seed=cfg["seed"],
+        device=str(resolve_device(spec["device"])), dtype=spec["dtype"],
+    )
+    start = time.perf_counter()
+    sae = saes.train_topk_sae(acts, train_cfg, {
+        "hook_name": saes.hook_name(layer), "model_name": model_name, "exclude_special_tokens": True,
+        "n_cached_tokens": int(acts.shape[0]),
+    })
+    sae.cfg.metadata.train_seconds = round(time.perf_counter() - start, 1)
+    log.info("trained layer %d on %d cached tokens in %.0f s", layer, acts.shape[0], sae.cfg.metadata.train_seconds)
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        sae.save_model(tmp)
+
+
+def pretrained_sae(spec: Mapping, cfg: Mapping, layer: int, output_dir: str) -> None:
+    sae = saes.load_pretrained_sae(cfg["release"], cfg["sae_id"].format(layer=layer), dtype=spec["dtype"])
+    if saes.hook_layer(sae) != layer:
+        raise ValueError(f"{cfg['release']}/{cfg['sae_id'].format(layer=layer)} reads layer {saes.hook_layer(sae)}, "
+                         f"not {layer}")
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        sae.save_model(tmp)
+
+
+def sae_quality(model_dir: str, spec: Mapping, sae_dir: str, layer: int, acts_path: str, index_path: str,
+                batch_size: int, output: str) -> None:
+    model, tok = _load(model_dir, spec)
+    sae = saes.load_sae(sae_dir, device=next(model.parameters()).device, dtype=spec["dtype"])
+    with safe_open(acts_path, "pt") as fh:
+        heldout = fh.get_tensor(f"layer_{layer}.heldout")
+    index = pd.read_parquet(index_path)
+    texts = list(index[index.split == "heldout"].instruction)
+    q = saes.quality(model, tok, sae, layer, heldout, texts, batch_size=batch_size, system_prompt=spec["system_prompt"])
+    log.info("%s", q)
+    write_json({**asdict(q), "d_sae": sae.cfg.d_sae, "train_seconds": sae.cfg.metadata.train_seconds,
+                "sae": sae_dir}, output)
+
+
+def sae_quality_table(files: Sequence[str], model: str, targets: Mapping[str, float], output: str) -> None:
+    df = pd.DataFrame([json.loads(Path(p).read_text()) for p in files]).assign(model=model)
+    df["meets_targets"] = (df.explained_variance >= targets["explained_variance_min"]) & (
+        df.ce_recovered >= targets["ce_recovered_min"])
+    write_csv(df, output)
+
+
+# ---------------------------------------------------------------------------- features
+def _subset(df: pd.DataFrame, cap: int | None, seed: int = 0) -> pd.DataFrame:
+    return df if cap is None or len(df) <= cap else df.sample(n=cap, random_state=seed).sort_index()
+
+
+def feature_attribution(model_dir: str, spec: Mapping, acts_path: str, index_path: str, direction_summary: str,
+                        sae_dirs: Sequence[str], layers: Sequence[int], protocol: str, cfg: Mapping,
+                        output: str, summary_out: str) -> None:
+    """LA-IG scores and latent statistics for one protocol (Yeo et al. 2025 §3.2; ARCHITECTURE.md).
+
+    transductive: r, the global set and the local sets all come from the eval split (the
+    reference). heldout: r and the global set from the fit split; local sets are computed on the
+    eval prompts with that r, as they would be at deployment.
+    """
+    info = json.loads(Path(direction_summary).read_text())
+    layer_star = info["layer"]
+    refusal_id = info["refusal_token_ids"][0]
+    sinks = load_file(info["directions"])["sink_dims"]
+    index = pd.read_parquet(index_path)
+    acts = load_file(acts_path)["resid_post"]
+    plain = index[index.variant.isin(["plain", "twin"])]
+    fit_split = cfg["eval_split"] if protocol == "transductive" else cfg["fit_split"]
+    fit = plain[plain.split == fit_split]
+    if fit.label.nunique() < 2:
+        raise ValueError(f"split {fit_split!r} needs harmful and harmless prompts to fit r")
+    raw = direction.diff_in_means(acts[torch.tensor(fit.row.to_numpy())],
+                                  torch.tensor((fit.label == "harmful").to_numpy()))
+    r = direction.zero_dims(raw, sinks)[layer_star]
+    local = plain[(plain.split == cfg["eval_split"]) & (plain.label == "harmful")]
+    if protocol == "transductive":
+        fit_harmful = local
+    else:
+        fit_harmful = _subset(fit[fit.label == "harmful"], cfg["max_prompts"])
+    fit_harmless = _subset(fit[fit.label == "harmless"], cfg["max_prompts"])
+
+    model, tok = _load(model_dir, spec)
+    _check_layers(layers, model.config.num_hidden_layers, "sae.layers")
+    device = next(model.parameters()).device
+    sae_map = {l: saes.load_sae(d, device=device, dtype=spec["dtype"]) for l, d in zip(layers, sae_dirs)}
+    ig_cfg = attribution.LAIGConfig(steps=cfg["ig_steps"], batch_size=cfg["la_bz"])
+    start = time.perf_counter()
+    run = partial(attribution.la_ig, model, tok, sae_map, direction=r.to(device), refusal_id=refusal_id, cfg=ig_cfg,
+                  system_prompt=spec["system_prompt"])
+    attr_local = run(list(local.instruction), desc=f"LA-IG {protocol} local")
+    attr_fit = attr_local if protocol == "transductive" else run(list(fit_harmful.instruction), desc="LA-IG fit")
+    n_attr = len(local) + (0 if protocol == "transductive" else len(fit_harmful))
+    seconds = time.perf_counter() - start
+    stats = partial(attribution.latent_stats, model, tok, sae_map, batch_size=cfg["stats_batch_size"],
+                    system_prompt=spec["system_prompt"])
+    max_h, mean_h = stats(list(fit_harmful.instruction))
+    max_n, mean_n = stats(list(fit_harmless.instruction))
+    local_max = max_h if protocol == "transductive" else stats(list(local.instruction))[0]
+    cos = features.decoder_cosines(sae_map, r)
+    tensors = {
+        "cos": cos, "global_attr": attr_fit.scores.mean(0), "local_attr": attr_local.scores,
+        "local_error_attr": attr_local.error_scores, "max_harmful": max_h.mean(0), "max_harmless": max_n.mean(0),
+        "mean_harmful": mean_h.mean(0), "mean_harmless": mean_n.mean(0), "local_max": local_max,
+        "layers": torch.tensor(sorted(layers)), "direction": r,
+    }
+    write_safetensors(tensors, output, metadata={"protocol": protocol, "local_ids": json.dumps(list(local.id))})
+    effect = attr_fit.m_patch - attr_fit.m_clean
+    write_json({
+        "protocol": protocol, "fit_split": fit_split, "eval_split": cfg["eval_split"], "layer_star": layer_star,
+        "refusal_token_id": refusal_id, "sae_layers": sorted(layers), "ig_steps": cfg["ig_steps"],
+        "la_bz": cfg["la_bz"],
+        "n": {"fit_harmful": len(fit_harmful), "fit_harmless": len(fit_harmless), "local": len(local)},
+        "metric": {"clean_mean": float(attr_fit.m_clean.mean()), "patch_mean": float(attr_fit.m_patch.mean())},
+        # Each SAE layer is a cut of the residual stream: its attributions (errors included)
+        # linearly account for the patch's effect as it propagates from that layer.
+        "attribution_sum_by_layer": dict(zip(map(str, sorted(layers)), attr_fit.totals.mean(0).tolist())),
+        "patch_effect_mean": float(effect.mean()),
+        "seconds_per_prompt": seconds / max(1, n_attr),
+        "device": str(device),
+    }, summary_out)
+
+
+def _evidence(path: str) -> features.FeatureEvidence:
+    with safe_open(path, "pt") as fh:
+        ids = json.loads(fh.metadata()["local_ids"])
+    t = load_file(path)
+    return features.FeatureEvidence(
+        layers=t["layers"].tolist(), cos=t["cos"], global_attr=t["global_attr"], local_attr=t["local_attr"],
+        max_harmful=t["max_harmful"], max_harmless=t["max_harmless"], mean_harmful=t["mean_harmful"],
+        mean_harmless=t["mean_harmless"], local_max=t["local_max"], local_ids=ids,
+    )
+
+
+def select_features(method: str, attributions: Mapping[str, str], cfg: Mapping, output: str) -> None:
+    sel = features.SelectionConfig(k0=cfg["k0"], k_star=cfg["k_star"])
+    frames = [features.select(method, _evidence(path), sel).assign(protocol=protocol)
+              for protocol, path in attributions.items()]
+    write_parquet(pd.concat(frames, ignore_index=True), output)
+
+
+def features_table(files: Sequence[str], model: str, output: str, overlap_out: str) -> None:
+    """Global sets of every method and protocol, and how much the sets agree (Jaccard)."""
+    frames = []
+    for path in files:
+        df = pd.read_parquet(path)
+        frames.append(df[df.scope == "global"].assign(model=model, promptset=Path(path).parent.name))
+    table = pd.concat(frames, ignore_index=True).drop(columns=["prompt_id", "scope"])
+    write_csv(table, output)
+    rows = []
+    keys = sorted(set(zip(table.promptset, table.method, table.protocol)))
+    for (pa, ma, ra), (pb, mb, rb) in itertools.combinations(keys, 2):
+        if pa != pb or (ma != mb and ra != rb):
+            continue
+        a = table[(table.promptset == pa) & (table.method == ma) & (table.protocol == ra)]
+        b = table[(table.promptset == pb) & (table.method == mb) & (table.protocol == rb)]
+        rows.append({"model": model, "promptset": pa, "a": f"{ma}/{ra}", "b": f"{mb}/{rb}",
+                     "jaccard": features.set_overlap(a, b), "k_star": max(len(a), len(b))})
+    write_csv(pd.DataFrame(rows), overlap_out)
 
 
 # ---------------------------------------------------------------------------- steering

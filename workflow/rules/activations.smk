@@ -19,7 +19,7 @@ rule cache_activations:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
     params:
-        spec=lambda w: model_spec(w.model),
+        spec=lambda w: model_params(w.model),
         batch_size=config["activations"]["batch_size"],
     script:
         "../scripts/cache_activations.py"

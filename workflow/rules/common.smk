@@ -1,4 +1,5 @@
 # Config validation and input functions shared by every stage.
+import re
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -29,6 +30,11 @@ wildcard_constraints:
 
 def model_spec(model):
     return config["models"][model]
+
+
+def model_params(model):
+    """The model's spec without its SAE block: editing SAEs must not retrain the organism."""
+    return {k: v for k, v in model_spec(model).items() if k != "sae"}
 
 
 def final_model_dir(wildcards):
@@ -84,6 +90,27 @@ def score_files(model):
     ]
 
 
+def sae_layers(model):
+    return sorted(model_spec(model)["sae"]["layers"])
+
+
+def models_with_sae_source(source):
+    """A regex of the models whose SAEs come from ``source``; one that matches nothing if none."""
+    names = [m for m, spec in config["models"].items() if spec["sae"]["source"] == source]
+    return "|".join(re.escape(m) for m in names) or "(?!)"
+
+
+def feature_attribution_inputs(wildcards):
+    layers = sae_layers(wildcards.model)
+    return {
+        "model": final_model_dir(wildcards),
+        "acts": f"results/activations/{wildcards.model}/{wildcards.promptset}.safetensors",
+        "index": f"results/activations/{wildcards.model}/{wildcards.promptset}.index.parquet",
+        "direction": f"results/directions/{wildcards.model}.json",
+        "saes": [f"results/saes/{wildcards.model}/layer_{l}" for l in layers],
+    }
+
+
 def all_targets():
     targets = []
     for model, spec in config["models"].items():
@@ -95,5 +122,7 @@ def all_targets():
         ]
         targets.append(f"results/directions/{model}.json")
         targets.append(f"results/scores/{model}/summary.csv")
+        targets.append(f"results/saes/{model}/quality.csv")
+        targets.append(f"results/tables/features_{model}.csv")
     targets.append("results/tables/baselines.csv")
     return targets

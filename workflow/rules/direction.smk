@@ -21,7 +21,7 @@ rule refusal_direction:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
     params:
-        spec=lambda w: model_spec(w.model),
+        spec=lambda w: model_params(w.model),
         cfg=config["direction"],
         substrings=config["judges"]["substring"]["substrings"],
     script:

@@ -15,7 +15,7 @@ rule prepare_model:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
     params:
-        spec=lambda w: model_spec(w.model),
+        spec=lambda w: model_params(w.model),
     script:
         "../scripts/prepare_model.py"
 
@@ -37,7 +37,7 @@ rule base_refusal:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
     params:
-        spec=lambda w: model_spec(w.model),
+        spec=lambda w: model_params(w.model),
         organism=organism_eval_params(),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
@@ -64,7 +64,7 @@ rule refusal_tune:
         mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
         runtime=120,
     params:
-        spec=lambda w: model_spec(w.model),
+        spec=lambda w: model_params(w.model),
         organism=config["organism"],
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],

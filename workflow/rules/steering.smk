@@ -17,7 +17,7 @@ rule steer_generate:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=120,
     params:
-        spec=lambda w: model_spec(w.model),
+        spec=lambda w: model_params(w.model),
         splits=config["evaluation"]["splits"],
         max_new_tokens=config["evaluation"]["max_new_tokens"],
         batch_size=config["evaluation"]["batch_size"],

@@ -1,0 +1,131 @@
+# SAEs: one per configured layer, trained with SAELens on cached activations or taken from a
+# SAELens release, each with a held-out quality file.
+
+
+rule sae_corpus:
+    input:
+        model=final_model_dir,
+        corpus=f"resources/datasets/{config['sae_corpus']['dataset']}",
+    output:
+        acts="results/saes/{model}/corpus/activations.safetensors",
+        index="results/saes/{model}/corpus/sequences.parquet",
+    log:
+        "logs/sae_corpus/{model}.log",
+    benchmark:
+        "benchmarks/sae_corpus/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
+        runtime=120,
+    params:
+        spec=lambda w: model_params(w.model),
+        cfg=config["sae_corpus"],
+        layers=lambda w: sae_layers(w.model),
+        heldout_only=lambda w: model_spec(w.model)["sae"]["source"] == "pretrained",
+    script:
+        "../scripts/sae_corpus.py"
+
+
+rule train_sae:
+    input:
+        acts="results/saes/{model}/corpus/activations.safetensors",
+    output:
+        directory("results/saes/{model}/layer_{layer}"),
+    log:
+        "logs/train_sae/{model}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/train_sae/{model}/layer_{layer}.tsv"
+    wildcard_constraints:
+        model=models_with_sae_source("train"),
+        layer="[0-9]+",
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
+        runtime=120,
+    params:
+        spec=lambda w: model_params(w.model),
+        sae=lambda w: model_spec(w.model)["sae"],
+    script:
+        "../scripts/train_sae.py"
+
+
+rule pretrained_sae:
+    output:
+        directory("results/saes/{model}/layer_{layer}"),
+    log:
+        "logs/pretrained_sae/{model}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/pretrained_sae/{model}/layer_{layer}.tsv"
+    wildcard_constraints:
+        model=models_with_sae_source("pretrained"),
+        layer="[0-9]+",
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        spec=lambda w: model_params(w.model),
+        sae=lambda w: model_spec(w.model)["sae"],
+    script:
+        "../scripts/pretrained_sae.py"
+
+
+rule sae_quality:
+    input:
+        model=final_model_dir,
+        sae="results/saes/{model}/layer_{layer}",
+        acts="results/saes/{model}/corpus/activations.safetensors",
+        index="results/saes/{model}/corpus/sequences.parquet",
+    output:
+        "results/saes/{model}/quality/layer_{layer}.json",
+    log:
+        "logs/sae_quality/{model}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/sae_quality/{model}/layer_{layer}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=60,
+    params:
+        spec=lambda w: model_params(w.model),
+        batch_size=config["sae_corpus"]["batch_size"],
+    script:
+        "../scripts/sae_quality.py"
+
+
+rule sae_quality_table:
+    input:
+        lambda w: expand(
+            "results/saes/{model}/quality/layer_{layer}.json",
+            model=w.model,
+            layer=sae_layers(w.model),
+        ),
+    output:
+        report(
+            "results/saes/{model}/quality.csv",
+            caption="../report/sae_quality.rst",
+            category="SAEs",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/sae_quality_table/{model}.log",
+    benchmark:
+        "benchmarks/sae_quality_table/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        targets=lambda w: model_spec(w.model)["sae"]["quality_targets"],
+    script:
+        "../scripts/sae_quality_table.py"
