@@ -1,4 +1,4 @@
-"""Fail CI when the embedded organism misses its goals (ISSUE: foundation, items 6 and 9)."""
+"""Fail CI when the embedded default misses its goals: the organism, AS, and SAE quality."""
 
 import json
 import sys
@@ -25,6 +25,16 @@ for model, spec in config["models"].items():
     print(f"{model}: held-out harmful refusal base {rate['base']:.3f}, AS {rate['as']:.3f}")
     if not rate["as"] <= 0.5 * rate["base"]:
         failed.append(f"{model}: directional ablation did not halve refusal")
+    q = pd.read_csv(f"results/saes/{model}/quality.csv")
+    for row in q.itertuples():
+        print(f"{model} SAE layer {row.layer}: EV {row.explained_variance:.3f}, CE recovered {row.ce_recovered:.3f}, "
+              f"L0 {row.l0:.1f}, dead {row.dead_fraction:.3f}, trained in {row.train_seconds} s")
+        if not row.meets_targets:
+            failed.append(f"{model} SAE layer {row.layer} quality")
+    for protocol in ("transductive", "heldout"):
+        info = json.loads(Path(f"results/features/{model}/bundled/attribution.{protocol}.json").read_text())
+        print(f"{model} LA-IG {protocol}: {info['seconds_per_prompt']:.2f} s/prompt, n={info['n']}, "
+              f"metric clean {info['metric']['clean_mean']:.2f} -> patch {info['metric']['patch_mean']:.2f}")
 if failed:
-    sys.exit("organism goals missed: " + "; ".join(failed))
-print("organism goals met")
+    sys.exit("goals missed: " + "; ".join(failed))
+print("goals met")

@@ -42,6 +42,11 @@ def test_default_config_is_valid_and_defaults_are_filled():
         (("evaluation", "methods"), ["base", "magic"], "magic"),  # unknown method
         (("models", "smollm2-135m", "source"), "ftp", "source"),
         (("datasets", "mirror"), "not-a-url", "mirror"),
+        (("features", "methods"), ["la_ig", "ig_magic"], "ig_magic"),  # unknown selector
+        (("features", "la_bz"), 0, "la_bz"),
+        (("models", "smollm2-135m", "sae", "source"), "pretrained", "release"),  # pretrained needs a release
+        (("models", "smollm2-135m", "sae", "sae_id"), "layer_5/width_65k", "sae_id"),  # no {layer}
+        (("models", "smollm2-135m", "sae", "widht"), 10, "widht"),
     ],
 )
 def test_invalid_config_is_rejected_naming_the_key(path, value, names):
@@ -60,6 +65,15 @@ def test_unknown_promptset_reference_names_the_key():
     cfg["evaluation"]["promptsets"] = ["bundled", "advbnch"]
     with pytest.raises(ConfigError, match=r"evaluation.promptsets: unknown promptset\(s\) \['advbnch'\]"):
         check_config(cfg)
+
+
+def test_feature_protocols_need_distinct_splits():
+    cfg = validated(DEFAULT)
+    cfg["features"]["fit_split"] = "test"
+    with pytest.raises(ConfigError, match="features.fit_split and features.eval_split"):
+        check_config(cfg)
+    cfg["features"]["protocols"] = ["transductive"]
+    check_config(cfg)
 
 
 def test_invalid_config_stops_snakemake_before_any_job(tmp_path):

@@ -61,3 +61,15 @@ def test_actdiff_scores_are_harmful_minus_harmless_max():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown feature selection method"):
         select("magic", evidence(), SelectionConfig())
+
+
+def test_memory_model_counts_every_sae_and_scales_with_the_batch():
+    from refusal_atlas.memory import GEMMA_2_2B, la_ig_memory
+
+    five = la_ig_memory(GEMMA_2_2B, d_sae=65_536, n_sae_layers=26, la_bz=5, seq_len=128)
+    ten = la_ig_memory(GEMMA_2_2B, d_sae=65_536, n_sae_layers=26, la_bz=10, seq_len=128)
+    # 26 SAEs of 2 x 2304 x 65536 weights in bf16 are ~15.7 GB whatever the batch
+    assert five["saes"] == ten["saes"] == pytest.approx(26 * 2 * 2304 * 65_536 * 2, rel=1e-3)
+    assert ten["clean_and_patch_latents"] == 2 * five["clean_and_patch_latents"]
+    assert five["peak"] == pytest.approx(sum(v for k, v in five.items() if k != "peak"))
+    assert five["peak"] < 80e9

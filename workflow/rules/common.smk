@@ -96,7 +96,9 @@ def sae_layers(model):
 
 def models_with_sae_source(source):
     """A regex of the models whose SAEs come from ``source``; one that matches nothing if none."""
-    names = [m for m, spec in config["models"].items() if spec["sae"]["source"] == source]
+    names = [
+        m for m, spec in config["models"].items() if spec["sae"]["source"] == source
+    ]
     return "|".join(re.escape(m) for m in names) or "(?!)"
 
 
