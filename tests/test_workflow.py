@@ -75,7 +75,8 @@ def test_outputs_follow_the_contracts(run):
     quality = pd.read_csv(work / "results/saes/tiny/quality.csv")
     assert sorted(quality.layer) == [1, 3]
     assert ((quality.ce_clean > 0) & (quality.ce_zero > 0) & (quality.l0 <= 8) & (quality.n_tokens > 0)).all()
-    assert quality.explained_variance.between(-1, 1).all() and "meets_targets" in quality
+    # a random tiny model barely varies around its mean, so only the bound is checkable here
+    assert (quality.explained_variance <= 1).all() and "meets_targets" in quality
 
     eval_harmful = set(index[(index.split == "test") & (index.label == "harmful") & (index.variant == "plain")].id)
     for method in ("cossim", "actdiff", "ap", "la_ig"):

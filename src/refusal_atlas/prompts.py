@@ -89,7 +89,7 @@ def bundled_promptset(prompt_dir: str | Path, fractions: Mapping[str, float], se
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _load_instructions(path: Path) -> list[dict]:
+def load_instructions(path: Path) -> list[dict]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list) or not all(isinstance(x, dict) and "instruction" in x for x in data):
         raise PromptSetError(f"{path}: expected a JSON list of objects with 'instruction'")
@@ -104,7 +104,7 @@ def refusal_direction_promptset(
     for label in ("harmful", "harmless"):
         for split in SPLITS:
             key = f"{label}_{split}"
-            items = _load_instructions(Path(files[key]))
+            items = load_instructions(Path(files[key]))
             idx = list(range(len(items)))
             random.Random(f"{seed}:{key}").shuffle(idx)
             for i in sorted(idx[: max_per_split[split]]):

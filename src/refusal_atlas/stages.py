@@ -292,7 +292,7 @@ def _check_layers(layers: Sequence[int], n_layers: int, key: str) -> None:
 def sae_corpus(model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, layers: Sequence[int], heldout_only: bool,
                acts_out: str, index_out: str) -> None:
     """One activation pass over the corpus for every SAE layer; held-out sequences kept apart."""
-    items = prompts._load_instructions(Path(dataset))
+    items = prompts.load_instructions(Path(dataset))
     order = np.random.default_rng(cfg["seed"]).permutation(len(items))
     n_ho = min(cfg["heldout_sequences"], len(items) // 2)
     splits = {"heldout": order[:n_ho]}
