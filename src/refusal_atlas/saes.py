@@ -67,7 +67,7 @@ def token_resid_post(
     Rows are in prompt order then position order, the same rows in every layer.
     """
     blocks = decoder_layers(model)
-    chunks: dict[int, list[list[torch.Tensor]]] = {layer: [[] for _ in instructions] for layer in layers}
+    rows: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(instructions) for layer in layers}
 
     def make_hook(layer: int):
         def hook(_m, _i, output):
@@ -83,19 +83,21 @@ def token_resid_post(
         with tqdm(total=len(instructions), desc="corpus activations", unit="seq") as bar:
             for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
                 grabbed.clear()
-                model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False)
+                # logits_to_keep=1: the unembedding of every position is not needed here
+                model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False,
+                      logits_to_keep=1)
                 if len(grabbed) != len(layers):
                     raise RuntimeError(f"only {len(grabbed)} of {len(layers)} layer hooks fired")
-                keep = token_mask(tokenizer, enc)
+                keep = token_mask(tokenizer, enc).cpu()
                 for layer in layers:
                     h = grabbed[layer].to(dtype).cpu()
                     for row, i in enumerate(idx):
-                        chunks[layer][i].append(h[row][keep[row].cpu()])
+                        rows[layer][i] = h[row][keep[row]]
                 bar.update(len(idx))
     finally:
         for h in handles:
             h.remove()
-    return {layer: torch.cat([t for per_prompt in chunks[layer] for t in per_prompt]) for layer in layers}
+    return {layer: torch.cat(rows[layer]) for layer in layers}
 
 
 @dataclass
