@@ -73,3 +73,11 @@ def test_memory_model_counts_every_sae_and_scales_with_the_batch():
     assert ten["clean_and_patch_latents"] == 2 * five["clean_and_patch_latents"]
     assert five["peak"] == pytest.approx(sum(v for k, v in five.items() if k != "peak"))
     assert five["peak"] < 80e9
+
+
+def test_memory_measurement_runs_la_ig_on_a_random_gemma2(capsys):
+    from refusal_atlas.memory import main
+
+    main(["--measure", "--smoke", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "measured on cpu" in out and "s/prompt" in out
