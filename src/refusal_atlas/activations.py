@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import chat_batches
-from .modeling import decoder_layers, position_ids_from_mask
+from .modeling import block_hidden, decoder_layers, position_ids_from_mask
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def last_token_resid_post(
 
     def make_hook(layer: int):
         def hook(_m, _i, output):
-            h = output[0] if isinstance(output, tuple) else output
+            h = block_hidden(output)
             grabbed[layer] = h[:, -1, :].detach().float().cpu()
 
         return hook

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import chat_batches
 from .interventions import DirectionalAblation, Intervention, _replace_output
-from .modeling import decoder_layers, position_ids_from_mask
+from .modeling import block_hidden, decoder_layers, last_token_logits
 
 
 @dataclass
@@ -51,15 +51,6 @@ class RunLatents:
     logits: torch.Tensor  # [B, vocab] at the last prompt token
 
 
-def _forward_last_logits(model: PreTrainedModel, enc: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    pos = position_ids_from_mask(enc["attention_mask"])
-    return model(**enc, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]
-
-
-def _output_tensor(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def record_latents(
     model: PreTrainedModel,
@@ -75,7 +66,7 @@ def record_latents(
 
     def make_hook(layer: int, sae: SAE):
         def hook(_m, _i, output):
-            h = _output_tensor(output)
+            h = block_hidden(output)
             f = sae.encode(h)
             latents[layer] = f
             errors[layer] = h - sae.decode(f)
@@ -85,7 +76,7 @@ def record_latents(
     with intervention.applied(model):
         handles = [blocks[layer].register_forward_hook(make_hook(layer, sae)) for layer, sae in saes.items()]
         try:
-            logits = _forward_last_logits(model, enc)
+            logits = last_token_logits(model, enc)
         finally:
             for h in handles:
                 h.remove()
@@ -122,7 +113,7 @@ def replaced_logits(
 
     handles = [blocks[layer].register_forward_hook(_replace_output(make_fn(layer, sae))) for layer, sae in saes.items()]
     try:
-        logits = _forward_last_logits(model, enc)
+        logits = last_token_logits(model, enc)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
     finally:
         for h in handles:
@@ -142,6 +133,19 @@ def attribution_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask & after
 
 
+def position_stats(latents: Mapping[int, torch.Tensor], layers: Sequence[int],
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, mean)`` ``[B, L, d_sae]`` of each latent over the positions after the first."""
+    pos = attribution_positions(attention_mask)[..., None]
+    n_pos = pos.sum(1).clamp(min=1)
+    mx, mean = [], []
+    for l in layers:
+        f = latents[l].float()
+        mx.append(f.masked_fill(~pos, -math.inf).amax(1))
+        mean.append((f * pos).sum(1) / n_pos)
+    return torch.stack(mx, 1).cpu(), torch.stack(mean, 1).cpu()
+
+
 @dataclass
 class BatchAttribution:
     """LA-IG on one batch; tensors are per layer in ``layers`` order."""
@@ -153,6 +157,8 @@ class BatchAttribution:
     m_clean: torch.Tensor  # [B]
     m_patch: torch.Tensor  # [B]
     target: torch.Tensor  # [B] j_b
+    latent_max: torch.Tensor  # [B, L, d_sae] clean latents over positions after the first
+    latent_mean: torch.Tensor  # [B, L, d_sae]
 
 
 def la_ig_batch(
@@ -192,6 +198,7 @@ def la_ig_batch(
         err_scores.append((a_e * pos).sum(1) / n_pos)
         totals.append(a_f.sum((1, 2)) + a_e.sum(1))
     per_prompt = lambda logits: logits.gather(1, target[:, None]).squeeze(1) - logits[:, refusal_id]  # noqa: E731
+    latent_max, latent_mean = position_stats(clean.latents, layers, enc["attention_mask"])
     return BatchAttribution(
         layers=layers,
         scores=torch.stack(scores, 1).cpu(),
@@ -200,6 +207,8 @@ def la_ig_batch(
         m_clean=per_prompt(clean.logits).cpu(),
         m_patch=per_prompt(patch.logits).cpu(),
         target=target.cpu(),
+        latent_max=latent_max,
+        latent_mean=latent_mean,
     )
 
 
@@ -221,22 +230,26 @@ def la_ig(
         sae.requires_grad_(False)
     layers = sorted(saes)
     n = len(instructions)
-    d_sae = {saes[l].cfg.d_sae for l in layers}
-    if len(d_sae) != 1:
-        raise ValueError(f"SAEs of different widths {sorted(d_sae)} cannot share one score tensor")
+    widths = {saes[l].cfg.d_sae for l in layers}
+    if len(widths) != 1:
+        raise ValueError(f"SAEs of different widths {sorted(widths)} cannot share one score tensor")
+    d_sae = widths.pop()
     out = BatchAttribution(
         layers=layers,
-        scores=torch.zeros(n, len(layers), d_sae.pop()),
+        scores=torch.zeros(n, len(layers), d_sae),
         error_scores=torch.zeros(n, len(layers)),
         totals=torch.zeros(n, len(layers)),
         m_clean=torch.zeros(n),
         m_patch=torch.zeros(n),
         target=torch.zeros(n, dtype=torch.long),
+        latent_max=torch.zeros(n, len(layers), d_sae),
+        latent_mean=torch.zeros(n, len(layers), d_sae),
     )
     with tqdm(total=n, desc=desc, unit="prompt") as bar:
         for idx, enc in chat_batches(tokenizer, instructions, cfg.batch_size, system_prompt, device):
             b = la_ig_batch(model, saes, enc, direction, refusal_id, cfg.steps)
-            for name in ("scores", "error_scores", "totals", "m_clean", "m_patch", "target"):
+            for name in ("scores", "error_scores", "totals", "m_clean", "m_patch", "target", "latent_max",
+                         "latent_mean"):
                 dest = getattr(out, name)
                 dest[idx] = getattr(b, name).to(dest.dtype)
             bar.update(len(idx))
@@ -259,13 +272,9 @@ def latent_stats(
     mx = torch.zeros(n, len(layers), d_sae)
     mean = torch.zeros(n, len(layers), d_sae)
     device = next(model.parameters()).device
-    for idx, enc in tqdm(list(chat_batches(tokenizer, instructions, batch_size, system_prompt, device)),
-                         desc="latent stats", unit="batch"):
-        run = record_latents(model, {l: saes[l] for l in layers}, enc)
-        pos = attribution_positions(enc["attention_mask"])[..., None]
-        n_pos = pos.sum(1).clamp(min=1)
-        for j, l in enumerate(layers):
-            f = run.latents[l].float()
-            mx[idx, j] = f.masked_fill(~pos, -math.inf).amax(1).cpu()
-            mean[idx, j] = ((f * pos).sum(1) / n_pos).cpu()
+    with tqdm(total=n, desc="latent stats", unit="prompt") as bar:
+        for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
+            run = record_latents(model, {l: saes[l] for l in layers}, enc)
+            mx[idx], mean[idx] = position_stats(run.latents, layers, enc["attention_mask"])
+            bar.update(len(idx))
     return mx, mean

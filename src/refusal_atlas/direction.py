@@ -24,7 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .generation import chat_batches, generate
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
 from .judges import DEFAULT_REFUSAL_SUBSTRINGS, substring_refusals
-from .modeling import decoder_layers, encode_chat, position_ids_from_mask, special_token_mask
+from .modeling import (
+    block_hidden,
+    decoder_layers,
+    encode_chat,
+    last_token_logits,
+    position_ids_from_mask,
+    special_token_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ def massive_dims(
 
     def make_hook(i):
         def hook(_m, _inp, out):
-            h = out[0] if isinstance(out, tuple) else out
+            h = block_hidden(out)
             got[i] = h[sink].abs().mean(0).float().cpu()
 
         return hook
@@ -108,9 +115,7 @@ def last_token_logprobs(
     out = torch.empty(len(instructions), model.config.vocab_size)
     with intervention.applied(model):
         for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
-            pos = position_ids_from_mask(enc["attention_mask"])
-            logits = model(**enc, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]
-            out[idx] = F.log_softmax(logits.float(), -1).cpu()
+            out[idx] = F.log_softmax(last_token_logits(model, enc).float(), -1).cpu()
     return out
 
 

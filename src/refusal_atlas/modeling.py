@@ -116,3 +116,14 @@ def special_token_mask(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tens
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 on each row's first real token, whatever its left padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def block_hidden(output) -> torch.Tensor:
+    """The residual stream in a decoder block's output (a tensor, or a tuple led by it)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def last_token_logits(model: PreTrainedModel, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, vocab]`` logits at the last prompt token of a left-padded batch (one unembedding)."""
+    pos = position_ids_from_mask(enc["attention_mask"])
+    return model(**enc, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]

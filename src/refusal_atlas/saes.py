@@ -12,7 +12,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import chat_batches
 from .interventions import _replace_output
-from .modeling import decoder_layers, position_ids_from_mask, special_token_mask
+from .modeling import block_hidden, decoder_layers, position_ids_from_mask, special_token_mask
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ def token_resid_post(
 
     def make_hook(layer: int):
         def hook(_m, _i, output):
-            h = output[0] if isinstance(output, tuple) else output
-            grabbed[layer] = h.detach()
+            grabbed[layer] = block_hidden(output).detach()
 
         return hook
 
@@ -310,7 +309,3 @@ def quality(
         layer=layer, n_tokens=int(heldout_acts.shape[0]), ce_clean=ce["clean"], ce_spliced=ce["spliced"],
         ce_zero=ce["zero"], ce_recovered=recovered, n_ce_tokens=n_ce, **stats,
     )
-
-
-def quality_dict(q: SAEQuality) -> dict:
-    return asdict(q)

@@ -155,17 +155,19 @@ def check_targets(rates: Mapping[str, dict], sources: Mapping[str, str], targets
     return checks
 
 
-def _eval_frames(promptsets: Mapping[str, str], names: Sequence[str]) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_parquet(promptsets[name]) for name in names}
+def _organism_rates(model, tok, promptsets: Mapping[str, str], spec: Mapping, organism: Mapping,
+                    substrings: Sequence[str], boot: Mapping, desc: str) -> dict[str, dict]:
+    """Refusal on the organism's evaluation sets, as its card reports it before and after tuning."""
+    frames = {name: pd.read_parquet(promptsets[name]) for name in organism["eval_promptsets"]}
+    return refusal_rates(model, tok, frames, substrings, organism["eval_max_new_tokens"],
+                         organism["generation_batch_size"], boot, spec["system_prompt"], desc=desc)
 
 
 def base_refusal(base_dir: str, promptsets: Mapping[str, str], spec: Mapping, organism: Mapping,
                  substrings: Sequence[str], boot: Mapping, output: str) -> None:
     """Refusal of the model before tuning, on the organism's evaluation sets (its card's "base")."""
     model, tok = _load(base_dir, spec)
-    rates = refusal_rates(model, tok, _eval_frames(promptsets, organism["eval_promptsets"]), substrings,
-                          organism["eval_max_new_tokens"], organism["generation_batch_size"], boot,
-                          spec["system_prompt"], desc="base")
+    rates = _organism_rates(model, tok, promptsets, spec, organism, substrings, boot, desc="base")
     write_json(rates, output)
 
 
@@ -185,9 +187,7 @@ def refusal_tune(
              len(harmless), sum(r for _, r in harmless))
     examples = build_examples(model, tok, harmful, harmless, cfg)
     train_log = _refusal_tune(model, tok, examples, cfg)
-    after = refusal_rates(model, tok, _eval_frames(promptsets, organism["eval_promptsets"]), substrings,
-                          organism["eval_max_new_tokens"], organism["generation_batch_size"], boot,
-                          spec["system_prompt"], desc="tuned")
+    after = _organism_rates(model, tok, promptsets, spec, organism, substrings, boot, desc="tuned")
     checks = check_targets(after, promptset_sources, organism["targets"])
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -230,17 +230,31 @@ def cache_activations(model_dir: str, spec: Mapping, promptset: str, batch_size:
 
 
 # ---------------------------------------------------------------------------- direction
+def _plain(index: pd.DataFrame) -> pd.DataFrame:
+    """Plain harmful requests and their harmless twins: no jailbreak wrappers, no bait."""
+    return index[index.variant.isin(["plain", "twin"])]
+
+
+def _fit_direction(acts: torch.Tensor, index: pd.DataFrame, split: str) -> tuple[torch.Tensor, pd.DataFrame]:
+    """``[n_layers, d]`` diff-in-means r on the plain prompts of ``split``, and those prompts."""
+    fit = _plain(index)
+    fit = fit[fit.split == split]
+    if fit.label.nunique() < 2:
+        raise ValueError(f"split {split!r} needs harmful and harmless prompts to fit r")
+    raw = direction.diff_in_means(acts[torch.tensor(fit.row.to_numpy())],
+                                  torch.tensor((fit.label == "harmful").to_numpy()))
+    return raw, fit
+
+
 def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path: str, cfg: Mapping,
                       substrings: Sequence[str], directions_out: str, layers_out: str, summary_out: str) -> None:
     acts = load_file(acts_path)["resid_post"]
     index = pd.read_parquet(index_path)
-    plain = index.variant.isin(["plain", "twin"])
-    train = torch.tensor(((index.split == "train") & plain).to_numpy())
-    harmful = torch.tensor((index.label == "harmful").to_numpy())
-    raw = direction.diff_in_means(acts[train], harmful[train])
+    raw, train = _fit_direction(acts, index, "train")
     model, tok = _load(model_dir, spec)
     # A fixed random subset (all categories) bounds the cost: every candidate layer generates on it.
-    val = index[(index.split == "val") & plain].sample(frac=1.0, random_state=0)
+    val = _plain(index)
+    val = val[val.split == "val"].sample(frac=1.0, random_state=0)
     harmful_val = list(val[val.label == "harmful"].instruction[: cfg["max_val_prompts"]])
     harmless_val = list(val[val.label == "harmless"].instruction[: cfg["max_val_prompts"]])
     sinks = direction.massive_dims(model, tok, harmless_val[:16], cfg["sink_dims"], spec["system_prompt"])
@@ -271,7 +285,7 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
             "selection": "fixed by config" if cfg["layer"] is not None else
             f"argmin judged harmful-val refusal under ablation (first-token score breaks ties), among layers "
             f"with harmless KL < {cfg['kl_max']} and induce score > {cfg['min_induce_score']}",
-            "n_train": {"harmful": int(harmful[train].sum()), "harmless": int((~harmful[train]).sum())},
+            "n_train": train.label.value_counts().reindex(["harmful", "harmless"], fill_value=0).astype(int).to_dict(),
             "n_val": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
             "refusal_token_ids": refusal_ids,
             "sink_dims_at_layer": sinks[chosen].tolist(),
@@ -387,14 +401,10 @@ def feature_attribution(model_dir: str, spec: Mapping, acts_path: str, index_pat
     sinks = load_file(info["directions"])["sink_dims"]
     index = pd.read_parquet(index_path)
     acts = load_file(acts_path)["resid_post"]
-    plain = index[index.variant.isin(["plain", "twin"])]
     fit_split = cfg["eval_split"] if protocol == "transductive" else cfg["fit_split"]
-    fit = plain[plain.split == fit_split]
-    if fit.label.nunique() < 2:
-        raise ValueError(f"split {fit_split!r} needs harmful and harmless prompts to fit r")
-    raw = direction.diff_in_means(acts[torch.tensor(fit.row.to_numpy())],
-                                  torch.tensor((fit.label == "harmful").to_numpy()))
+    raw, fit = _fit_direction(acts, index, fit_split)
     r = direction.zero_dims(raw, sinks)[layer_star]
+    plain = _plain(index)
     local = plain[(plain.split == cfg["eval_split"]) & (plain.label == "harmful")]
     if protocol == "transductive":
         fit_harmful = local
@@ -414,16 +424,15 @@ def feature_attribution(model_dir: str, spec: Mapping, acts_path: str, index_pat
     attr_fit = attr_local if protocol == "transductive" else run(list(fit_harmful.instruction), desc="LA-IG fit")
     n_attr = len(local) + (0 if protocol == "transductive" else len(fit_harmful))
     seconds = time.perf_counter() - start
-    stats = partial(attribution.latent_stats, model, tok, sae_map, batch_size=cfg["stats_batch_size"],
-                    system_prompt=spec["system_prompt"])
-    max_h, mean_h = stats(list(fit_harmful.instruction))
-    max_n, mean_n = stats(list(fit_harmless.instruction))
-    local_max = max_h if protocol == "transductive" else stats(list(local.instruction))[0]
+    # Harmful prompts' latent statistics come from LA-IG's clean runs; harmless ones need a pass.
+    max_n, mean_n = attribution.latent_stats(model, tok, sae_map, list(fit_harmless.instruction),
+                                             batch_size=cfg["stats_batch_size"], system_prompt=spec["system_prompt"])
     cos = features.decoder_cosines(sae_map, r)
     tensors = {
         "cos": cos, "global_attr": attr_fit.scores.mean(0), "local_attr": attr_local.scores,
-        "local_error_attr": attr_local.error_scores, "max_harmful": max_h.mean(0), "max_harmless": max_n.mean(0),
-        "mean_harmful": mean_h.mean(0), "mean_harmless": mean_n.mean(0), "local_max": local_max,
+        "local_error_attr": attr_local.error_scores, "max_harmful": attr_fit.latent_max.mean(0),
+        "max_harmless": max_n.mean(0), "mean_harmful": attr_fit.latent_mean.mean(0),
+        "mean_harmless": mean_n.mean(0), "local_max": attr_local.latent_max,
         "layers": torch.tensor(sorted(layers)), "direction": r,
     }
     write_safetensors(tensors, output, metadata={"protocol": protocol, "local_ids": json.dumps(list(local.id))})
