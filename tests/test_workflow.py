@@ -62,12 +62,44 @@ def test_outputs_follow_the_contracts(run):
     layers = pd.read_parquet(work / "results/directions/tiny.layers.parquet")
     assert layers.chosen.sum() == 1
 
+    cfg = yaml.safe_load((ROOT / ".test/config/config.yaml").read_text())
+    methods = cfg["evaluation"]["methods"]
     summary = pd.read_csv(work / "results/scores/tiny/summary.csv")
-    assert set(summary.method) == {"base", "as"} and set(summary.promptset) == {"bundled", "refusal_direction"}
-    assert (summary.n > 0).all() and ((summary.ci_low <= summary.refusal_rate) & (summary.refusal_rate <= summary.ci_high)).all()
+    assert set(summary.method) == set(methods) and set(summary.promptset) == {"bundled", "refusal_direction"}
+    assert set(summary[summary.method.str.contains("-local-")].promptset) == {"bundled"}
+    assert (summary.n > 0).all() and ((summary.ci_low <= summary.rate) & (summary.rate <= summary.ci_high)).all()
     gens = pd.read_parquet(work / "results/generations/tiny/bundled/as.parquet")
-    assert (gens.split == "test").all() and gens.generation.notna().all()
+    assert (gens.split == "test").all() and gens.generation.notna().all() and set(gens.label) == {"harmful"}
+    shards = [pd.read_parquet(work / f"results/generations/tiny/bundled/as/shard-{i}.parquet") for i in (0, 1)]
+    assert sorted(pd.concat(shards).id) == sorted(gens.id) and all(len(sh) for sh in shards)
+    assert set(pd.read_parquet(work / "results/generations/tiny/bundled/base.parquet").label) == {"harmful", "harmless"}
+    assert set(pd.read_parquet(work / "results/generations/tiny/bundled/la_ig-global-heldout-s2.parquet").label) == {
+        "harmless"}
+    local = pd.read_parquet(work / "results/generations/tiny/bundled/random-local-transductive-k3-xm2.parquet")
+    eval_plain = index[(index.split == "test") & (index.label == "harmful") & (index.variant == "plain")]
+    assert set(local.id) == set(eval_plain.id)
+    assert json.loads(local.condition.iloc[0]) == {"k_star": 3, "mode": "multiply", "value": -2.0, "n_features": 3}
     assert (work / "results/tables/baselines.csv").exists()
+
+    hp = json.loads((work / "results/steering/tiny/hparams.json").read_text())
+    assert hp["chosen"]["c"] in (-1, -2) and hp["chosen"]["k_star"] in (2, 5)
+    sweep = pd.read_csv(work / "results/steering/tiny/sweep.csv")
+    assert len(sweep) == 1 + 4 and sweep.chosen.sum() == 1
+    tuned = pd.read_parquet(work / "results/generations/tiny/bundled/la_ig-global-heldout.parquet")
+    assert json.loads(tuned.condition.iloc[0])["value"] == hp["chosen"]["c"]
+
+    bench = pd.read_csv(work / "results/tables/benchmark.csv")
+    assert set(bench.method) == {m for m in methods if m != "add" and "-s" not in m}
+    assert ((bench.ci_low <= bench.jailbreak_rate) & (bench.jailbreak_rate <= bench.ci_high)).all() and (bench.n > 0).all()
+    assert set(bench[bench.method == "la_ig-global-heldout"].name) == {"LA-IG (Ours)"}
+    induction = pd.read_csv(work / "results/tables/induction.csv")
+    assert set(induction.method) == {"base", "add", "la_ig-global-heldout-s2"} and set(induction.label) == {"harmless"}
+    for fig in ("benchmark", "induction"):
+        assert (work / f"results/figures/{fig}.png").stat().st_size > 0 and (work / f"results/figures/{fig}.svg").exists()
+    cap = pd.read_csv(work / "results/tables/capabilities_tiny.csv")
+    assert set(cap.method) == {m for m in methods if "-local-" not in m}
+    assert set(cap.measure) == {"response_ce", "text_ce"} and (cap.n > 0).all() and (cap["mean"] > 0).all()
+    assert (cap[cap.method == "base"].delta_vs_base == 0).all()
 
     for layer in (1, 3):
         sae = SAE.load_from_disk(work / f"results/saes/tiny/layer_{layer}")
@@ -99,8 +131,9 @@ def test_outputs_follow_the_contracts(run):
     assert info["fit_split"] == "train" and info["n"]["fit_harmful"] == 8
     assert (work / "results/tables/features_tiny.csv").exists()
     for rule in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "steer_generate",
-                 "sae_corpus", "train_sae", "sae_quality", "feature_attribution", "select_features"):
-        assert (work / "logs" / rule).exists() and (work / "benchmarks" / rule).exists()
+                 "sae_corpus", "train_sae", "sae_quality", "feature_attribution", "select_features", "steering_search",
+                 "gather_generations", "capabilities", "benchmark_table", "induction_table"):
+        assert any((work / "logs").glob(f"{rule}*")) and any((work / "benchmarks").glob(f"{rule}*"))
 
 
 def test_rerun_does_nothing_and_a_param_change_reruns_only_its_stage(run):
@@ -115,8 +148,23 @@ def test_rerun_does_nothing_and_a_param_change_reruns_only_its_stage(run):
     out = dry.stdout + dry.stderr
     assert dry.returncode == 0
     assert "steer_generate" in out and "judge" in out
-    for upstream in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "prepare_model"):
+    for upstream in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "prepare_model",
+                     "steering_search", "feature_attribution"):
         assert upstream not in out
+
+
+def test_the_search_grid_reruns_the_search_and_tuned_clamps_only(run):
+    work, path = run
+    cfg = yaml.safe_load(path.read_text())
+    cfg["steering"]["search"]["c_values"] = [-1, -3]
+    changed = work / "changed_search.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    dry = snakemake(work, changed, "-n")
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0 and "steering_search" in out
+    assert "results/generations/tiny/bundled/la_ig-global-heldout/shard-0.parquet" in out
+    for fixed in ("as/shard-0", "base/shard-0", "random-local-transductive-k3-xm2/shard-0", "add/shard-0"):
+        assert f"results/generations/tiny/bundled/{fixed}.parquet" not in out
 
 
 def test_report_builds(run):
@@ -126,6 +174,8 @@ def test_report_builds(run):
     html = (work / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and "baselines.csv" in html
     assert "quality.csv" in html and "features_tiny.csv" in html
+    for name in ("benchmark.csv", "benchmark.png", "induction.csv", "capabilities_tiny.csv", "sweep.csv"):
+        assert name in html
 
 
 def test_an_sae_knob_reruns_saes_and_features_but_not_the_organism(run):

@@ -47,7 +47,47 @@ def check_config(config: Mapping) -> None:
             f"features.fit_split and features.eval_split are both {feats['fit_split']!r}: the heldout "
             "protocol needs different splits (the transductive protocol already fits on the eval split)"
         )
+    _check_steering(config)
     for name, spec in config["models"].items():
         sae = spec["sae"]
         if sae["source"] == "train" and sae["k"] > sae["d_sae"]:
             raise ConfigError(f"models.{name}.sae.k ({sae['k']}) exceeds models.{name}.sae.d_sae ({sae['d_sae']})")
+
+
+def feature_promptset(config: Mapping) -> str:
+    return config["steering"]["feature_promptset"] or config["features"]["promptsets"][0]
+
+
+def _check_steering(config: Mapping) -> None:
+    from .conditions import parse_condition
+
+    feats, steer = config["features"], config["steering"]
+    conds = {}
+    for key in ("evaluation.methods", "capabilities.methods"):
+        section, field = key.split(".")
+        for name in config[section][field] or []:
+            try:
+                conds[name] = parse_condition(name)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+    if steer["feature_promptset"] is not None and steer["feature_promptset"] not in feats["promptsets"]:
+        raise ConfigError(f"steering.feature_promptset {steer['feature_promptset']!r} is not in features.promptsets")
+    for name, c in conds.items():
+        if c.kind != "clamp":
+            continue
+        need = "la_ig" if c.selector == "random" else c.selector
+        if need not in feats["methods"]:
+            raise ConfigError(f"evaluation.methods: {name} needs {need!r} in features.methods")
+        if c.protocol not in feats["protocols"]:
+            raise ConfigError(f"evaluation.methods: {name} needs {c.protocol!r} in features.protocols")
+        if c.k_star is not None and c.k_star > feats["k_star"]:
+            raise ConfigError(f"evaluation.methods: {name} clamps K*={c.k_star} > features.k_star ({feats['k_star']})")
+    for name in config["capabilities"]["methods"] or []:
+        if conds[name].scope == "local":
+            raise ConfigError(f"capabilities.methods: {name} is local; local sets exist for harmful prompts only")
+    too_big = [k for k in steer["search"]["k_values"] if k > feats["k_star"]]
+    if steer["k_star"] is not None:
+        too_big += [steer["k_star"]] if steer["k_star"] > feats["k_star"] else []
+    if too_big:
+        raise ConfigError(f"steering: K* {too_big} exceed features.k_star ({feats['k_star']}); sets are top-K* "
+                          "prefixes of the selected sets")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -44,24 +45,30 @@ def generate(
     intervention: Intervention | None = None,
     system_prompt: str | None = None,
     desc: str = "generate",
+    prompt_ids: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy completions of ``instructions`` in their input order."""
+    """Greedy completions of ``instructions`` in their input order.
+
+    ``prompt_ids`` name the prompts for per-prompt interventions (local feature sets).
+    """
     intervention = intervention or Intervention()
     stop = end_of_turn_ids(tokenizer)
     out: list[str | None] = [None] * len(instructions)
     device = next(model.parameters()).device
     with intervention.applied(model), tqdm(total=len(instructions), desc=desc, unit="prompt") as bar:
         for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
-            seqs = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=stop,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            rows = intervention.rows([prompt_ids[i] for i in idx]) if prompt_ids is not None else nullcontext()
+            with rows:
+                seqs = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=stop,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             new = seqs[:, enc["input_ids"].shape[1] :]
             for i, row in zip(idx, new):
                 out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()

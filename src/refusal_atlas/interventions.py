@@ -7,7 +7,7 @@ cache every decoding step runs the new token through the same modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,6 +41,11 @@ class Intervention:
 
     def handles(self, model: PreTrainedModel) -> list[torch.utils.hooks.RemovableHandle]:
         return []
+
+    @contextmanager
+    def rows(self, prompt_ids: Sequence[str]) -> Iterator[None]:
+        """Tell a per-prompt intervention which prompts the next batch holds (no-op here)."""
+        yield
 
     @contextmanager
     def applied(self, model: PreTrainedModel) -> Iterator[None]:

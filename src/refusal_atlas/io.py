@@ -8,11 +8,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pandas as pd
-import torch
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch is imported only by the stages that write tensors
+    import torch
 
 
 @contextmanager
@@ -63,7 +64,9 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def write_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+    tensors: dict[str, "torch.Tensor"], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     with atomic_path(path) as tmp:
+        from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

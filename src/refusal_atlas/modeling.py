@@ -107,6 +107,17 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that closes an assistant turn in this model's chat template."""
+    vocab = tokenizer.get_vocab()
+    for t in END_OF_TURN_TOKENS:
+        if t in vocab:
+            return vocab[t]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither an end-of-turn nor an eos token")
+    return tokenizer.eos_token_id
+
+
 def special_token_mask(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor) -> torch.Tensor:
     """True where a token is special (BOS, chat markers, padding): massive-activation positions."""
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=input_ids.device)

@@ -10,10 +10,8 @@ import contextlib
 import itertools
 import json
 import logging
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from functools import partial
 from pathlib import Path
@@ -24,41 +22,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import attribution, datasets, direction, features, prompts, saes
+from . import attribution, datasets, direction, features, prompts, saes, steering
+from . import capabilities as capabilities_lib
 from .activations import last_token_resid_post
 from .generation import generate
-from .interventions import DirectionalAblation, Intervention
+from .interventions import DirectionAddition, DirectionalAblation, Intervention
+from .logs import logged  # noqa: F401  (every script enters its stage through it)
 from .io import atomic_path, write_csv, write_json, write_parquet, write_safetensors
 from .judges import substring_refusals
 from .modeling import load_model, resolve_device
 from .models import prepare_model as _prepare_model
 from .organism import OrganismConfig, build_examples, refusal_tune as _refusal_tune
-from .stats import bootstrap_rate
+from .stats import bootstrap_mean, bootstrap_rate
+from .tables import _rate_row
 
 log = logging.getLogger("refusal_atlas")
-
-
-@contextmanager
-def logged(log_path: str, threads: int = 1) -> Iterator[None]:
-    """Send logging and stderr (tqdm bars) to the rule's log file; use the rule's threads."""
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", buffering=1) as fh:
-        old_err = sys.stderr
-        sys.stderr = fh
-        handler = logging.StreamHandler(fh)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        torch.set_num_threads(max(1, threads))
-        try:
-            yield
-        except Exception:
-            log.exception("stage failed")
-            raise
-        finally:
-            root.removeHandler(handler)
-            sys.stderr = old_err
 
 
 def _load(model_dir: str, spec: Mapping):
@@ -491,50 +469,174 @@ def features_table(files: Sequence[str], model: str, output: str, overlap_out: s
 
 
 # ---------------------------------------------------------------------------- steering
-def make_intervention(method: str, direction_summary: str | None) -> Intervention:
-    if method == "base":
-        return Intervention()
-    if method == "as":
-        info = json.loads(Path(direction_summary).read_text())
-        r = load_file(info["directions"])["direction"][info["layer"]]
-        return DirectionalAblation(r)
-    raise ValueError(f"unknown method {method!r}")
+def _direction(direction_summary: str) -> tuple[torch.Tensor, int]:
+    """The refusal direction r at l* (sink dimensions zeroed, not normalised) and l*."""
+    info = json.loads(Path(direction_summary).read_text())
+    return load_file(info["directions"])["direction"][info["layer"]], info["layer"]
 
 
-def steer_generate(model_dir: str, spec: Mapping, promptset: str, method: str, direction_summary: str | None,
-                   splits: Sequence[str], max_new_tokens: int, batch_size: int, output: str) -> None:
+def _saes(sae_dirs: Sequence[str], spec: Mapping, device) -> dict[int, saes.SAE]:
+    out = {}
+    for d in sae_dirs:
+        sae = saes.load_sae(d, device=device, dtype=spec["dtype"])
+        out[saes.hook_layer(sae)] = sae
+    return out
+
+
+def _hparams(cond: steering.Condition, tuned: str | None, cfg: Mapping) -> tuple[int, float | None]:
+    """K* and c for a clamp: the condition's own, else the config's, else the search's choice."""
+    chosen = json.loads(Path(tuned).read_text())["chosen"] if tuned else {}
+    k = cond.k_star or cfg["k_star"] or chosen.get("k_star")
+    c = cond.value if cond.value is not None else (cfg["c"] if cfg["c"] is not None else chosen.get("c"))
+    if k is None or (cond.mode == "multiply" and c is None):
+        raise ValueError(f"{cond.name}: no K*/c given and no hyperparameter search result (steering.search)")
+    return int(k), c
+
+
+def make_intervention(cond: steering.Condition, model, spec: Mapping, inputs: Mapping[str, str | Sequence[str]],
+                      cfg: Mapping) -> tuple[Intervention, dict]:
+    """The intervention a condition names, and what defines it (for the output's columns)."""
+    if cond.kind == "base":
+        return Intervention(), {}
+    if cond.kind in ("ablate", "add"):
+        r, layer = _direction(inputs["direction"])
+        if cond.kind == "ablate":
+            return DirectionalAblation(r), {"layer": layer}
+        return DirectionAddition(r, layer, cfg["add_coeff"]), {"layer": layer, "coeff": cfg["add_coeff"]}
+    device = next(model.parameters()).device
+    sae_map = _saes(inputs["saes"], spec, device)
+    k, c = _hparams(cond, inputs.get("hparams"), cfg)
+    table = pd.read_parquet(inputs["features"])
+    d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
+    fs = steering.feature_set(table, cond.protocol, cond.scope, k, d_sae)
+    if cond.selector == "random":
+        ev = load_file(inputs["attribution"])
+        layers = ev["layers"].tolist()
+        live = {l: (ev["mean_harmful"][j] > 0) | (ev["mean_harmless"][j] > 0) for j, l in enumerate(layers)}
+        scale = {l: ev["max_harmful"][j] for j, l in enumerate(layers)}
+        fs = steering.random_feature_set(fs, live, scale, seed=cfg["seed"])
+    value = c if cond.mode == "multiply" else cond.value
+    meta = {"k_star": k, "mode": cond.mode, "value": value, "n_features": fs.size}
+    return steering.FeatureClamp(sae_map, fs, mode=cond.mode, value=value), meta
+
+
+def _condition_rows(df: pd.DataFrame, cond: steering.Condition, splits: Sequence[str], variants: Sequence[str],
+                    inputs: Mapping) -> pd.DataFrame:
+    rows = df[df.split.isin(splits) & df.label.isin(cond.labels) & df.variant.isin(variants)]
+    if cond.scope == "local":
+        table = pd.read_parquet(inputs["features"])
+        ids = set(table[(table.scope == "local") & (table.protocol == cond.protocol)].prompt_id)
+        rows = rows[rows.id.isin(ids)]
+        if rows.empty:
+            raise ValueError(f"{cond.name}: no prompt of this set has a local feature set; local conditions "
+                             "run on the feature promptset only (steering.feature_promptset)")
+    return rows.reset_index(drop=True)
+
+
+def steer_generate(model_dir: str, spec: Mapping, promptset: str, method: str, inputs: Mapping, splits: Sequence[str],
+                   variants: Sequence[str], shard: int, n_shards: int, max_new_tokens: int, batch_size: int,
+                   cfg: Mapping, output: str) -> None:
+    """One shard of a promptset generated under one condition (Yeo et al. 2025 §4.1)."""
+    cond = steering.parse_condition(method)
+    df = _condition_rows(pd.read_parquet(promptset), cond, splits, variants, inputs)
+    df = df[steering.stable_shard(list(df.id), n_shards) == shard].reset_index(drop=True)
     model, tok = _load(model_dir, spec)
-    df = pd.read_parquet(promptset)
-    df = df[df.split.isin(splits)].reset_index(drop=True)
+    intervention, meta = make_intervention(cond, model, spec, inputs, cfg)
+    log.info("%s shard %d/%d: %d prompts, %s", method, shard, n_shards, len(df), meta)
     gens = generate(model, tok, list(df.instruction), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    intervention=make_intervention(method, direction_summary), system_prompt=spec["system_prompt"],
-                    desc=f"generate {method}")
-    write_parquet(df.assign(method=method, generation=gens, max_new_tokens=max_new_tokens), output)
+                    intervention=intervention, system_prompt=spec["system_prompt"], desc=f"generate {method}",
+                    prompt_ids=list(df.id)) if len(df) else []
+    out = df.assign(method=method, generation=pd.Series(gens, dtype="string"), max_new_tokens=max_new_tokens,
+                    shard=shard, condition=json.dumps(meta))
+    write_parquet(out, output)
 
 
-# ---------------------------------------------------------------------------- scoring
-def judge(generations: str, judge_name: str, substrings: Sequence[str], output: str) -> None:
-    df = pd.read_parquet(generations)
-    if judge_name != "substring":
-        raise ValueError(f"unknown judge {judge_name!r}")
-    write_parquet(df.assign(judge=judge_name, refused=substring_refusals(list(df.generation), substrings)), output)
+# ---------------------------------------------------------------------------- capabilities
+def capabilities(model_dir: str, spec: Mapping, method: str, inputs: Mapping, base_generations: Sequence[str],
+                 corpus_index: str, cfg: Mapping, steering_cfg: Mapping, boot: Mapping, output: str) -> None:
+    """CE (nats/token) of the unsteered model's answers to harmless prompts and of generic text,
+    under one condition (Yeo et al. 2025 §4.1, normalised per response token)."""
+    cond = steering.parse_condition(method)
+    if cond.scope == "local":
+        raise ValueError(f"{method}: local sets exist for harmful prompts only; capabilities take global conditions")
+    model, tok = _load(model_dir, spec)
+    intervention, meta = make_intervention(cond, model, spec, inputs, steering_cfg)
+    answers = pd.concat([pd.read_parquet(p) for p in base_generations], ignore_index=True)
+    answers = _subset(answers[answers.label == "harmless"], cfg["max_prompts"])
+    texts = pd.read_parquet(corpus_index)
+    texts = _subset(texts[texts.split == "heldout"], cfg["max_texts"])
+    kw = dict(intervention=intervention, batch_size=cfg["batch_size"])
+    resp = capabilities_lib.response_ce(model, tok, list(answers.instruction), list(answers.generation),
+                                        system_prompt=spec["system_prompt"], **kw)
+    text = capabilities_lib.text_ce(model, tok, list(texts.instruction), max_tokens=cfg["max_text_tokens"], **kw)
+    out = {"method": method, "condition": meta}
+    for key, values in (("response_ce", resp), ("text_ce", text)):
+        v = values[np.isfinite(values)]
+        r = bootstrap_mean(v, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
+        out[key] = {"mean": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
+        log.info("%s %s: %s nats/token", method, key, r)
+    out["sources"] = {"responses": "base generations on harmless test prompts", "text": "sae_corpus held-out"}
+    write_json(out, output)
 
 
-def summarize_scores(score_files: Sequence[str], model: str, boot: Mapping, output: str) -> None:
-    rows = []
-    for path in score_files:
-        df = pd.read_parquet(path)
-        promptset = Path(path).parent.name
-        for (method, judge_name, split, label, variant), g in df.groupby(
-            ["method", "judge", "split", "label", "variant"]
-        ):
-            r = bootstrap_rate(g.refused.to_numpy(), n_resamples=boot["n_resamples"],
-                               confidence=boot["confidence"], seed=boot["seed"])
-            rows.append({"model": model, "promptset": promptset, "method": method, "judge": judge_name,
-                         "split": split, "label": label, "variant": variant, "refusal_rate": r.rate, "n": r.n,
-                         "ci_low": r.ci_low, "ci_high": r.ci_high, "confidence": r.confidence})
-    write_csv(pd.DataFrame(rows), output)
+# ---------------------------------------------------------------------------- hyperparameter search
+def steering_search(model_dir: str, spec: Mapping, promptset: str, features_path: str, sae_dirs: Sequence[str],
+                    cfg: Mapping, substrings: Sequence[str], boot: Mapping, output: str, sweep_out: str) -> None:
+    """Choose the clamp's c and K* on the validation split (the reference picked them by hand).
 
-
-def gather_tables(inputs: Sequence[str], output: str) -> None:
-    write_csv(pd.concat([pd.read_csv(p) for p in inputs], ignore_index=True), output)
+    Features come from the held-out protocol (fitted on the train split), so nothing of the test
+    split is seen. Each (K*, c) is scored by the substring judge's compliance on the validation
+    harmful prompts and by the CE increase on the model's own answers to validation harmless
+    prompts; the winner has the highest compliance among settings whose CE increase stays within
+    ``max_ce_increase`` (a steer that breaks the model also "complies" by the substring judge).
+    Ties go to the smaller |c|, then the smaller K*.
+    """
+    df = pd.read_parquet(promptset)
+    val = df[(df.split == cfg["split"]) & df.variant.isin(["plain", "twin"])]
+    harmful = _subset(val[val.label == "harmful"], cfg["max_prompts"])
+    harmless = _subset(val[val.label == "harmless"], cfg["max_prompts"])
+    if harmful.empty or harmless.empty:
+        raise ValueError(f"steering.search needs harmful and harmless prompts in split {cfg['split']!r}")
+    model, tok = _load(model_dir, spec)
+    device = next(model.parameters()).device
+    sae_map = _saes(sae_dirs, spec, device)
+    table = pd.read_parquet(features_path)
+    gen = partial(generate, model, tok, max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"],
+                  system_prompt=spec["system_prompt"])
+    answers = gen(list(harmless.instruction), desc="search: base answers")
+    ce = partial(capabilities_lib.response_ce, model, tok, list(harmless.instruction), answers,
+                 batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"])
+    base_ce = float(np.nanmean(ce()))
+    base_refused = substring_refusals(gen(list(harmful.instruction), desc="search: base"), substrings)
+    rows = [{"k_star": 0, "c": 1.0, **_rate_row(1 - np.asarray(base_refused, float), boot), "response_ce": base_ce,
+             "delta_ce": 0.0}]
+    for k in cfg["k_values"]:
+        fs = steering.feature_set(table, "heldout", "global", k, {l: s.cfg.d_sae for l, s in sae_map.items()})
+        for c in cfg["c_values"]:
+            clamp = steering.FeatureClamp(sae_map, fs, mode="multiply", value=c)
+            refused = substring_refusals(gen(list(harmful.instruction), intervention=clamp, desc=f"search K*={k} c={c}"),
+                                         substrings)
+            steered_ce = float(np.nanmean(ce(intervention=clamp)))
+            rows.append({"k_star": k, "c": c, **_rate_row(1 - np.asarray(refused, float), boot),
+                         "response_ce": steered_ce, "delta_ce": steered_ce - base_ce})
+            log.info("K*=%d c=%g: compliance %.3f, CE +%.3f", k, c, rows[-1]["rate"], rows[-1]["delta_ce"])
+    sweep = pd.DataFrame(rows).rename(columns={"rate": "compliance"})
+    sweep["feasible"] = sweep.delta_ce <= cfg["max_ce_increase"]
+    cand = sweep[(sweep.k_star > 0) & sweep.feasible]
+    if cand.empty:
+        log.warning("no setting keeps the CE increase within %s; taking the gentlest one", cfg["max_ce_increase"])
+        cand = sweep[sweep.k_star > 0].sort_values("delta_ce").head(1)
+    best = cand.assign(abs_c=cand.c.abs()).sort_values(["compliance", "abs_c", "k_star"],
+                                                      ascending=[False, True, True]).iloc[0]
+    sweep["chosen"] = (sweep.k_star == best.k_star) & (sweep.c == best.c)
+    write_csv(sweep.assign(selector="la_ig", protocol="heldout", split=cfg["split"]), sweep_out)
+    write_json({
+        "chosen": {"c": float(best.c), "k_star": int(best.k_star)},
+        "compliance": {"rate": float(best.compliance), "n": int(best.n), "ci_low": float(best.ci_low),
+                       "ci_high": float(best.ci_high)},
+        "delta_ce": float(best.delta_ce), "feasible": bool(best.feasible),
+        "rule": f"max val compliance (substring judge) s.t. CE increase <= {cfg['max_ce_increase']} nats/token; "
+                "ties to smaller |c| then smaller K*",
+        "selector": "la_ig", "protocol": "heldout", "scope": "global", "split": cfg["split"],
+        "n": {"harmful": len(harmful), "harmless": len(harmless)},
+    }, output)

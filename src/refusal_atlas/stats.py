@@ -50,3 +50,8 @@ def bootstrap_rate(
     )
     ci = res.confidence_interval
     return Rate(mean, int(x.size), float(ci.low), float(ci.high), confidence)
+
+
+def bootstrap_mean(values: np.ndarray | list[float], **kwargs) -> Rate:
+    """A mean of real values (e.g. per-response CE) with the same percentile bootstrap interval."""
+    return bootstrap_rate(values, **kwargs)

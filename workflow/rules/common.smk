@@ -4,7 +4,12 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from refusal_atlas.config import check_config, REFUSAL_DIRECTION_SPLIT_FILES
+from refusal_atlas.conditions import parse_condition
+from refusal_atlas.config import (
+    check_config,
+    feature_promptset,
+    REFUSAL_DIRECTION_SPLIT_FILES,
+)
 
 # Defaults are filled in here, and an invalid config stops the run before any job starts.
 validate(config, schema="../schemas/config.schema.yaml")
@@ -24,8 +29,9 @@ def repo_path(path):
 wildcard_constraints:
     model="|".join(config["models"]),
     promptset="|".join(config["promptsets"]),
-    method="[a-z_]+",
-    judge="[a-z_]+",
+    method="[a-z_]+(?:-[a-z0-9_]+)*",
+    judge="substring|harmbench",
+    shard="[0-9]+",
 
 
 def model_spec(model):
@@ -70,14 +76,79 @@ def promptset_inputs(wildcards):
     }
 
 
+def harmbench_gpus():
+    """GPUs of the HarmBench judge: none only for the transformers backend on a CPU."""
+    hb = config["judges"]["harmbench"]
+    if hb["backend"] == "transformers" and hb["device"] == "cpu":
+        return 0
+    return hb["tensor_parallel_size"]
+
+
+def needs_search(cond):
+    """A clamp that takes K* or c from the hyperparameter search rather than the config."""
+    st = config["steering"]
+    if cond.kind != "clamp":
+        return False
+    no_k = cond.k_star is None and st["k_star"] is None
+    no_c = cond.mode == "multiply" and cond.value is None and st["c"] is None
+    return no_k or no_c
+
+
+def intervention_inputs(wildcards):
+    """What a condition's intervention is built from (direction, SAEs, feature sets, search)."""
+    cond = parse_condition(wildcards.method)
+    model = wildcards.model
+    inputs = {}
+    if cond.kind in ("ablate", "add"):
+        inputs["direction"] = f"results/directions/{model}.json"
+    if cond.kind == "clamp":
+        fp = feature_promptset(config)
+        selector = "la_ig" if cond.selector == "random" else cond.selector
+        inputs["saes"] = [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)]
+        inputs["features"] = f"results/features/{model}/{fp}/{selector}.parquet"
+        if cond.selector == "random":
+            inputs["attribution"] = (
+                f"results/features/{model}/{fp}/attribution.{cond.protocol}.safetensors"
+            )
+        if needs_search(cond):
+            inputs["hparams"] = f"results/steering/{model}/hparams.json"
+    return inputs
+
+
+def steering_params(wildcards):
+    """Only the steering keys a condition reads, so other edits do not rerun it."""
+    cond = parse_condition(wildcards.method)
+    st = config["steering"]
+    if cond.kind == "add":
+        return {"add_coeff": st["add_coeff"]}
+    if cond.kind != "clamp":
+        return {}
+    keep = {"c": st["c"], "k_star": st["k_star"]}
+    if cond.selector == "random":
+        keep["seed"] = st["seed"]
+    return keep
+
+
 def steer_inputs(wildcards):
     inputs = {
         "model": final_model_dir(wildcards),
         "promptset": f"results/promptsets/{wildcards.promptset}.parquet",
+        **intervention_inputs(wildcards),
     }
-    if wildcards.method != "base":
-        inputs["direction"] = f"results/directions/{wildcards.model}.json"
+    if "harmbench" in config["evaluation"]["judges"]:
+        # A judge that cannot run must fail before any generation is spent on it.
+        inputs["judge_ok"] = "results/judges/harmbench.preflight.json"
     return inputs
+
+
+def evaluation_methods(promptset):
+    """Local sets exist only for the feature promptset's prompts."""
+    fp = feature_promptset(config)
+    return [
+        m
+        for m in config["evaluation"]["methods"]
+        if parse_condition(m).scope != "local" or promptset == fp
+    ]
 
 
 def score_files(model):
@@ -85,9 +156,33 @@ def score_files(model):
     return [
         f"results/scores/{model}/{p}/{m}.{j}.parquet"
         for p in ev["promptsets"]
-        for m in ev["methods"]
+        for m in evaluation_methods(p)
         for j in ev["judges"]
     ]
+
+
+def capability_methods():
+    methods = config["capabilities"]["methods"]
+    if methods is None:
+        methods = [
+            m
+            for m in config["evaluation"]["methods"]
+            if parse_condition(m).scope != "local"
+        ]
+    return methods
+
+
+def capabilities_inputs(wildcards):
+    ev = config["evaluation"]
+    return {
+        "model": final_model_dir(wildcards),
+        "base": [
+            f"results/generations/{wildcards.model}/{p}/base.parquet"
+            for p in ev["promptsets"]
+        ],
+        "corpus": f"results/saes/{wildcards.model}/corpus/sequences.parquet",
+        **intervention_inputs(wildcards),
+    }
 
 
 def sae_layers(model):
@@ -126,5 +221,11 @@ def all_targets():
         targets.append(f"results/scores/{model}/summary.csv")
         targets.append(f"results/saes/{model}/quality.csv")
         targets.append(f"results/tables/features_{model}.csv")
+        targets.append(f"results/tables/capabilities_{model}.csv")
     targets.append("results/tables/baselines.csv")
+    methods = config["evaluation"]["methods"]
+    if any(parse_condition(m).kind == "clamp" or m == "as" for m in methods):
+        targets.append("results/tables/benchmark.csv")
+    if any(parse_condition(m).labels == ("harmless",) for m in methods):
+        targets.append("results/tables/induction.csv")
     return targets

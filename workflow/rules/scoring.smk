@@ -10,6 +10,8 @@ rule judge:
         "logs/judge/{model}/{promptset}/{method}.{judge}.log",
     benchmark:
         "benchmarks/judge/{model}/{promptset}/{method}.{judge}.tsv"
+    wildcard_constraints:
+        judge="substring",
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -20,6 +22,53 @@ rule judge:
         substrings=config["judges"]["substring"]["substrings"],
     script:
         "../scripts/judge.py"
+
+
+rule judge_preflight:
+    output:
+        "results/judges/harmbench.preflight.json",
+    log:
+        "logs/judge_preflight/harmbench.log",
+    benchmark:
+        "benchmarks/judge_preflight/harmbench.tsv"
+    conda:
+        "../envs/vllm.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+        gpu=lambda w: harmbench_gpus(),
+    params:
+        cfg=config["judges"]["harmbench"],
+        src=str(REPO / "src"),
+    script:
+        "../scripts/judge_preflight.py"
+
+
+rule judge_harmbench:
+    input:
+        gens="results/generations/{model}/{promptset}/{method}.parquet",
+        ok="results/judges/harmbench.preflight.json",
+    output:
+        "results/scores/{model}/{promptset}/{method}.{judge}.parquet",
+    log:
+        "logs/judge_harmbench/{model}/{promptset}/{method}.{judge}.log",
+    benchmark:
+        "benchmarks/judge_harmbench/{model}/{promptset}/{method}.{judge}.tsv"
+    wildcard_constraints:
+        judge="harmbench",
+    conda:
+        "../envs/vllm.yaml"
+    threads: 4
+    resources:
+        mem_mb=config["judges"]["harmbench"]["mem_mb"],
+        runtime=60,
+        gpu=lambda w: harmbench_gpus(),
+    params:
+        cfg=config["judges"]["harmbench"],
+        src=str(REPO / "src"),
+    script:
+        "../scripts/judge_harmbench.py"
 
 
 rule summarize_scores:
@@ -70,3 +119,71 @@ rule baselines_table:
         runtime=10,
     script:
         "../scripts/baselines_table.py"
+
+
+rule benchmark_table:
+    input:
+        expand("results/scores/{model}/summary.csv", model=config["models"]),
+    output:
+        table=report(
+            "results/tables/benchmark.csv",
+            caption="../report/benchmark.rst",
+            category="Steering",
+            subcategory="All models",
+        ),
+        png=report(
+            "results/figures/benchmark.png",
+            caption="../report/benchmark.rst",
+            category="Steering",
+            subcategory="All models",
+        ),
+        svg="results/figures/benchmark.svg",
+    log:
+        "logs/benchmark_table.log",
+    benchmark:
+        "benchmarks/benchmark_table.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        judges=config["evaluation"]["judges"],
+        judge_names={
+            "substring": "refusal substrings, jailbreak = no refusal",
+            "harmbench": config["judges"]["harmbench"]["model"],
+        },
+    script:
+        "../scripts/benchmark_table.py"
+
+
+rule induction_table:
+    input:
+        expand("results/scores/{model}/summary.csv", model=config["models"]),
+    output:
+        table=report(
+            "results/tables/induction.csv",
+            caption="../report/induction.rst",
+            category="Steering",
+            subcategory="All models",
+        ),
+        png=report(
+            "results/figures/induction.png",
+            caption="../report/induction.rst",
+            category="Steering",
+            subcategory="All models",
+        ),
+        svg="results/figures/induction.svg",
+    log:
+        "logs/induction_table.log",
+    benchmark:
+        "benchmarks/induction_table.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/induction_table.py"

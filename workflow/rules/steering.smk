@@ -1,15 +1,50 @@
-# Steered generation: greedy, batched, KV-cached, under an intervention ({method}).
+# Steered generation: greedy, batched, KV-cached, under a condition ({method}), in shards.
+
+
+rule steering_search:
+    input:
+        model=final_model_dir,
+        promptset=lambda w: f"results/promptsets/{feature_promptset(config)}.parquet",
+        features=lambda w: f"results/features/{w.model}/{feature_promptset(config)}/la_ig.parquet",
+        saes=lambda w: [
+            f"results/saes/{w.model}/layer_{l}" for l in sae_layers(w.model)
+        ],
+    output:
+        hparams="results/steering/{model}/hparams.json",
+        sweep=report(
+            "results/steering/{model}/sweep.csv",
+            caption="../report/steering_search.rst",
+            category="Steering",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/steering_search/{model}.log",
+    benchmark:
+        "benchmarks/steering_search/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=240,
+    params:
+        spec=lambda w: model_params(w.model),
+        cfg=config["steering"]["search"],
+        substrings=config["judges"]["substring"]["substrings"],
+        boot=config["bootstrap"],
+    script:
+        "../scripts/steering_search.py"
 
 
 rule steer_generate:
     input:
         unpack(steer_inputs),
     output:
-        "results/generations/{model}/{promptset}/{method}.parquet",
+        "results/generations/{model}/{promptset}/{method}/shard-{shard}.parquet",
     log:
-        "logs/steer_generate/{model}/{promptset}/{method}.log",
+        "logs/steer_generate/{model}/{promptset}/{method}/shard-{shard}.log",
     benchmark:
-        "benchmarks/steer_generate/{model}/{promptset}/{method}.tsv"
+        "benchmarks/steer_generate/{model}/{promptset}/{method}/shard-{shard}.tsv"
     conda:
         "../envs/core.yaml"
     threads: 2
@@ -19,7 +54,35 @@ rule steer_generate:
     params:
         spec=lambda w: model_params(w.model),
         splits=config["evaluation"]["splits"],
+        variants=config["evaluation"]["variants"],
+        n_shards=config["evaluation"]["shards"],
         max_new_tokens=config["evaluation"]["max_new_tokens"],
         batch_size=config["evaluation"]["batch_size"],
+        steering=steering_params,
     script:
         "../scripts/steer_generate.py"
+
+
+rule gather_generations:
+    input:
+        lambda w: expand(
+            "results/generations/{model}/{promptset}/{method}/shard-{shard}.parquet",
+            model=w.model,
+            promptset=w.promptset,
+            method=w.method,
+            shard=range(config["evaluation"]["shards"]),
+        ),
+    output:
+        "results/generations/{model}/{promptset}/{method}.parquet",
+    log:
+        "logs/gather_generations/{model}/{promptset}/{method}.log",
+    benchmark:
+        "benchmarks/gather_generations/{model}/{promptset}/{method}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/gather_generations.py"

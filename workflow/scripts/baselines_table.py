@@ -1,4 +1,4 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.gather_tables(list(snakemake.input), snakemake.output[0])
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.gather_tables(list(snakemake.input), snakemake.output[0])

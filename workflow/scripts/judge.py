@@ -1,7 +1,7 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.judge(
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.judge(
         snakemake.input[0],
         snakemake.wildcards.judge,
         snakemake.params.substrings,

@@ -1,7 +1,7 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.summarize_scores(
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.summarize_scores(
         list(snakemake.input),
         snakemake.wildcards.model,
         snakemake.params.boot,

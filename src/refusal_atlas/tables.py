@@ -1,0 +1,184 @@
+"""The workflow's light stages: gathering, judging by substrings, rates and the result tables.
+
+Like :mod:`refusal_atlas.stages`, one function per rule of the same name; these need neither
+torch nor an SAE library, so their many small jobs start in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import conditions
+from .io import atomic_path, write_csv, write_parquet
+from .judges import substring_refusals
+from .logs import logged  # noqa: F401  (every script enters its stage through it)
+from .stats import bootstrap_rate
+
+
+# ---------------------------------------------------------------------------- generations
+def gather_generations(shards: Sequence[str], output: str) -> None:
+    df = pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True)
+    if df.id.duplicated().any():
+        raise ValueError(f"prompt ids repeat across shards: {sorted(df.id[df.id.duplicated()])[:3]}")
+    write_parquet(df, output)
+
+
+# ---------------------------------------------------------------------------- scoring
+def judge(generations: str, judge_name: str, substrings: Sequence[str], output: str) -> None:
+    df = pd.read_parquet(generations)
+    if judge_name != "substring":
+        raise ValueError(f"unknown judge {judge_name!r}")
+    write_parquet(df.assign(judge=judge_name, refused=substring_refusals(list(df.generation), substrings)), output)
+
+
+def _rate_row(values, boot: Mapping) -> dict:
+    r = bootstrap_rate(values, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
+    return {"rate": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high, "confidence": r.confidence}
+
+
+def summarize_scores(score_files: Sequence[str], model: str, boot: Mapping, output: str) -> None:
+    """Per condition, judge and prompt group: the judged rate with n and a bootstrap interval.
+
+    The substring judge measures refusal; the HarmBench classifier measures jailbreak (harmful
+    compliance), on harmful prompts only. Unparseable classifier answers are left out of n.
+    """
+    rows = []
+    for path in score_files:
+        df = pd.read_parquet(path)
+        promptset = Path(path).parent.name
+        judge_name = df.judge.iloc[0] if len(df) else Path(path).name.split(".")[-2]
+        metric, column = ("refusal", "refused") if judge_name == "substring" else ("jailbreak", "jailbroken")
+        if metric == "jailbreak":
+            df = df[df.label == "harmful"]
+        for (method, split, label, variant), g in df.groupby(["method", "split", "label", "variant"]):
+            values = g[column].dropna().astype(float).to_numpy()
+            if len(values):
+                rows.append({"model": model, "promptset": promptset, "method": method, "judge": judge_name,
+                             "metric": metric, "split": split, "label": label, "variant": variant,
+                             **_rate_row(values, boot), "n_unparsed": int(g[column].isna().sum())})
+    write_csv(pd.DataFrame(rows), output)
+
+
+def gather_tables(inputs: Sequence[str], output: str) -> None:
+    write_csv(pd.concat([pd.read_csv(p) for p in inputs], ignore_index=True), output)
+
+
+# ---------------------------------------------------------------------------- tables and figures
+PAPER_NAMES = {"base": "Base", "as": "AS", "add": "AS-add", "cossim": "CosSim", "actdiff": "ActDiff", "ap": "AP",
+               "la_ig": "LA-IG (Ours)", "random": "Random"}
+
+
+def _condition_columns(method: str) -> dict:
+    c = conditions.parse_condition(method)
+    name = PAPER_NAMES[c.selector or c.name]
+    return {"name": name, "selector": c.selector or c.name, "scope": c.scope, "protocol": c.protocol,
+            "mode": c.mode, "set_value": c.value if c.mode == "set" else None}
+
+
+def _figure(fig, stem: str) -> None:
+    for ext in ("png", "svg"):
+        with atomic_path(f"{stem}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+
+
+def benchmark_table(summaries: Sequence[str], judges: Sequence[str], caption: Mapping[str, str], output: str,
+                    figure_stem: str) -> None:
+    """Jailbreak rate per method and dataset (Yeo et al. 2025, Table 1), each with n and its CI.
+
+    With the substring judge the jailbreak rate is 1 − refusal on harmful prompts (the interval
+    flips with it); with HarmBench it is the classifier's "yes" rate.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.concat([pd.read_csv(p) for p in summaries], ignore_index=True)
+    df = df[(df.label == "harmful") & df.judge.isin(judges)]
+    df = df[~df.method.map(lambda m: conditions.parse_condition(m).mode == "set" or m == "add")]
+    sub = df.metric == "refusal"
+    out = df.assign(jailbreak_rate=np.where(sub, 1 - df.rate, df.rate), ci_low=np.where(sub, 1 - df.ci_high, df.ci_low),
+                    ci_high=np.where(sub, 1 - df.ci_low, df.ci_high))
+    out = pd.concat([out.reset_index(drop=True), pd.DataFrame([_condition_columns(m) for m in out.method])], axis=1)
+    cols = ["model", "promptset", "split", "variant", "judge", "method", "name", "selector", "scope", "protocol",
+            "jailbreak_rate", "n", "ci_low", "ci_high", "confidence"]
+    out = out[cols].sort_values(["model", "promptset", "variant", "judge", "method"])
+    write_csv(out, output)
+
+    plain = out[out.variant == "plain"]
+    groups = list(plain.groupby(["model", "judge"]))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    for ax, ((model, judge_name), g) in zip(axes[:, 0], groups):
+        methods = sorted(g.method.unique(), key=lambda m: (list(PAPER_NAMES).index(_condition_columns(m)["selector"]), m))
+        sets = sorted(g.promptset.unique())
+        width = 0.8 / len(sets)
+        for j, ps in enumerate(sets):
+            gg = g[g.promptset == ps].set_index("method").reindex(methods)
+            x = np.arange(len(methods)) + j * width
+            err = np.vstack([gg.jailbreak_rate - gg.ci_low, gg.ci_high - gg.jailbreak_rate])
+            n = int(gg.n.max()) if gg.n.notna().any() else 0
+            ax.bar(x, gg.jailbreak_rate, width, yerr=err, capsize=2, label=f"{ps} (n={n})")
+        ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("jailbreak rate")
+        ax.set_title(f"{model}: held-out harmful prompts, judge {judge_name} ({caption.get(judge_name, judge_name)}); "
+                     "95% bootstrap CI", fontsize=9)
+        ax.legend(fontsize=8)
+    _figure(fig, figure_stem)
+    plt.close(fig)
+
+
+def induction_table(summaries: Sequence[str], output: str, figure_stem: str) -> None:
+    """Refusal induced on harmless prompts: the ``set`` clamp swept over values, against AS-add."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.concat([pd.read_csv(p) for p in summaries], ignore_index=True)
+    df = df[(df.label == "harmless") & (df.metric == "refusal")]
+    keep = df.method.map(lambda m: m in ("base", "add") or conditions.parse_condition(m).mode == "set")
+    out = df[keep].reset_index(drop=True)
+    out = pd.concat([out, pd.DataFrame([_condition_columns(m) for m in out.method])], axis=1)
+    out = out.rename(columns={"rate": "refusal_rate"})
+    write_csv(out, output)
+
+    groups = list(out.groupby(["model", "promptset"]))
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 3.8), squeeze=False)
+    for ax, ((model, ps), g) in zip(axes[0], groups):
+        g = g.groupby(["method", "name", "selector", "scope", "protocol", "set_value"], dropna=False).apply(
+            lambda x: pd.Series({"refusal_rate": np.average(x.refusal_rate, weights=x.n), "n": x.n.sum()}),
+            include_groups=False).reset_index()
+        sets = g[g.set_value.notna()]
+        for (sel, scope, prot), s in sets.groupby(["selector", "scope", "protocol"]):
+            s = s.sort_values("set_value")
+            ax.plot(s.set_value, s.refusal_rate, marker="o", label=f"{PAPER_NAMES[sel]} set ({scope}, {prot})")
+        for m, style in (("add", "--"), ("base", ":")):
+            row = g[g.method == m]
+            if len(row):
+                ax.axhline(float(row.refusal_rate.iloc[0]), ls=style, color="k", label=f"{PAPER_NAMES[m]}")
+        ax.set_xlabel("set value (x mean max activation on harmful prompts)")
+        ax.set_ylabel("refusal rate (substring judge)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{model}: harmless {ps} prompts (test), n={int(g.n.max())}", fontsize=9)
+        ax.legend(fontsize=7)
+    _figure(fig, figure_stem)
+    plt.close(fig)
+
+
+def capabilities_table(files: Sequence[str], model: str, output: str) -> None:
+    rows = []
+    for path in files:
+        d = json.loads(Path(path).read_text())
+        for key in ("response_ce", "text_ce"):
+            rows.append({"model": model, "method": d["method"], **_condition_columns(d["method"]), "measure": key,
+                         **d[key]})
+    df = pd.DataFrame(rows)
+    base = df[df.method == "base"].set_index("measure")["mean"]
+    df["delta_vs_base"] = df["mean"] - df.measure.map(base) if len(base) else np.nan
+    write_csv(df, output)

@@ -1,0 +1,4 @@
+from refusal_atlas import tables
+
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.gather_generations(list(snakemake.input), snakemake.output[0])
