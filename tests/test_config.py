@@ -40,6 +40,7 @@ def test_default_config_is_valid_and_defaults_are_filled():
         (("models", "smollm2-135m", "refusal_tune"), "yes", "refusal_tune"),  # wrong type
         (("activations", "batch_size"), -4, "batch_size"),  # negative batch size
         (("evaluation", "methods"), ["base", "magic"], "magic"),  # unknown method
+        (("evaluation", "methods"), ["base", "la_ig-global"], "la_ig-global"),  # incomplete condition
         (("models", "smollm2-135m", "source"), "ftp", "source"),
         (("datasets", "mirror"), "not-a-url", "mirror"),
         (("features", "methods"), ["la_ig", "ig_magic"], "ig_magic"),  # unknown selector
@@ -73,6 +74,12 @@ def test_feature_protocols_need_distinct_splits():
     with pytest.raises(ConfigError, match="features.fit_split and features.eval_split"):
         check_config(cfg)
     cfg["features"]["protocols"] = ["transductive"]
+    with pytest.raises(ConfigError, match="needs 'heldout' in features.protocols"):
+        check_config(cfg)  # the default conditions clamp held-out sets
+    cfg["evaluation"]["methods"] = [m for m in cfg["evaluation"]["methods"] if "heldout" not in m]
+    with pytest.raises(ConfigError, match="steering_search tunes them"):
+        check_config(cfg)  # the search clamps held-out sets too
+    cfg["steering"]["c"], cfg["steering"]["k_star"] = -2, 10
     check_config(cfg)
 
 
@@ -89,3 +96,21 @@ def test_invalid_config_stops_snakemake_before_any_job(tmp_path):
     assert res.returncode != 0
     assert "batch_size" in res.stderr + res.stdout and "-1" in res.stderr + res.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["evaluation"]["methods"].append("la_ig-global-heldout-k50"), "K\\*=50 > features.k_star"),
+        (lambda c: c["features"].update(methods=["cossim"]), "needs 'la_ig' in features.methods"),
+        (lambda c: c["capabilities"].update(methods=["la_ig-local-heldout"]), "local sets exist for harmful"),
+        (lambda c: c["steering"]["search"].update(k_values=[5, 40]), "exceed features.k_star"),
+        (lambda c: c["steering"].update(feature_promptset="refusal_direction"), "not in features.promptsets"),
+        (lambda c: c["promptsets"].update(hb={"source": "benchmark"}), "source benchmark needs file"),
+    ],
+)
+def test_steering_references_are_checked(edit, message):
+    cfg = validated(DEFAULT)
+    edit(cfg)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)

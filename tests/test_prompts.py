@@ -1,8 +1,11 @@
+import json
+
 import pandas as pd
 import pytest
 import yaml
 
 from refusal_atlas.prompts import (
+    benchmark_promptset,
     CONTRACT_COLUMNS,
     PromptSetError,
     assign_split,
@@ -68,3 +71,12 @@ def test_refusal_direction_promptset():
     assert counts[("harmful", "train")] == 50 and counts[("harmless", "test")] == 20
     assert df.id.is_unique and df.source.eq("refusal_direction").all()
     assert df.equals(refusal_direction_promptset(files, {"train": 50, "val": 10, "test": 20}, seed=0))
+
+
+def test_benchmark_promptset_takes_the_first_prompts_in_file_order():
+    path = SHARED_DATASETS / "refusal_direction/processed/jailbreakbench.json"
+    df = benchmark_promptset(path, "jailbreakbench", 100)
+    items = json.loads(path.read_text())
+    assert len(df) == 100 and list(df.instruction) == [x["instruction"] for x in items[:100]]
+    assert set(df.label) == {"harmful"} and set(df.split) == {"test"} and df.id.is_unique
+    assert len(benchmark_promptset(SHARED_DATASETS / "refusal_direction/processed/advbench.json", "advbench", 7)) == 7

@@ -38,6 +38,8 @@ def check_config(config: Mapping) -> None:
             f"direction.promptset {config['direction']['promptset']!r} must also be listed in activations.promptsets"
         )
     for name, spec in config["promptsets"].items():
+        if spec["source"] == "benchmark" and "file" not in spec:
+            raise ConfigError(f"promptsets.{name}: source benchmark needs file (e.g. processed/harmbench_test.json)")
         fr = spec.get("split_fractions")
         if spec["source"] == "bundled" and fr and abs(sum(fr.values()) - 1) > 1e-6:
             raise ConfigError(f"promptsets.{name}.split_fractions must sum to 1, got {sum(fr.values())}")
@@ -85,6 +87,11 @@ def _check_steering(config: Mapping) -> None:
     for name in config["capabilities"]["methods"] or []:
         if conds[name].scope == "local":
             raise ConfigError(f"capabilities.methods: {name} is local; local sets exist for harmful prompts only")
+    searched = any(c.kind == "clamp" and (c.k_star is None or (c.mode == "multiply" and c.value is None))
+                   for c in conds.values()) and (steer["c"] is None or steer["k_star"] is None)
+    if searched and ("heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
+        raise ConfigError("steering.c/k_star are null, so steering_search tunes them on LA-IG's held-out sets: "
+                          "features.protocols needs heldout and features.methods needs la_ig (or set both)")
     too_big = [k for k in steer["search"]["k_values"] if k > feats["k_star"]]
     if steer["k_star"] is not None:
         too_big += [steer["k_star"]] if steer["k_star"] > feats["k_star"] else []

@@ -113,3 +113,14 @@ def refusal_direction_promptset(
                      "refusal_direction", split, "plain", f"rd-{key}-{i:05d}")
                 )
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def benchmark_promptset(path: str | Path, name: str, max_prompts: int | None) -> pd.DataFrame:
+    """A public harmful benchmark (HarmBench, JailbreakBench, AdvBench, ...) as a test split.
+
+    Yeo et al. 2025 §4.1 score the first 100 prompts of each, in file order; so does this.
+    """
+    items = load_instructions(Path(path))[:max_prompts]
+    rows = [(f"{name}-{i:04d}", x["instruction"], x.get("category") or "none", "harmful", name, "test", "plain",
+             f"{name}-{i:04d}") for i, x in enumerate(items)]
+    return pd.DataFrame(rows, columns=COLUMNS)

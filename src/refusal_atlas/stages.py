@@ -56,6 +56,8 @@ def download_dataset(manifest: str, key: str, dest: str, mirror: str | None, tim
 def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> None:
     if spec["source"] == "bundled":
         df = prompts.bundled_promptset(Path(inputs["pairs"]).parent, spec["split_fractions"], spec["seed"])
+    elif spec["source"] == "benchmark":
+        df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec["max_prompts"])
     else:
         df = prompts.refusal_direction_promptset(inputs, spec["max_per_split"], spec["seed"])
     counts = df.groupby(["split", "label", "variant"]).size()

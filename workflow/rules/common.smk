@@ -70,6 +70,8 @@ def promptset_inputs(wildcards):
             "bait": REPO / "resources/prompts/safe_bait.tsv",
             "templates": REPO / "resources/prompts/jailbreak_templates.yaml",
         }
+    if spec["source"] == "benchmark":
+        return {"file": f"resources/datasets/refusal_direction/{spec['file']}"}
     return {
         key: f"resources/datasets/refusal_direction/{rel}"
         for key, rel in REFUSAL_DIRECTION_SPLIT_FILES.items()
