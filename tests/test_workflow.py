@@ -66,7 +66,7 @@ def test_outputs_follow_the_contracts(run):
     methods = cfg["evaluation"]["methods"]
     summary = pd.read_csv(work / "results/scores/tiny/summary.csv")
     assert set(summary.method) == set(methods) and set(summary.promptset) == {"bundled", "refusal_direction"}
-    assert set(summary[summary.method.str.contains("-local-")].promptset) == {"bundled"}
+    assert set(summary[summary.method.str.contains("-local-|transductive")].promptset) == {"bundled"}
     assert (summary.n > 0).all() and ((summary.ci_low <= summary.rate) & (summary.rate <= summary.ci_high)).all()
     gens = pd.read_parquet(work / "results/generations/tiny/bundled/as.parquet")
     assert (gens.split == "test").all() and gens.generation.notna().all() and set(gens.label) == {"harmful"}
@@ -97,7 +97,7 @@ def test_outputs_follow_the_contracts(run):
     for fig in ("benchmark", "induction"):
         assert (work / f"results/figures/{fig}.png").stat().st_size > 0 and (work / f"results/figures/{fig}.svg").exists()
     cap = pd.read_csv(work / "results/tables/capabilities_tiny.csv")
-    assert set(cap.method) == {m for m in methods if "-local-" not in m}
+    assert set(cap.method) == {m for m in methods if "-local-" not in m and "transductive" not in m}
     assert set(cap.measure) == {"response_ce", "text_ce"} and (cap.n > 0).all() and (cap["mean"] > 0).all()
     assert (cap[cap.method == "base"].delta_vs_base == 0).all()
 
@@ -184,11 +184,15 @@ def test_an_sae_knob_reruns_saes_and_features_but_not_the_organism(run):
     cfg["models"]["tiny"]["sae"]["k"] = 6
     changed = work / "changed_sae.yaml"
     changed.write_text(yaml.safe_dump(cfg))
-    dry = snakemake(work, changed, "-n", "--quiet", "rules")
+    dry = snakemake(work, changed, "-n")
     out = dry.stdout + dry.stderr
-    assert dry.returncode == 0 and "train_sae" in out and "feature_attribution" in out
-    for upstream in ("refusal_tune", "prepare_model", "sae_corpus", "refusal_direction", "steer_generate"):
-        assert upstream not in out
+    assert dry.returncode == 0 and "rule train_sae" in out and "rule feature_attribution" in out
+    for upstream in ("refusal_tune", "prepare_model", "sae_corpus", "refusal_direction"):
+        assert f"rule {upstream}:" not in out
+    # clamps read the SAEs and rerun; conditions without SAEs do not
+    assert "results/generations/tiny/bundled/la_ig-global-heldout/shard-0.parquet" in out
+    for fixed in ("base", "as", "add"):
+        assert f"results/generations/tiny/bundled/{fixed}/shard-0.parquet" not in out
 
 
 def test_a_training_knob_reruns_the_organism_but_not_its_baseline(run):

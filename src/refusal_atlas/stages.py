@@ -57,7 +57,7 @@ def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> N
     if spec["source"] == "bundled":
         df = prompts.bundled_promptset(Path(inputs["pairs"]).parent, spec["split_fractions"], spec["seed"])
     elif spec["source"] == "benchmark":
-        df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec["max_prompts"])
+        df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec.get("max_prompts", 100))
     else:
         df = prompts.refusal_direction_promptset(inputs, spec["max_per_split"], spec["seed"])
     counts = df.groupby(["split", "label", "variant"]).size()

@@ -143,13 +143,18 @@ def steer_inputs(wildcards):
     return inputs
 
 
+def feature_promptset_only(cond):
+    """Local sets exist only for the feature promptset's prompts, and "transductive" (fitted on
+    the scored prompts) means something only there; elsewhere both protocols are held out."""
+    return cond.scope == "local" or cond.protocol == "transductive"
+
+
 def evaluation_methods(promptset):
-    """Local sets exist only for the feature promptset's prompts."""
     fp = feature_promptset(config)
     return [
         m
         for m in config["evaluation"]["methods"]
-        if parse_condition(m).scope != "local" or promptset == fp
+        if promptset == fp or not feature_promptset_only(parse_condition(m))
     ]
 
 
@@ -169,7 +174,7 @@ def capability_methods():
         methods = [
             m
             for m in config["evaluation"]["methods"]
-            if parse_condition(m).scope != "local"
+            if not feature_promptset_only(parse_condition(m))
         ]
     return methods
 
