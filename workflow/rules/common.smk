@@ -145,7 +145,8 @@ def steer_inputs(wildcards):
 
 def feature_promptset_only(cond):
     """Local sets exist only for the feature promptset's prompts, and "transductive" (fitted on
-    the scored prompts) means something only there; elsewhere both protocols are held out."""
+    the scored prompts) means something only there; elsewhere both protocols are held out.
+    """
     return cond.scope == "local" or cond.protocol == "transductive"
 
 
