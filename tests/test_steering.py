@@ -8,7 +8,6 @@ from sae_lens import StandardSAE, StandardSAEConfig
 
 from refusal_atlas.conditions import clamp_name, format_number, parse_condition
 from refusal_atlas.generation import generate
-from refusal_atlas.interventions import Intervention
 from refusal_atlas.modeling import block_hidden, decoder_layers, encode_chat
 from refusal_atlas.steering import FeatureClamp, FeatureSet, feature_set, random_feature_set, stable_shard
 
@@ -187,7 +186,3 @@ def test_shards_partition_prompts_stably():
     assert set(shard) == {0, 1, 2, 3} and min(np.bincount(shard)) > 30
     assert list(stable_shard(ids[:50], 4)) == list(shard[:50])  # a grown set moves no prompt
 
-
-def test_base_intervention_rows_is_a_no_op():
-    with Intervention().rows(["a", "b"]):
-        pass
