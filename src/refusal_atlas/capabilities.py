@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -21,14 +22,8 @@ from .interventions import Intervention
 from .modeling import end_of_turn_id, format_chat, position_ids_from_mask
 
 
-def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
+def _left_pad(rows: Sequence[list], value) -> torch.Tensor:
+    return pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=value, padding_side="left")
 
 
 @torch.no_grad()
@@ -39,11 +34,9 @@ def _token_ce(model: PreTrainedModel, seqs: Sequence[list[int]], scored: Sequenc
     out = np.full(len(seqs), np.nan)
     with intervention.applied(model):
         for idx in tqdm(length_sorted_batches([len(s) for s in seqs], batch_size), desc=desc, unit="batch"):
-            ids, mask = _left_pad([seqs[i] for i in idx], pad_id)
-            flags = torch.zeros_like(ids, dtype=torch.bool)
-            for row, i in enumerate(idx):
-                flags[row, ids.shape[1] - len(seqs[i]) :] = torch.tensor(scored[i])
-            ids, mask, flags = ids.to(device), mask.to(device), flags.to(device)
+            ids = _left_pad([seqs[i] for i in idx], pad_id).to(device)
+            mask = _left_pad([[1] * len(seqs[i]) for i in idx], 0).to(device)
+            flags = _left_pad([scored[i] for i in idx], False).to(device)
             rows = intervention.rows([prompt_ids[i] for i in idx]) if prompt_ids is not None else nullcontext()
             with rows:
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),

@@ -19,6 +19,7 @@ Pure parsing, no torch: the Snakefile reads these names when it builds the DAG.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 SELECTORS: tuple[str, ...] = ("cossim", "actdiff", "ap", "la_ig", "random")
@@ -68,6 +69,16 @@ class Condition:
     @property
     def uses_tuned(self) -> bool:
         return self.kind == "clamp" and (self.k_star is None or (self.mode == "multiply" and self.value is None))
+
+
+def needs_search(cond: Condition, steering: Mapping) -> bool:
+    """A clamp that takes K* or c from ``steering_search`` because neither it nor the config's
+    ``steering`` section fixes them."""
+    if cond.kind != "clamp":
+        return False
+    no_k = cond.k_star is None and steering["k_star"] is None
+    no_c = cond.mode == "multiply" and cond.value is None and steering["c"] is None
+    return no_k or no_c
 
 
 def parse_condition(name: str) -> Condition:

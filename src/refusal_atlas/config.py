@@ -61,7 +61,7 @@ def feature_promptset(config: Mapping) -> str:
 
 
 def _check_steering(config: Mapping) -> None:
-    from .conditions import parse_condition
+    from .conditions import needs_search, parse_condition
 
     feats, steer = config["features"], config["steering"]
     conds = {}
@@ -87,8 +87,7 @@ def _check_steering(config: Mapping) -> None:
     for name in config["capabilities"]["methods"] or []:
         if conds[name].scope == "local":
             raise ConfigError(f"capabilities.methods: {name} is local; local sets exist for harmful prompts only")
-    searched = any(c.kind == "clamp" and (c.k_star is None or (c.mode == "multiply" and c.value is None))
-                   for c in conds.values()) and (steer["c"] is None or steer["k_star"] is None)
+    searched = any(needs_search(c, steer) for c in conds.values())
     if searched and ("heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
         raise ConfigError("steering.c/k_star are null, so steering_search tunes them on LA-IG's held-out sets: "
                           "features.protocols needs heldout and features.methods needs la_ig (or set both)")

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from . import attribution, datasets, direction, features, prompts, saes, steering
 from . import capabilities as capabilities_lib
 from .activations import last_token_resid_post
+from .conditions import Condition, parse_condition
 from .generation import generate
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
 from .logs import logged  # noqa: F401  (every script enters its stage through it)
@@ -34,7 +35,6 @@ from .modeling import load_model, resolve_device
 from .models import prepare_model as _prepare_model
 from .organism import OrganismConfig, build_examples, refusal_tune as _refusal_tune
 from .stats import bootstrap_mean, bootstrap_rate
-from .tables import _rate_row
 
 log = logging.getLogger("refusal_atlas")
 
@@ -485,7 +485,7 @@ def _saes(sae_dirs: Sequence[str], spec: Mapping, device) -> dict[int, saes.SAE]
     return out
 
 
-def _hparams(cond: steering.Condition, tuned: str | None, cfg: Mapping) -> tuple[int, float | None]:
+def _hparams(cond: Condition, tuned: str | None, cfg: Mapping) -> tuple[int, float | None]:
     """K* and c for a clamp: the condition's own, else the config's, else the search's choice."""
     chosen = json.loads(Path(tuned).read_text())["chosen"] if tuned else {}
     k = cond.k_star or cfg["k_star"] or chosen.get("k_star")
@@ -495,7 +495,7 @@ def _hparams(cond: steering.Condition, tuned: str | None, cfg: Mapping) -> tuple
     return int(k), c
 
 
-def make_intervention(cond: steering.Condition, model, spec: Mapping, inputs: Mapping[str, str | Sequence[str]],
+def make_intervention(cond: Condition, model, spec: Mapping, inputs: Mapping[str, str | Sequence[str]],
                       cfg: Mapping) -> tuple[Intervention, dict]:
     """The intervention a condition names, and what defines it (for the output's columns)."""
     if cond.kind == "base":
@@ -522,7 +522,7 @@ def make_intervention(cond: steering.Condition, model, spec: Mapping, inputs: Ma
     return steering.FeatureClamp(sae_map, fs, mode=cond.mode, value=value), meta
 
 
-def _condition_rows(df: pd.DataFrame, cond: steering.Condition, splits: Sequence[str], variants: Sequence[str],
+def _condition_rows(df: pd.DataFrame, cond: Condition, splits: Sequence[str], variants: Sequence[str],
                     inputs: Mapping) -> pd.DataFrame:
     rows = df[df.split.isin(splits) & df.label.isin(cond.labels) & df.variant.isin(variants)]
     if cond.scope == "local":
@@ -539,7 +539,7 @@ def steer_generate(model_dir: str, spec: Mapping, promptset: str, method: str, i
                    variants: Sequence[str], shard: int, n_shards: int, max_new_tokens: int, batch_size: int,
                    cfg: Mapping, output: str) -> None:
     """One shard of a promptset generated under one condition (Yeo et al. 2025 §4.1)."""
-    cond = steering.parse_condition(method)
+    cond = parse_condition(method)
     df = _condition_rows(pd.read_parquet(promptset), cond, splits, variants, inputs)
     df = df[steering.stable_shard(list(df.id), n_shards) == shard].reset_index(drop=True)
     model, tok = _load(model_dir, spec)
@@ -558,7 +558,7 @@ def capabilities(model_dir: str, spec: Mapping, method: str, inputs: Mapping, ba
                  corpus_index: str, cfg: Mapping, steering_cfg: Mapping, boot: Mapping, output: str) -> None:
     """CE (nats/token) of the unsteered model's answers to harmless prompts and of generic text,
     under one condition (Yeo et al. 2025 §4.1, normalised per response token)."""
-    cond = steering.parse_condition(method)
+    cond = parse_condition(method)
     if cond.scope == "local":
         raise ValueError(f"{method}: local sets exist for harmful prompts only; capabilities take global conditions")
     model, tok = _load(model_dir, spec)
@@ -574,7 +574,7 @@ def capabilities(model_dir: str, spec: Mapping, method: str, inputs: Mapping, ba
     out = {"method": method, "condition": meta}
     for key, values in (("response_ce", resp), ("text_ce", text)):
         v = values[np.isfinite(values)]
-        r = bootstrap_mean(v, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
+        r = bootstrap_mean(v, **boot)
         out[key] = {"mean": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
         log.info("%s %s: %s nats/token", method, key, r)
     out["sources"] = {"responses": "base generations on harmless test prompts", "text": "sae_corpus held-out"}
@@ -610,7 +610,7 @@ def steering_search(model_dir: str, spec: Mapping, promptset: str, features_path
                  batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"])
     base_ce = float(np.nanmean(ce()))
     base_refused = substring_refusals(gen(list(harmful.instruction), desc="search: base"), substrings)
-    rows = [{"k_star": 0, "c": 1.0, **_rate_row(1 - np.asarray(base_refused, float), boot), "response_ce": base_ce,
+    rows = [{"k_star": 0, "c": 1.0, **bootstrap_rate(1 - np.asarray(base_refused, float), **boot).as_dict(), "response_ce": base_ce,
              "delta_ce": 0.0}]
     for k in cfg["k_values"]:
         fs = steering.feature_set(table, "heldout", "global", k, {l: s.cfg.d_sae for l, s in sae_map.items()})
@@ -619,7 +619,7 @@ def steering_search(model_dir: str, spec: Mapping, promptset: str, features_path
             refused = substring_refusals(gen(list(harmful.instruction), intervention=clamp, desc=f"search K*={k} c={c}"),
                                          substrings)
             steered_ce = float(np.nanmean(ce(intervention=clamp)))
-            rows.append({"k_star": k, "c": c, **_rate_row(1 - np.asarray(refused, float), boot),
+            rows.append({"k_star": k, "c": c, **bootstrap_rate(1 - np.asarray(refused, float), **boot).as_dict(),
                          "response_ce": steered_ce, "delta_ce": steered_ce - base_ce})
             log.info("K*=%d c=%g: compliance %.3f, CE +%.3f", k, c, rows[-1]["rate"], rows[-1]["delta_ce"])
     sweep = pd.DataFrame(rows).rename(columns={"rate": "compliance"})

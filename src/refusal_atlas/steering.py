@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from sae_lens import SAE
 
-from .conditions import Condition, clamp_name, format_number, parse_condition  # noqa: F401
 from .interventions import Intervention, _replace_output
 from .modeling import decoder_layers
 

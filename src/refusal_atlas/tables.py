@@ -36,11 +36,6 @@ def judge(generations: str, judge_name: str, substrings: Sequence[str], output: 
     write_parquet(df.assign(judge=judge_name, refused=substring_refusals(list(df.generation), substrings)), output)
 
 
-def _rate_row(values, boot: Mapping) -> dict:
-    r = bootstrap_rate(values, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
-    return {"rate": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high, "confidence": r.confidence}
-
-
 def summarize_scores(score_files: Sequence[str], model: str, boot: Mapping, output: str) -> None:
     """Per condition, judge and prompt group: the judged rate with n and a bootstrap interval.
 
@@ -60,7 +55,7 @@ def summarize_scores(score_files: Sequence[str], model: str, boot: Mapping, outp
             if len(values):
                 rows.append({"model": model, "promptset": promptset, "method": method, "judge": judge_name,
                              "metric": metric, "split": split, "label": label, "variant": variant,
-                             **_rate_row(values, boot), "n_unparsed": int(g[column].isna().sum())})
+                             **bootstrap_rate(values, **boot).as_dict(), "n_unparsed": int(g[column].isna().sum())})
     write_csv(pd.DataFrame(rows), output)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from refusal_atlas.conditions import parse_condition
+from refusal_atlas.conditions import needs_search, parse_condition
 from refusal_atlas.config import (
     check_config,
     feature_promptset,
@@ -86,16 +86,6 @@ def harmbench_gpus():
     return hb["tensor_parallel_size"]
 
 
-def needs_search(cond):
-    """A clamp that takes K* or c from the hyperparameter search rather than the config."""
-    st = config["steering"]
-    if cond.kind != "clamp":
-        return False
-    no_k = cond.k_star is None and st["k_star"] is None
-    no_c = cond.mode == "multiply" and cond.value is None and st["c"] is None
-    return no_k or no_c
-
-
 def intervention_inputs(wildcards):
     """What a condition's intervention is built from (direction, SAEs, feature sets, search)."""
     cond = parse_condition(wildcards.method)
@@ -112,7 +102,7 @@ def intervention_inputs(wildcards):
             inputs["attribution"] = (
                 f"results/features/{model}/{fp}/attribution.{cond.protocol}.safetensors"
             )
-        if needs_search(cond):
+        if needs_search(cond, config["steering"]):
             inputs["hparams"] = f"results/steering/{model}/hparams.json"
     return inputs
 
