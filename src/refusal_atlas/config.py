@@ -19,11 +19,33 @@ class ConfigError(ValueError):
     """An invalid config; the message names the offending key."""
 
 
+#: Sections a model may override (``models.<m>.overrides``): the paper tunes l* and c per model,
+#: and LA-IG's batch size is a memory budget.
+OVERRIDABLE = ("direction", "features", "steering")
+
+
+def _merge(base: Mapping, over: Mapping) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(base[key], value) if isinstance(value, Mapping) and isinstance(base.get(key), Mapping) else value
+    return out
+
+
+def for_model(config: Mapping, model: str) -> dict:
+    """The config one model's jobs see: its ``overrides`` merged key by key into
+    :data:`OVERRIDABLE` sections, so one config can sweep models with their own l*, c or K*.
+    """
+    over = config["models"][model].get("overrides") or {}
+    return {**config, **{name: _merge(config[name], over[name]) for name in OVERRIDABLE if name in over}}
+
+
 def check_config(config: Mapping) -> None:
     promptsets = set(config["promptsets"])
+    # the organism's prompt sets matter only where a model is tuned into one
+    tuned = any(spec["refusal_tune"] for spec in config["models"].values())
     refs = {
-        "organism.train_promptsets": config["organism"]["train_promptsets"],
-        "organism.eval_promptsets": config["organism"]["eval_promptsets"],
+        **({"organism.train_promptsets": config["organism"]["train_promptsets"],
+            "organism.eval_promptsets": config["organism"]["eval_promptsets"]} if tuned else {}),
         "activations.promptsets": config["activations"]["promptsets"],
         "evaluation.promptsets": config["evaluation"]["promptsets"],
         "direction.promptset": [config["direction"]["promptset"]],
@@ -49,7 +71,8 @@ def check_config(config: Mapping) -> None:
             f"features.fit_split and features.eval_split are both {feats['fit_split']!r}: the heldout "
             "protocol needs different splits (the transductive protocol already fits on the eval split)"
         )
-    _check_steering(config)
+    for model in config["models"]:
+        _check_steering(for_model(config, model))
     for name, spec in config["models"].items():
         sae = spec["sae"]
         if sae["source"] == "train" and sae["k"] > sae["d_sae"]:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE
+
+if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
+    from sae_lens import SAE
 
 METHODS: tuple[str, ...] = ("cossim", "actdiff", "ap", "la_ig")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .modeling import decoder_layers, embedding_module
+from .modeling import decoder_layers, embedding_module, module_device
 
 
 def _replace_output(fn):
@@ -65,11 +65,14 @@ class DirectionalAblation(Intervention):
 
     def handles(self, model):
         unit = self.direction / self.direction.norm()
-        param = next(model.parameters())
-        unit = unit.to(device=param.device, dtype=param.dtype)
-        hook = _replace_output(lambda h: project_out(h, unit))
+        dtype = next(model.parameters()).dtype
         modules = [embedding_module(model), *decoder_layers(model)]
-        return [m.register_forward_hook(hook) for m in modules]
+        return [m.register_forward_hook(_project_hook(unit.to(device=module_device(m), dtype=dtype)))
+                for m in modules]
+
+
+def _project_hook(unit: torch.Tensor):
+    return _replace_output(lambda h: project_out(h, unit))
 
 
 @dataclass
@@ -81,8 +84,8 @@ class DirectionAddition(Intervention):
     coeff: float = 1.0
 
     def handles(self, model):
-        param = next(model.parameters())
-        vec = (self.coeff * self.direction).to(device=param.device, dtype=param.dtype)
         # resid_pre of `layer` is resid_post of `layer - 1` (or the embeddings for layer 0).
         target = embedding_module(model) if self.layer == 0 else decoder_layers(model)[self.layer - 1]
+        dtype = next(model.parameters()).dtype
+        vec = (self.coeff * self.direction).to(device=module_device(target), dtype=dtype)
         return [target.register_forward_hook(_replace_output(lambda h: h + vec))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ def logged(log_path: str, threads: int = 1) -> Iterator[None]:
         root = logging.getLogger()
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+        if "SLURM_JOB_ID" in os.environ:
+            log.info("%s", slurm_allocation())
         if "torch" in sys.modules:  # light stages never import it
             sys.modules["torch"].set_num_threads(max(1, threads))
         try:
@@ -35,3 +38,15 @@ def logged(log_path: str, threads: int = 1) -> Iterator[None]:
             sys.stderr = old_err
 
 
+
+
+def slurm_allocation(env: dict[str, str] | None = None) -> str:
+    """What SLURM gave this job, for its log: where a job ran and with which GPUs decides
+    whether its timing or a CUDA error means anything.
+    """
+    env = os.environ if env is None else env
+    gpus = env.get("SLURM_JOB_GPUS") or env.get("SLURM_STEP_GPUS") or ""
+    n_gpus = len([g for g in gpus.split(",") if g])
+    return (f"slurm job {env.get('SLURM_JOB_ID')} on {env.get('SLURMD_NODENAME', '?')}: "
+            f"{env.get('SLURM_CPUS_PER_TASK') or env.get('SLURM_CPUS_ON_NODE', '?')} cpus, "
+            f"{n_gpus} gpus [{gpus}], CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')}")

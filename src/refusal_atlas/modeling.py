@@ -38,16 +38,34 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a local HF model directory in eval mode, with a left-padding tokenizer."""
+    """Load a local HF model directory in eval mode, with a left-padding tokenizer.
+
+    On ``cuda`` with several visible GPUs (a job that asked for more than one, see
+    :mod:`refusal_atlas.resources`) the decoder blocks are spread over them by accelerate's
+    ``device_map="auto"``; SAEs and hooks then follow their layer (:func:`module_device`).
+    """
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    dev = resolve_device(device)
+    split = dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+        **({"device_map": "auto"} if split else {}),
     )
-    model.to(resolve_device(device)).eval()
-    return model, tok
+    if not split:
+        model.to(dev)
+    return model.eval(), tok
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's weights live: a layer's SAE and hook tensors must sit there too."""
+    return next(module.parameters()).device
+
+
+def layer_device(model: PreTrainedModel, layer: int) -> torch.device:
+    return module_device(decoder_layers(model)[layer])
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

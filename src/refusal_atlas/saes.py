@@ -14,18 +14,19 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
-from sae_lens.config import LoggingConfig, SAETrainerConfig
-from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import chat_batches
 from .interventions import _replace_output
 from .modeling import block_hidden, decoder_layers, position_ids_from_mask, special_token_mask
+
+if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
+    from sae_lens import SAE
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,10 @@ def train_topk_sae(acts: torch.Tensor, cfg: TopKTrainConfig, metadata: Mapping) 
     (hook name, model, corpus) recorded in its config.
     """
     torch.manual_seed(cfg.seed)
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
     sae_cfg = TopKTrainingSAEConfig(
         d_in=acts.shape[1],
         d_sae=cfg.d_sae,
@@ -176,6 +181,8 @@ def train_topk_sae(acts: torch.Tensor, cfg: TopKTrainConfig, metadata: Mapping) 
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
+    from sae_lens import SAE
+
     sae = SAE.load_from_disk(str(path), device=str(device), dtype=dtype)
     sae.requires_grad_(False)
     return sae.eval()
@@ -191,6 +198,8 @@ def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu", dtype: s
     if sae_id not in directory[release].saes_map:
         sample = sorted(directory[release].saes_map)[:5]
         raise ValueError(f"release {release!r} has no SAE {sae_id!r} (e.g. {sample})")
+    from sae_lens import SAE
+
     return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
 
 

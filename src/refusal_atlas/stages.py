@@ -28,12 +28,13 @@ from .activations import last_token_resid_post
 from .conditions import Condition, parse_condition
 from .generation import generate
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
-from .logs import logged  # noqa: F401  (every script enters its stage through it)
 from .io import atomic_path, write_csv, write_json, write_parquet, write_safetensors
 from .judges import substring_refusals
-from .modeling import load_model, resolve_device
+from .logs import logged  # noqa: F401  (every script enters its stage through it)
+from .modeling import layer_device, load_model, resolve_device
 from .models import prepare_model as _prepare_model
-from .organism import OrganismConfig, build_examples, refusal_tune as _refusal_tune
+from .organism import OrganismConfig, build_examples
+from .organism import refusal_tune as _refusal_tune
 from .stats import bootstrap_mean, bootstrap_rate
 
 log = logging.getLogger("refusal_atlas")
@@ -343,7 +344,7 @@ def pretrained_sae(spec: Mapping, cfg: Mapping, layer: int, output_dir: str) -> 
 def sae_quality(model_dir: str, spec: Mapping, sae_dir: str, layer: int, acts_path: str, index_path: str,
                 batch_size: int, output: str) -> None:
     model, tok = _load(model_dir, spec)
-    sae = saes.load_sae(sae_dir, device=next(model.parameters()).device, dtype=spec["dtype"])
+    sae = saes.load_sae(sae_dir, device=layer_device(model, layer), dtype=spec["dtype"])
     with safe_open(acts_path, "pt") as fh:
         heldout = fh.get_tensor(f"layer_{layer}.heldout")
     index = pd.read_parquet(index_path)
@@ -395,7 +396,7 @@ def feature_attribution(model_dir: str, spec: Mapping, acts_path: str, index_pat
     model, tok = _load(model_dir, spec)
     _check_layers(layers, model.config.num_hidden_layers, "sae.layers")
     device = next(model.parameters()).device
-    sae_map = {l: saes.load_sae(d, device=device, dtype=spec["dtype"]) for l, d in zip(layers, sae_dirs)}
+    sae_map = _saes(sae_dirs, spec, model)
     ig_cfg = attribution.LAIGConfig(steps=cfg["ig_steps"], batch_size=cfg["la_bz"])
     start = time.perf_counter()
     run = partial(attribution.la_ig, model, tok, sae_map, direction=r.to(device), refusal_id=refusal_id, cfg=ig_cfg,
@@ -477,11 +478,13 @@ def _direction(direction_summary: str) -> tuple[torch.Tensor, int]:
     return load_file(info["directions"])["direction"][info["layer"]], info["layer"]
 
 
-def _saes(sae_dirs: Sequence[str], spec: Mapping, device) -> dict[int, saes.SAE]:
+def _saes(sae_dirs: Sequence[str], spec: Mapping, model) -> dict[int, saes.SAE]:
+    """Each SAE on the device of the layer it reads (several when the model is split)."""
     out = {}
     for d in sae_dirs:
-        sae = saes.load_sae(d, device=device, dtype=spec["dtype"])
-        out[saes.hook_layer(sae)] = sae
+        sae = saes.load_sae(d, device="cpu", dtype=spec["dtype"])
+        layer = saes.hook_layer(sae)
+        out[layer] = sae.to(layer_device(model, layer))
     return out
 
 
@@ -505,8 +508,7 @@ def make_intervention(cond: Condition, model, spec: Mapping, inputs: Mapping[str
         if cond.kind == "ablate":
             return DirectionalAblation(r), {"layer": layer}
         return DirectionAddition(r, layer, cfg["add_coeff"]), {"layer": layer, "coeff": cfg["add_coeff"]}
-    device = next(model.parameters()).device
-    sae_map = _saes(inputs["saes"], spec, device)
+    sae_map = _saes(inputs["saes"], spec, model)
     k, c = _hparams(cond, inputs.get("hparams"), cfg)
     table = pd.read_parquet(inputs["features"])
     d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
@@ -600,8 +602,7 @@ def steering_search(model_dir: str, spec: Mapping, promptset: str, features_path
     if harmful.empty or harmless.empty:
         raise ValueError(f"steering.search needs harmful and harmless prompts in split {cfg['split']!r}")
     model, tok = _load(model_dir, spec)
-    device = next(model.parameters()).device
-    sae_map = _saes(sae_dirs, spec, device)
+    sae_map = _saes(sae_dirs, spec, model)
     table = pd.read_parquet(features_path)
     gen = partial(generate, model, tok, max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"],
                   system_prompt=spec["system_prompt"])

@@ -11,14 +11,17 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from sae_lens import SAE
 
 from .interventions import Intervention, _replace_output
 from .modeling import decoder_layers
+
+if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
+    from sae_lens import SAE
 
 # ---------------------------------------------------------------------------- feature sets
 @dataclass

@@ -18,6 +18,7 @@ rule cache_activations:
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
+        gpu=gpus("cache_activations"),
     params:
         spec=lambda w: model_params(w.model),
         batch_size=config["activations"]["batch_size"],

@@ -16,6 +16,7 @@ rule capabilities:
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
+        gpu=gpus("capabilities"),
     params:
         spec=lambda w: model_params(w.model),
         cfg=config["capabilities"],

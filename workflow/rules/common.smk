@@ -1,23 +1,35 @@
 # Config validation and input functions shared by every stage.
+import os
 import re
 from pathlib import Path
 
 from snakemake.utils import validate
 
 from refusal_atlas.conditions import needs_search, parse_condition
+from refusal_atlas.resources import stage_gpus
 from refusal_atlas.config import (
     check_config,
+    for_model,
     feature_promptset,
     REFUSAL_DIRECTION_SPLIT_FILES,
 )
 
 # Defaults are filled in here, and an invalid config stops the run before any job starts.
 validate(config, schema="../schemas/config.schema.yaml")
+# A model's overrides must make a valid config too.
+MODEL_CONFIGS = {m: for_model(config, m) for m in config["models"]}
+for model_config in MODEL_CONFIGS.values():
+    validate(model_config, schema="../schemas/config.schema.yaml")
 check_config(config)
 
 
 # Files that ship with the workflow resolve against the repository, so --directory works.
 REPO = Path(workflow.basedir).parent
+# Jobs import this checkout's library even in a per-rule conda env (--sdm conda), where it is not
+# installed; jobs inherit the variable, locally and through sbatch --export=ALL.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p
+)
 
 
 def repo_path(path):
@@ -38,9 +50,26 @@ def model_spec(model):
     return config["models"][model]
 
 
+def model_section(model, name):
+    """A config section as one model sees it (refusal_atlas.config.for_model)."""
+    return MODEL_CONFIGS[model][name]
+
+
+# Keys that only schedule a model's jobs, or that reach stages through their own params:
+# editing them must not rerun the stages that load the model.
+SCHEDULING_KEYS = ("sae", "gpus", "mem_mb", "shape", "overrides")
+
+
 def model_params(model):
-    """The model's spec without its SAE block: editing SAEs must not retrain the organism."""
-    return {k: v for k, v in model_spec(model).items() if k != "sae"}
+    """The model's spec without its SAE block and scheduling keys: editing SAEs must not
+    retrain the organism, nor asking for another GPU count rerun anything.
+    """
+    return {k: v for k, v in model_spec(model).items() if k not in SCHEDULING_KEYS}
+
+
+def gpus(stage):
+    """GPUs one job of a GPU-heavy rule asks for, per model (refusal_atlas.resources)."""
+    return lambda w: stage_gpus(stage, model_spec(w.model), MODEL_CONFIGS[w.model])
 
 
 def final_model_dir(wildcards):
@@ -102,7 +131,7 @@ def intervention_inputs(wildcards):
             inputs["attribution"] = (
                 f"results/features/{model}/{fp}/attribution.{cond.protocol}.safetensors"
             )
-        if needs_search(cond, config["steering"]):
+        if needs_search(cond, model_section(model, "steering")):
             inputs["hparams"] = f"results/steering/{model}/hparams.json"
     return inputs
 
@@ -110,7 +139,7 @@ def intervention_inputs(wildcards):
 def steering_params(wildcards):
     """Only the steering keys a condition reads, so other edits do not rerun it."""
     cond = parse_condition(wildcards.method)
-    st = config["steering"]
+    st = model_section(wildcards.model, "steering")
     if cond.kind == "add":
         return {"add_coeff": st["add_coeff"]}
     if cond.kind != "clamp":

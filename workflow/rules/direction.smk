@@ -20,9 +20,10 @@ rule refusal_direction:
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
+        gpu=gpus("refusal_direction"),
     params:
         spec=lambda w: model_params(w.model),
-        cfg=config["direction"],
+        cfg=lambda w: model_section(w.model, "direction"),
         substrings=config["judges"]["substring"]["substrings"],
     script:
         "../scripts/refusal_direction.py"

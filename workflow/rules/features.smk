@@ -19,10 +19,11 @@ rule feature_attribution:
     resources:
         mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
         runtime=240,
+        gpu=gpus("feature_attribution"),
     params:
         spec=lambda w: model_params(w.model),
         layers=lambda w: sae_layers(w.model),
-        cfg=config["features"],
+        cfg=lambda w: model_section(w.model, "features"),
     script:
         "../scripts/feature_attribution.py"
 
@@ -51,7 +52,7 @@ rule select_features:
         runtime=10,
     params:
         protocols=config["features"]["protocols"],
-        cfg=config["features"],
+        cfg=lambda w: model_section(w.model, "features"),
     script:
         "../scripts/select_features.py"
 

@@ -36,6 +36,7 @@ rule base_refusal:
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
+        gpu=gpus("base_refusal"),
     params:
         spec=lambda w: model_params(w.model),
         organism=organism_eval_params(),
@@ -63,6 +64,7 @@ rule refusal_tune:
     resources:
         mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
         runtime=120,
+        gpu=gpus("refusal_tune"),
     params:
         spec=lambda w: model_params(w.model),
         organism=config["organism"],

@@ -19,6 +19,7 @@ rule sae_corpus:
     resources:
         mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
         runtime=120,
+        gpu=gpus("sae_corpus"),
     params:
         spec=lambda w: model_params(w.model),
         cfg=config["sae_corpus"],
@@ -46,6 +47,7 @@ rule train_sae:
     resources:
         mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
         runtime=120,
+        gpu=gpus("train_sae"),
     params:
         spec=lambda w: model_params(w.model),
         sae=lambda w: model_spec(w.model)["sae"],
@@ -94,6 +96,7 @@ rule sae_quality:
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
+        gpu=gpus("sae_quality"),
     params:
         spec=lambda w: model_params(w.model),
         batch_size=config["sae_corpus"]["batch_size"],

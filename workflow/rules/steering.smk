@@ -27,9 +27,10 @@ rule steering_search:
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=240,
+        gpu=gpus("steering_search"),
     params:
         spec=lambda w: model_params(w.model),
-        cfg=config["steering"]["search"],
+        cfg=lambda w: model_section(w.model, "steering")["search"],
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
     script:
@@ -51,6 +52,7 @@ rule steer_generate:
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=120,
+        gpu=gpus("steer_generate"),
     params:
         spec=lambda w: model_params(w.model),
         splits=config["evaluation"]["splits"],
