@@ -67,25 +67,14 @@ def measure(shape: ModelShape, *, d_sae: int, n_sae_layers: int, la_bz: int, seq
     import time
 
     import torch
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-    from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from .attribution import la_ig_batch
+    from .synthetic import random_gemma2, random_saes
 
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    torch.manual_seed(0)
-    cfg = Gemma2Config(
-        vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
-        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
-        num_key_value_heads=max(1, shape.n_heads // 2), head_dim=max(8, shape.d_model // shape.n_heads),
-    )
+    model = random_gemma2(shape, device, dtype)
+    saes = random_saes(shape.d_model, d_sae, range(shape.n_layers - n_sae_layers, shape.n_layers), device, dtype)
     with torch.device(device):
-        model = Gemma2ForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
-        saes = {}
-        for layer in range(shape.n_layers - n_sae_layers, shape.n_layers):
-            sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=shape.d_model, d_sae=d_sae, dtype=str(dtype).split(".")[-1],
-                                                device=device))
-            saes[layer] = sae.requires_grad_(False)
         ids = torch.randint(0, shape.vocab, (la_bz, seq_len))
         mask = torch.ones_like(ids)
         mask[0, : seq_len // 4] = 0  # one left-padded prompt

@@ -130,6 +130,11 @@ class FeatureClamp(Intervention):
         missing = set(self.features.masks) - set(self.saes)
         if missing:
             raise ValueError(f"no SAE for layers {sorted(missing)}")
+        # Only the latents some row selects can change: the hook encodes once and decodes the
+        # change of those few latents, D(f') - D(f) = (f' - f)[S] W_dec[S], where the decoder is
+        # affine (no activation normalisation), instead of decoding f and f' in full.
+        self._sel = {l: m.any(0).nonzero().squeeze(-1) for l, m in self.features.masks.items()}
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @contextmanager
     def rows(self, prompt_ids: Sequence[str]) -> Iterator[None]:
@@ -139,27 +144,38 @@ class FeatureClamp(Intervention):
         finally:
             self._rows = None
 
-    def _row_params(self, layer: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, scale = self.features.masks[layer], self.features.scale[layer]
+    def _row_params(self, layer: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The selected latents' indices, and each row's mask and scale over them."""
+        key = (layer, str(device))
+        if key not in self._cache:
+            sel = self._sel[layer]
+            self._cache[key] = (sel.to(device), self.features.masks[layer][:, sel].to(device),
+                                self.features.scale[layer][:, sel].to(device))
+        sel, mask, scale = self._cache[key]
         if self.features.row_of is None:
-            idx = [0] * batch
-        elif self._rows is None or len(self._rows) != batch:
+            return sel, mask[:, None, :], scale[:, None, :]
+        if self._rows is None or len(self._rows) != batch:
             raise RuntimeError("a local feature set needs rows(prompt_ids) around each batch")
-        else:
-            idx = self._rows
-        idx_t = torch.tensor(idx)
-        return mask[idx_t].to(device)[:, None, :], scale[idx_t].to(device)[:, None, :]
+        idx = torch.tensor(self._rows, device=device)
+        return sel, mask[idx][:, None, :], scale[idx][:, None, :]
 
     def _clamp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         sae = self.saes[layer]
-        mask, scale = self._row_params(layer, h.shape[0], h.device)
+        sel, mask, scale = self._row_params(layer, h.shape[0], h.device)
         f = sae.encode(h.to(sae.dtype))
-        target = f * self.value if self.mode == "multiply" else (self.value * scale).to(f.dtype).expand_as(f)
-        f_new = torch.where(mask, target, f)
+        f_sel = f[..., sel]
+        target = f_sel * self.value if self.mode == "multiply" else (self.value * scale).to(f.dtype).expand_as(f_sel)
+        new_sel = torch.where(mask, target, f_sel)
         self.calls[layer] = self.calls.get(layer, 0) + 1
-        if self.record:
-            self.last[layer] = f_new.detach()
-        return h + (sae.decode(f_new) - sae.decode(f)).to(h.dtype)
+        affine = getattr(sae.cfg, "normalize_activations", "none") in ("none", None)
+        if self.record or not affine:
+            f_new = f.clone()
+            f_new[..., sel] = new_sel
+            if self.record:
+                self.last[layer] = f_new.detach()
+            if not affine:
+                return h + (sae.decode(f_new) - sae.decode(f)).to(h.dtype)
+        return h + ((new_sel - f_sel) @ sae.W_dec[sel]).to(h.dtype)
 
     def handles(self, model):
         blocks = decoder_layers(model)

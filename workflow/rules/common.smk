@@ -1,5 +1,4 @@
 # Config validation and input functions shared by every stage.
-import os
 import re
 from pathlib import Path
 
@@ -25,11 +24,6 @@ check_config(config)
 
 # Files that ship with the workflow resolve against the repository, so --directory works.
 REPO = Path(workflow.basedir).parent
-# Jobs import this checkout's library even in a per-rule conda env (--sdm conda), where it is not
-# installed; jobs inherit the variable, locally and through sbatch --export=ALL.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p
-)
 
 
 def repo_path(path):
