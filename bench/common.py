@@ -58,6 +58,20 @@ def subject(args):
     return load_model(args.model, dtype="float32", device=args.device)
 
 
+def hooked_twin(cfg, n_ctx: int, device: str):
+    """A random TransformerLens HookedTransformer with the same shape as an HF Llama-style ``cfg``:
+    the same compute, for comparing TransformerLens code paths with ours."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    head = cfg.hidden_size // cfg.num_attention_heads
+    return HookedTransformer(HookedTransformerConfig(
+        n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, n_ctx=n_ctx, d_head=head,
+        n_heads=cfg.num_attention_heads, n_key_value_heads=cfg.num_key_value_heads, d_mlp=cfg.intermediate_size,
+        d_vocab=cfg.vocab_size, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+        gated_mlp=True, rotary_dim=head, device=device, seed=0,
+    )).eval()
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch

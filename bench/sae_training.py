@@ -9,7 +9,7 @@ Prints training tokens/s of each and their ratio (ours / live; higher is better)
 
 import time
 
-from common import machine, parser, ratio, subject
+from common import hooked_twin, machine, parser, ratio, subject
 
 
 def main() -> None:
@@ -26,7 +26,6 @@ def main() -> None:
     from datasets import Dataset
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
     from sae_lens import TopKTrainingSAEConfig
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from refusal_atlas.saes import TopKTrainConfig, train_topk_sae
 
@@ -50,13 +49,7 @@ def main() -> None:
     train_topk_sae(acts, tcfg, {"hook_name": f"blocks.{layer}.hook_resid_post"})
     t_ours = time.perf_counter() - start
 
-    tl = HookedTransformer(HookedTransformerConfig(
-        n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, n_ctx=args.context,
-        d_head=cfg.hidden_size // cfg.num_attention_heads, n_heads=cfg.num_attention_heads,
-        n_key_value_heads=cfg.num_key_value_heads, d_mlp=cfg.intermediate_size, d_vocab=cfg.vocab_size,
-        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
-        rotary_dim=cfg.hidden_size // cfg.num_attention_heads, device=args.device, seed=0,
-    )).eval()
+    tl = hooked_twin(cfg, args.context, args.device)
     runner_cfg = LanguageModelSAERunnerConfig(
         sae=TopKTrainingSAEConfig(d_in=cfg.hidden_size, d_sae=args.d_sae, k=args.k, device=args.device),
         model_name="bench", hook_name=f"blocks.{layer}.hook_resid_post", dataset_path="bench",

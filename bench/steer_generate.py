@@ -6,7 +6,7 @@ HookedTransformer of the same shape. Every run generates exactly ``--new-tokens`
 (``min_new_tokens``), greedy. Goals: steered / unsteered >= 0.7, steered / TransformerLens >= 3.
 """
 
-from common import machine, parser, ratio, subject, timed
+from common import hooked_twin, machine, parser, ratio, subject, timed
 
 
 def main() -> None:
@@ -20,7 +20,6 @@ def main() -> None:
     if args.smoke:
         args.batch_size, args.prompt_tokens, args.new_tokens, args.d_sae, args.repeats = 4, 8, 4, 128, 1
     import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from refusal_atlas.steering import FeatureClamp, FeatureSet
     from refusal_atlas.synthetic import random_saes
@@ -50,14 +49,7 @@ def main() -> None:
         with torch.no_grad(), clamp.applied(model):
             model.generate(**enc, **kw)
 
-    tl_cfg = HookedTransformerConfig(
-        n_layers=n, d_model=cfg.hidden_size, n_ctx=args.prompt_tokens + args.new_tokens + 8,
-        d_head=cfg.hidden_size // cfg.num_attention_heads, n_heads=cfg.num_attention_heads,
-        n_key_value_heads=cfg.num_key_value_heads, d_mlp=cfg.intermediate_size, d_vocab=cfg.vocab_size,
-        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
-        rotary_dim=cfg.hidden_size // cfg.num_attention_heads, device=args.device, seed=0,
-    )
-    tl = HookedTransformer(tl_cfg).eval()
+    tl = hooked_twin(cfg, args.prompt_tokens + args.new_tokens + 8, args.device)
 
     def tl_hook(layer):
         def hook(h, hook):
