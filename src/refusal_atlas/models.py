@@ -78,7 +78,9 @@ def prepare_model(spec: dict, dest: str | os.PathLike) -> Path:
                 f"cannot load {spec['hub_id']!r} from the Hugging Face hub "
                 f"(no network, a gated model without HF_TOKEN, or an unknown id): {e}"
             ) from None
-        _save(model, tok, dest, {"source": source, "hub_id": spec["hub_id"], "revision": spec.get("revision")})
+        # the commit actually loaded, to pin `revision` with when it was left open
+        _save(model, tok, dest, {"source": source, "hub_id": spec["hub_id"], "revision": spec.get("revision"),
+                                 "resolved_commit": getattr(model.config, "_commit_hash", None)})
         return dest
     raise ModelSourceError(f"unknown model source {source!r}")
 
