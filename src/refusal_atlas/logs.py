@@ -38,8 +38,6 @@ def logged(log_path: str, threads: int = 1) -> Iterator[None]:
             sys.stderr = old_err
 
 
-
-
 def slurm_allocation(env: dict[str, str] | None = None) -> str:
     """What SLURM gave this job, for its log: where a job ran and with which GPUs decides
     whether its timing or a CUDA error means anything.

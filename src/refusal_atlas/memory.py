@@ -29,6 +29,11 @@ class ModelShape:
 GEMMA_2_2B = ModelShape(n_params=2_614_341_888, n_layers=26, d_model=2304, d_mlp=9216, n_heads=8, vocab=256_000)
 
 
+def sae_param_count(d_model: int, d_sae: int) -> int:
+    """Parameters of one SAE: W_enc, W_dec, both biases and a threshold (JumpReLU)."""
+    return 2 * d_model * d_sae + 2 * d_sae + d_model
+
+
 def la_ig_memory(
     shape: ModelShape,
     *,
@@ -40,7 +45,7 @@ def la_ig_memory(
 ) -> dict[str, float]:
     """Estimated bytes of each term of one LA-IG batch, and the peak (their sum)."""
     bt = la_bz * seq_len
-    sae_params = n_sae_layers * (2 * shape.d_model * d_sae + 2 * d_sae + shape.d_model)  # W_enc, W_dec, biases, threshold
+    sae_params = n_sae_layers * sae_param_count(shape.d_model, d_sae)
     latents = n_sae_layers * bt * d_sae
     errors = n_sae_layers * bt * shape.d_model
     # per layer a backward pass keeps roughly: residual and norm inputs, q/k/v/o, MLP gate/up/act,

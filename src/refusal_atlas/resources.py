@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from .memory import GiB, ModelShape, la_ig_memory
+from .memory import GiB, ModelShape, la_ig_memory, sae_param_count
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -40,8 +40,7 @@ def model_shape(spec: Mapping) -> ModelShape | None:
 
 
 def _saes_bytes(shape: ModelShape, sae: Mapping, n_layers: int, dtype_bytes: int) -> int:
-    d_sae = sae["d_sae"]
-    return n_layers * (2 * shape.d_model * d_sae + 2 * d_sae + shape.d_model) * dtype_bytes
+    return n_layers * sae_param_count(shape.d_model, sae["d_sae"]) * dtype_bytes
 
 
 def _kv_cache_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int) -> int:

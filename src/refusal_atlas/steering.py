@@ -134,6 +134,8 @@ class FeatureClamp(Intervention):
         # change of those few latents, D(f') - D(f) = (f' - f)[S] W_dec[S], where the decoder is
         # affine (no activation normalisation), instead of decoding f and f' in full.
         self._sel = {l: m.any(0).nonzero().squeeze(-1) for l, m in self.features.masks.items()}
+        self._affine = {l: getattr(sae.cfg, "normalize_activations", "none") in ("none", None)
+                        for l, sae in self.saes.items()}
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @contextmanager
@@ -167,7 +169,7 @@ class FeatureClamp(Intervention):
         target = f_sel * self.value if self.mode == "multiply" else (self.value * scale).to(f.dtype).expand_as(f_sel)
         new_sel = torch.where(mask, target, f_sel)
         self.calls[layer] = self.calls.get(layer, 0) + 1
-        affine = getattr(sae.cfg, "normalize_activations", "none") in ("none", None)
+        affine = self._affine[layer]
         if self.record or not affine:
             f_new = f.clone()
             f_new[..., sel] = new_sel

@@ -40,7 +40,6 @@ rule judge_preflight:
         gpu=lambda w: harmbench_gpus(),
     params:
         cfg=config["judges"]["harmbench"],
-        src=str(REPO / "src"),
     script:
         "../scripts/judge_preflight.py"
 
@@ -66,7 +65,6 @@ rule judge_harmbench:
         gpu=lambda w: harmbench_gpus(),
     params:
         cfg=config["judges"]["harmbench"],
-        src=str(REPO / "src"),
     script:
         "../scripts/judge_harmbench.py"
 

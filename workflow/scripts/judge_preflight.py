@@ -1,9 +1,7 @@
-import sys
-
-# The vLLM environment does not install refusal_atlas (its torch differs); the judge modules
-# need only the standard library, pandas and transformers.
-sys.path.insert(0, snakemake.params.src)
-from refusal_atlas import harmbench, logs  # noqa: E402
+# The vLLM environment does not install refusal_atlas (its torch differs): the import resolves
+# through workflow/scripts/refusal_atlas, and the judge modules need only the standard library,
+# pandas and transformers.
+from refusal_atlas import harmbench, logs
 
 with logs.logged(snakemake.log[0], snakemake.threads):
     harmbench.preflight_file(snakemake.params.cfg, snakemake.output[0])
