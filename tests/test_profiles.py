@@ -17,7 +17,7 @@ from conftest import ROOT
 
 GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
              "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
-             "judge_preflight", "judge_harmbench"}
+             "judge_preflight", "judge_harmbench", "adversarial_responses", "jailbreak_mechanism"}
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -91,7 +91,7 @@ def test_one_config_sweeps_both_models_with_their_own_settings(tmp_path):
     counts = Counter(rule for rule, _, _ in jobs)
     assert counts["pretrained_sae"] == 26 + 32 and counts["steer_generate"] == 42 and counts["feature_attribution"] == 4
     # the data and the judge check are shared, not planned twice
-    assert counts["judge_preflight"] == 1 and counts["build_promptsets"] == 4
+    assert counts["judge_preflight"] == 1 and counts["build_promptsets"] == 5
     by_model = {}
     for rule, res, _ in jobs:
         if rule == "feature_attribution":

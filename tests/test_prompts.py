@@ -35,6 +35,9 @@ def test_bundled_sizes_and_contract(bundled):
     assert len(jb) >= 60 and set(jb.pair_id) <= set(harmful.pair_id)
     kinds = {t["kind"] for t in yaml.safe_load((PROMPTS / "jailbreak_templates.yaml").read_text())}
     assert {"roleplay", "fiction", "hypothetical"} <= kinds
+    # Wrappers are drawn independently of the split: every split meets every kind of wrapper.
+    jb_kind = jb.id.str.partition("-jb-")[2].str.partition("-")[0]
+    assert (jb_kind.groupby(jb.split).nunique() == len(kinds)).all()
     assert (bundled.variant == "bait").sum() >= 60
     assert not bundled.instruction.str.contains("{request}").any()
 

@@ -73,6 +73,7 @@ def check_config(config: Mapping) -> None:
         )
     for model in config["models"]:
         _check_steering(for_model(config, model))
+    _check_probes(config)
     for name, spec in config["models"].items():
         sae = spec["sae"]
         if sae["source"] == "train" and sae["k"] > sae["d_sae"]:
@@ -81,6 +82,34 @@ def check_config(config: Mapping) -> None:
 
 def feature_promptset(config: Mapping) -> str:
     return config["steering"]["feature_promptset"] or config["features"]["promptsets"][0]
+
+
+def probe_promptset(config: Mapping) -> str:
+    return config["probes"]["promptset"] or feature_promptset(config)
+
+
+def probe_protocol(config: Mapping) -> str:
+    """The protocol of the probes' F*: as configured, else held out wherever it was fitted."""
+    protocols = config["features"]["protocols"]
+    return config["probes"]["protocol"] or ("heldout" if "heldout" in protocols else protocols[0])
+
+
+def _check_probes(config: Mapping) -> None:
+    pr, feats = config["probes"], config["features"]
+    name = probe_promptset(config)
+    if name not in config["promptsets"]:
+        raise ConfigError(f"probes.promptset: unknown promptset {name!r}; defined: {sorted(config['promptsets'])}")
+    if config["promptsets"][name]["source"] != "bundled":
+        raise ConfigError(f"probes.promptset {name!r} has no adversarial pairs: the probes need a bundled promptset "
+                          "(jailbreak variants beside their plain request, and harmless twins)")
+    if pr["selector"] not in feats["methods"]:
+        raise ConfigError(f"probes.selector {pr['selector']!r} is not in features.methods")
+    if pr["protocol"] is not None and pr["protocol"] not in feats["protocols"]:
+        raise ConfigError(f"probes.protocol {pr['protocol']!r} is not in features.protocols")
+    if (pr["k_star"] or 0) > feats["k_star"]:
+        raise ConfigError(f"probes.k_star ({pr['k_star']}) exceeds features.k_star ({feats['k_star']})")
+    if len({pr["fit_split"], pr["val_split"], pr["eval_split"]}) < 3:
+        raise ConfigError("probes.fit_split, val_split and eval_split must be three different splits")
 
 
 def _check_steering(config: Mapping) -> None:

@@ -78,7 +78,8 @@ def bundled_promptset(prompt_dir: str | Path, fractions: Mapping[str, float], se
         split = assign_split(p.pair_id, fractions, seed)
         rows.append((f"{p.pair_id}-harmful", p.harmful, p.category, "harmful", "bundled", split, "plain", p.pair_id))
         rows.append((f"{p.pair_id}-harmless", p.harmless, p.category, "harmless", "bundled", split, "twin", p.pair_id))
-        t = templates[int(_unit_hash(p.pair_id, seed) * len(templates))]
+        # A hash of its own: with the split's, each split would get its own band of wrappers.
+        t = templates[int(_unit_hash(f"{p.pair_id}/wrapper", seed) * len(templates))]
         rows.append(
             (f"{p.pair_id}-jb-{t['id']}", wrap_jailbreak(t["text"], p.harmful), p.category, "harmful",
              "bundled", split, "jailbreak", p.pair_id)

@@ -30,6 +30,8 @@ GPU_STAGES = (
     "steering_search",
     "steer_generate",
     "capabilities",
+    "adversarial_responses",
+    "jailbreak_mechanism",
 )
 
 
@@ -79,6 +81,13 @@ def stage_memory(stage: str, spec: Mapping, config: Mapping) -> float:
     if stage in ("steer_generate", "steering_search", "capabilities"):
         batch = config["evaluation"]["batch_size"]
         return weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b)
+    if stage == "adversarial_responses":
+        batch = config["probes"]["batch_size"]
+        return weights + _kv_cache_bytes(shape, batch, seq, b)
+    if stage == "jailbreak_mechanism":
+        # every SAE resident, one batch's resid_post at every SAE layer, one layer's latents at a time
+        batch = config["probes"]["batch_size"]
+        return weights + _saes_bytes(shape, sae, n_sae, b) + batch * seq * (shape.d_model * n_sae * b + sae["d_sae"] * 4)
     if stage == "sae_quality":
         return weights + _saes_bytes(shape, sae, 1, b) + _kv_cache_bytes(shape, 16, seq, b)
     if stage in ("base_refusal", "refusal_direction", "cache_activations", "sae_corpus"):

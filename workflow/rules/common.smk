@@ -10,6 +10,8 @@ from refusal_atlas.config import (
     check_config,
     for_model,
     feature_promptset,
+    probe_promptset,
+    probe_protocol,
     REFUSAL_DIRECTION_SPLIT_FILES,
 )
 
@@ -243,6 +245,8 @@ def all_targets():
         targets.append(f"results/saes/{model}/quality.csv")
         targets.append(f"results/tables/features_{model}.csv")
         targets.append(f"results/tables/capabilities_{model}.csv")
+        targets.append(f"results/probes/{model}/mechanism.csv")
+        targets.append(f"results/probes/{model}/probes.csv")
     targets.append("results/tables/baselines.csv")
     methods = config["evaluation"]["methods"]
     if any(parse_condition(m).kind == "clamp" or m == "as" for m in methods):
@@ -250,3 +254,34 @@ def all_targets():
     if any(parse_condition(m).labels == ("harmless",) for m in methods):
         targets.append("results/tables/induction.csv")
     return targets
+
+
+def probe_params(model, *keys):
+    """The probe keys a rule reads (K* resolved), so other edits do not rerun it."""
+    cfg = {**model_section(model, "probes")}
+    cfg["k_star"] = cfg["k_star"] or model_section(model, "features")["k_star"]
+    cfg["protocol"] = probe_protocol(MODEL_CONFIGS[model])
+    return {k: cfg[k] for k in keys}
+
+
+def probe_feature_inputs(wildcards):
+    """F* (the probes' selector, on the feature promptset) and the model's SAEs."""
+    selector = model_section(wildcards.model, "probes")["selector"]
+    fp = feature_promptset(config)
+    return {
+        "features": f"results/features/{wildcards.model}/{fp}/{selector}.parquet",
+        "saes": [
+            f"results/saes/{wildcards.model}/layer_{l}"
+            for l in sae_layers(wildcards.model)
+        ],
+    }
+
+
+def probe_caption(model, data):
+    pr = model_section(model, "probes")
+    return (
+        f"{model}: {probe_promptset(config)} {data}; refusal judged by substrings "
+        f"({pr['max_new_tokens']} greedy tokens); F* = {pr['selector']} global "
+        f"{probe_protocol(MODEL_CONFIGS[model])}; "
+        f"{int(config['bootstrap']['confidence'] * 100)}% bootstrap CIs"
+    )

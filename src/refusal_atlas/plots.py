@@ -1,0 +1,102 @@
+"""Figures of the jailbreak and probe studies (PNG and SVG, each naming model, data, judge and n)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .io import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, stem: str) -> None:
+    """``stem.png`` and ``stem.svg``, each written atomically."""
+    for ext in ("png", "svg"):
+        with atomic_path(f"{stem}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+
+
+def _bars(ax, table: pd.DataFrame, groups: list[str], series: list[str], key: str, series_key: str, value: str,
+          labels: dict[str, str] | None = None) -> None:
+    width = 0.8 / max(1, len(series))
+    for j, s in enumerate(series):
+        t = table[table[series_key] == s].set_index(key).reindex(groups)
+        x = np.arange(len(groups)) + j * width
+        err = np.vstack([t[value] - t.ci_low, t.ci_high - t[value]])
+        ax.bar(x, t[value], width, yerr=np.nan_to_num(np.abs(err)), capsize=3, label=(labels or {}).get(s, s))
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+    ax.legend(fontsize=8)
+
+
+def mechanism_figure(summary: pd.DataFrame, wrappers: pd.DataFrame, words: pd.DataFrame, caption: str,
+                     stem: str) -> None:
+    """Relative drop of harm and refusal features, by outcome and by wrapper kind; top words."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1.6, 1.2]})
+    s = summary.assign(group=[f"{o}\n(n={n})" for o, n in zip(summary.outcome, summary.n)])
+    _bars(axes[0], s, list(dict.fromkeys(s.group)), ["harm", "refusal"], "group", "features", "drop",
+          {"harm": "harm features (sequence mean)", "refusal": "refusal features (last tokens)"})
+    axes[0].axhline(0, color="k", lw=0.6)
+    axes[0].set_ylabel("relative drop, plain → adversarial")
+    axes[0].set_title("by jailbreak outcome", fontsize=9)
+    ok = wrappers[wrappers.outcome == "success"]
+    if ok.empty:
+        ok = wrappers
+    ok = ok.assign(group=[f"{k}\n(n={n})" for k, n in zip(ok.wrapper_kind, ok.n)])
+    _bars(axes[1], ok, list(dict.fromkeys(ok.group)), ["harm", "refusal"], "group", "features", "drop")
+    axes[1].axhline(0, color="k", lw=0.6)
+    axes[1].set_title(f"by wrapper kind ({ok.outcome.iloc[0] if len(ok) else 'none'} pairs)", fontsize=9)
+    top = words.head(12)[::-1]
+    if len(top):
+        err = np.vstack([top.mean_delta - top.ci_low, top.ci_high - top.mean_delta])
+        axes[2].barh(top.word, top.mean_delta, xerr=np.nan_to_num(np.abs(err)), capsize=2)
+    axes[2].set_xlabel("refusal-feature rise when the word is deleted")
+    axes[2].set_title("suppressing words of the wrappers", fontsize=9)
+    fig.suptitle(caption, fontsize=9)
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+PROBE_NAMES = {"refusal_features": "refusal features", "random_features": "random features", "dense": "dense"}
+
+
+def probe_figure(table: pd.DataFrame, caption: str, stem: str) -> None:
+    """Accuracy and AUROC per slice: refusal features, each random set (points), dense."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    slices = list(dict.fromkeys(table.slice))
+    probes = [p for p in PROBE_NAMES if p in set(table.probe)]
+    width = 0.8 / len(probes)
+    for ax, metric in zip(axes[0], ("accuracy", "auroc")):
+        t = table[table.metric == metric]
+        for j, probe in enumerate(probes):
+            g = t[t.probe == probe]
+            x = np.arange(len(slices)) + j * width
+            if probe == "random_features":
+                m = g.groupby("slice").value.mean().reindex(slices)
+                ax.bar(x, m, width, alpha=0.5, label=f"{PROBE_NAMES[probe]} (mean of {g.random_set.nunique()} sets)")
+                for i, sl in enumerate(slices):
+                    v = g[g.slice == sl].value
+                    ax.scatter(np.full(len(v), x[i]), v, s=8, color="k", zorder=3)
+                continue
+            g = g.set_index("slice").reindex(slices)
+            err = np.vstack([g.value - g.ci_low, g.ci_high - g.value])
+            label = PROBE_NAMES[probe] + (f" (layer {int(g.layer.dropna().iloc[0])})" if probe == "dense" else "")
+            ax.bar(x, g.value, width, yerr=np.nan_to_num(np.abs(err)), capsize=3, label=label)
+        n = table.groupby("slice").n.first().reindex(slices)
+        ax.set_xticks(np.arange(len(slices)) + 0.4 - width / 2, [f"{s} (n={int(n[s])})" for s in slices])
+        ax.axhline(0.5, color="k", lw=0.6, ls=":")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(caption, fontsize=9)
+    save_figure(fig, stem)
+    plt.close(fig)
