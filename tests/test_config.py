@@ -83,6 +83,40 @@ def test_feature_protocols_need_distinct_splits():
     check_config(cfg)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"promptset": "refusal_direction"}, "has no adversarial pairs"),
+        ({"promptset": "bundld"}, "probes.promptset: unknown promptset"),
+        ({"selector": "la_ig", "protocol": "transductive", "k_star": 50}, r"probes.k_star \(50\) exceeds"),
+        ({"val_split": "train"}, "three different splits"),
+    ],
+)
+def test_probe_settings_are_checked(edit, message):
+    cfg = validated(DEFAULT)
+    cfg["probes"].update(edit)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
+def test_probes_take_the_held_out_features_unless_told_otherwise():
+    from refusal_atlas.config import probe_protocol
+
+    cfg = validated(DEFAULT)
+    assert probe_protocol(cfg) == "heldout"
+    cfg["features"]["protocols"] = ["transductive"]
+    cfg["evaluation"]["methods"] = ["base", "la_ig-global-transductive"]
+    cfg["steering"]["c"], cfg["steering"]["k_star"] = -2, 10
+    assert probe_protocol(cfg) == "transductive"
+    check_config(cfg)
+    cfg["probes"]["protocol"] = "heldout"
+    with pytest.raises(ConfigError, match="probes.protocol 'heldout' is not in features.protocols"):
+        check_config(cfg)
+    cfg["probes"]["selector"] = "magic"
+    with pytest.raises(WorkflowError, match="magic"):
+        validate(cfg, SCHEMA)
+
+
 def test_invalid_config_stops_snakemake_before_any_job(tmp_path):
     cfg = copy.deepcopy(DEFAULT)
     cfg["activations"]["batch_size"] = -1

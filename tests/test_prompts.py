@@ -83,3 +83,25 @@ def test_benchmark_promptset_takes_the_first_prompts_in_file_order():
     assert len(df) == 100 and list(df.instruction) == [x["instruction"] for x in items[:100]]
     assert set(df.label) == {"harmful"} and set(df.split) == {"test"} and df.id.is_unique
     assert len(benchmark_promptset(SHARED_DATASETS / "refusal_direction/processed/advbench.json", "advbench", 7)) == 7
+
+
+def test_adversarial_suffixes_add_a_second_jailbreak_per_request(tmp_path):
+    from refusal_atlas.prompts import read_suffixes
+
+    suffixes = read_suffixes(PROMPTS / "adversarial_suffixes.txt")
+    assert len(suffixes) >= 8 and not any(s.startswith("#") for s in suffixes)
+    df = bundled_promptset(PROMPTS, FRACTIONS, seed=0, suffixes=suffixes)
+    plain = bundled_promptset(PROMPTS, FRACTIONS, seed=0)
+    sfx = df[df.id.str.contains("-jb-suffix-")]
+    harmful = df[df.variant == "plain"].set_index("pair_id")
+    assert len(sfx) == len(harmful) and (sfx.variant == "jailbreak").all()
+    for r in sfx.itertuples():
+        n = int(r.id.rsplit("-", 1)[1])
+        assert r.instruction == f"{harmful.loc[r.pair_id, 'instruction']} {suffixes[n - 1]}"
+        assert r.split == harmful.loc[r.pair_id, "split"]
+    assert sfx.id.str.rsplit("-", n=1).str[1].nunique() == len(suffixes)
+    pd.testing.assert_frame_equal(df[~df.id.isin(sfx.id)].reset_index(drop=True), plain)  # nothing else moves
+    empty = tmp_path / "none.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(PromptSetError, match="no adversarial suffix"):
+        read_suffixes(empty)

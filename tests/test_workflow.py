@@ -24,7 +24,8 @@ pytestmark = pytest.mark.workflow
 
 # Every rule that runs a model; the others are CPU rules or local rules (workflow/Snakefile).
 GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
-             "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities"}
+             "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
+             "adversarial_responses", "jailbreak_mechanism"}
 
 
 def snakemake(workdir, config, *extra):
@@ -181,9 +182,32 @@ def test_outputs_follow_the_contracts(run):
     info = json.loads((work / "results/features/tiny/bundled/attribution.heldout.json").read_text())
     assert info["fit_split"] == "train" and info["n"]["fit_harmful"] == 8
     assert (work / "results/tables/features_tiny.csv").exists()
+    answers = pd.read_parquet(work / "results/probes/tiny/responses.parquet")
+    # one wrapper and one suffix per request (.test sets adversarial_suffixes); each plain parent once
+    assert set(answers.variant) == {"plain", "jailbreak"} and answers.pair_id.value_counts().eq(3).all()
+    assert answers.id.is_unique and answers[answers.variant == "jailbreak"].id.str.contains("-jb-suffix-").sum() > 0
+    mech = pd.read_csv(work / "results/probes/tiny/mechanism.csv")
+    pairs = pd.read_parquet(work / "results/probes/tiny/mechanism_pairs.parquet")
+    assert set(mech.features) <= {"harm", "refusal"} and set(mech.outcome) <= {"success", "failed"}
+    assert mech.groupby("outcome").n.first().to_dict() == pairs.outcome.value_counts().drop(
+        "plain_answered", errors="ignore").to_dict()
+    harm = pd.read_parquet(work / "results/probes/tiny/harm_features.parquet")
+    refusal = la[(la.scope == "global") & (la.protocol == "heldout")]
+    assert len(harm) == 5 and not set(zip(harm.layer, harm.feature)) & set(zip(refusal.layer, refusal.feature))
+    probes = pd.read_parquet(work / "results/probes/tiny/probes.parquet")
+    assert set(probes.probe) == {"refusal_features", "random_features", "dense"}
+    assert probes[probes.probe == "random_features"].random_set.nunique() == 10
+    dense_layer = pd.read_csv(work / "results/probes/tiny/dense_layers.csv").query("chosen").layer.item()
+    assert (probes[probes.probe == "dense"].layer == dense_layer).all()
+    acc = probes[(probes.metric == "accuracy")]
+    assert acc.value.between(0, 1).all() and (acc.ci_low <= acc.value).all() and (acc.n > 0).all()
+    for fig in ("mechanism", "probes"):
+        assert (work / f"results/probes/tiny/{fig}.png").stat().st_size > 0
+        assert (work / f"results/probes/tiny/{fig}.svg").exists()
     for rule in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "steer_generate",
                  "sae_corpus", "train_sae", "sae_quality", "feature_attribution", "select_features", "steering_search",
-                 "gather_generations", "capabilities", "benchmark_table", "induction_table"):
+                 "gather_generations", "capabilities", "benchmark_table", "induction_table", "adversarial_responses",
+                 "jailbreak_mechanism", "probes"):
         assert any((work / "logs").glob(f"{rule}*")) and any((work / "benchmarks").glob(f"{rule}*"))
 
 
@@ -225,7 +249,8 @@ def test_report_builds(run):
     html = (work / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and "baselines.csv" in html
     assert "quality.csv" in html and "features_tiny.csv" in html
-    for name in ("benchmark.csv", "benchmark.png", "induction.csv", "capabilities_tiny.csv", "sweep.csv"):
+    for name in ("benchmark.csv", "benchmark.png", "induction.csv", "capabilities_tiny.csv", "sweep.csv",
+                 "mechanism.csv", "mechanism.png", "suppressing_words.csv", "probes.csv", "probes.png"):
         assert name in html
 
 

@@ -259,7 +259,8 @@ def drop_table(pairs: pd.DataFrame, by: Sequence[str], kinds: Sequence[str], boo
         for kind in kinds:
             d = relative_drop(g[f"{kind}_plain"].to_numpy(), g[f"{kind}_adversarial"].to_numpy(), **boot)
             rows.append({**dict(zip(by, key)), "features": kind, **d})
-    return pd.DataFrame(rows)
+    cols = [*by, "features", "n", "mean_plain", "mean_adversarial", "drop", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 # ---------------------------------------------------------------------------- words

@@ -41,6 +41,14 @@ def mechanism_figure(summary: pd.DataFrame, wrappers: pd.DataFrame, words: pd.Da
     """Relative drop of harm and refusal features, by outcome and by wrapper kind; top words."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1.6, 1.2]})
+    if summary.empty:  # e.g. a model that refuses no plain request: there is no jailbreak to explain
+        for ax in axes:
+            ax.text(0.5, 0.5, "no successful or failed jailbreak pair", ha="center", va="center")
+            ax.set_axis_off()
+        fig.suptitle(caption, fontsize=9)
+        save_figure(fig, stem)
+        plt.close(fig)
+        return
     s = summary.assign(group=[f"{o}\n(n={n})" for o, n in zip(summary.outcome, summary.n)])
     _bars(axes[0], s, list(dict.fromkeys(s.group)), ["harm", "refusal"], "group", "features", "drop",
           {"harm": "harm features (sequence mean)", "refusal": "refusal features (last tokens)"})

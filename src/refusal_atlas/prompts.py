@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -63,11 +63,22 @@ def wrap_jailbreak(template: str, request: str) -> str:
     return template.replace("{request}", request)
 
 
-def bundled_promptset(prompt_dir: str | Path, fractions: Mapping[str, float], seed: int = 0) -> pd.DataFrame:
+def read_suffixes(path: str | Path) -> list[str]:
+    """Adversarial suffixes, one per line; blank lines and ``#`` comments are skipped."""
+    lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines()]
+    suffixes = [l for l in lines if l and not l.startswith("#")]
+    if not suffixes:
+        raise PromptSetError(f"{path}: no adversarial suffix in the file")
+    return suffixes
+
+
+def bundled_promptset(prompt_dir: str | Path, fractions: Mapping[str, float], seed: int = 0,
+                      suffixes: Sequence[str] = ()) -> pd.DataFrame:
     """The prompt sets written for refusal-atlas (``resources/prompts``).
 
     Harmful requests and their harmless twins share a split (assigned by pair id), so no twin
     of a test prompt is ever trained on; each jailbreak variant shares its parent's split.
+    ``suffixes`` (:func:`read_suffixes`) add a second jailbreak variant per harmful request.
     """
     prompt_dir = Path(prompt_dir)
     pairs = _read_tsv(prompt_dir / "pairs.tsv", ["pair_id", "category", "harmful", "harmless"])
@@ -84,6 +95,10 @@ def bundled_promptset(prompt_dir: str | Path, fractions: Mapping[str, float], se
             (f"{p.pair_id}-jb-{t['id']}", wrap_jailbreak(t["text"], p.harmful), p.category, "harmful",
              "bundled", split, "jailbreak", p.pair_id)
         )
+        if suffixes:
+            i = int(_unit_hash(f"{p.pair_id}/suffix", seed) * len(suffixes))
+            rows.append((f"{p.pair_id}-jb-suffix-{i + 1}", f"{p.harmful} {suffixes[i]}", p.category, "harmful",
+                         "bundled", split, "jailbreak", p.pair_id))
     for b in bait.itertuples(index=False):
         rows.append((b.id, b.instruction, b.category, "harmless", "bundled", assign_split(b.id, fractions, seed),
                      "bait", b.id))

@@ -56,7 +56,8 @@ def download_dataset(manifest: str, key: str, dest: str, mirror: str | None, tim
 
 def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> None:
     if spec["source"] == "bundled":
-        df = prompts.bundled_promptset(Path(inputs["pairs"]).parent, spec["split_fractions"], spec["seed"])
+        suffixes = prompts.read_suffixes(inputs["suffixes"]) if inputs.get("suffixes") else ()
+        df = prompts.bundled_promptset(Path(inputs["pairs"]).parent, spec["split_fractions"], spec["seed"], suffixes)
     elif spec["source"] == "benchmark":
         df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec.get("max_prompts", 100))
     else:
@@ -653,7 +654,7 @@ def adversarial_responses(model_dir: str, spec: Mapping, promptset: str, cfg: Ma
     pairs = jailbreak.adversarial_pairs(pd.read_parquet(promptset))
     pairs = pairs[pairs.split.isin(cfg["splits"])].reset_index(drop=True)
     rows = pd.concat([
-        pairs.assign(id=pairs.plain_id, variant="plain", instruction=pairs.plain),
+        pairs.drop_duplicates("plain_id").assign(id=lambda d: d.plain_id, variant="plain", instruction=lambda d: d.plain),
         pairs.assign(id=pairs.adversarial_id, variant="jailbreak", instruction=pairs.adversarial),
     ], ignore_index=True)[["id", "pair_id", "variant", "category", "split", "wrapper", "wrapper_kind", "instruction"]]
     model, tok = _load(model_dir, spec)

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from . import conditions
-from .io import atomic_path, write_csv, write_parquet
+from .io import write_csv, write_parquet
 from .judges import substring_refusals
+from .plots import save_figure
 from .logs import logged  # noqa: F401  (every script enters its stage through it)
 from .stats import bootstrap_rate
 
@@ -75,12 +76,6 @@ def _condition_columns(method: str) -> dict:
             "mode": c.mode, "set_value": c.value if c.mode == "set" else None}
 
 
-def _figure(fig, stem: str) -> None:
-    for ext in ("png", "svg"):
-        with atomic_path(f"{stem}.{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-
-
 def benchmark_table(summaries: Sequence[str], judges: Sequence[str], caption: Mapping[str, str], output: str,
                     figure_stem: str) -> None:
     """Jailbreak rate per method and dataset (Yeo et al. 2025, Table 1), each with n and its CI.
@@ -124,7 +119,7 @@ def benchmark_table(summaries: Sequence[str], judges: Sequence[str], caption: Ma
         ax.set_title(f"{model}: held-out harmful prompts, judge {judge_name} ({caption.get(judge_name, judge_name)}); "
                      "95% bootstrap CI", fontsize=9)
         ax.legend(fontsize=8)
-    _figure(fig, figure_stem)
+    save_figure(fig, figure_stem)
     plt.close(fig)
 
 
@@ -162,7 +157,7 @@ def induction_table(summaries: Sequence[str], output: str, figure_stem: str) -> 
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{model}: harmless {ps} prompts (test), n={int(g.n.max())}", fontsize=9)
         ax.legend(fontsize=7)
-    _figure(fig, figure_stem)
+    save_figure(fig, figure_stem)
     plt.close(fig)
 
 

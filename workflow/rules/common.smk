@@ -90,11 +90,14 @@ def organism_eval_params():
 def promptset_inputs(wildcards):
     spec = config["promptsets"][wildcards.promptset]
     if spec["source"] == "bundled":
-        return {
+        inputs = {
             "pairs": REPO / "resources/prompts/pairs.tsv",
             "bait": REPO / "resources/prompts/safe_bait.tsv",
             "templates": REPO / "resources/prompts/jailbreak_templates.yaml",
         }
+        if spec["adversarial_suffixes"]:
+            inputs["suffixes"] = repo_path(spec["adversarial_suffixes"])
+        return inputs
     if spec["source"] == "benchmark":
         return {"file": f"resources/datasets/refusal_direction/{spec['file']}"}
     return {
