@@ -148,3 +148,25 @@ def test_steering_references_are_checked(edit, message):
     edit(cfg)
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
+
+
+def test_wildjailbreak_needs_a_local_path_and_can_feed_the_probes():
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["promptsets"]["wjb"] = {"source": "wildjailbreak"}
+    cfg = validated(cfg)
+    with pytest.raises(ConfigError, match="source wildjailbreak needs path"):
+        check_config(cfg)
+    cfg["promptsets"]["wjb"]["path"] = "/data/wildjailbreak/train/train.tsv"
+    cfg["probes"]["promptset"] = "wjb"
+    check_config(cfg)
+    assert cfg["promptsets"]["wjb"]["max_per_type"]["adversarial_harmful"] == 1000
+
+
+def test_every_promptset_key_belongs_to_a_source():
+    from refusal_atlas.config import PROMPTSET_SOURCE_KEYS
+
+    schema = yaml.safe_load(open(SCHEMA))
+    keys = set(schema["properties"]["promptsets"]["additionalProperties"]["properties"])
+    assert set().union(*PROMPTSET_SOURCE_KEYS.values()) == keys
+    assert set(PROMPTSET_SOURCE_KEYS) == set(
+        schema["properties"]["promptsets"]["additionalProperties"]["properties"]["source"]["enum"])

@@ -60,6 +60,9 @@ def check_config(config: Mapping) -> None:
             f"direction.promptset {config['direction']['promptset']!r} must also be listed in activations.promptsets"
         )
     for name, spec in config["promptsets"].items():
+        if spec["source"] == "wildjailbreak" and "path" not in spec:
+            raise ConfigError(f"promptsets.{name}: source wildjailbreak needs path (the local train TSV; the "
+                              "dataset is gated: fetch it with your HF_TOKEN)")
         if spec["source"] == "benchmark" and "file" not in spec:
             raise ConfigError(f"promptsets.{name}: source benchmark needs file (e.g. processed/harmbench_test.json)")
         fr = spec.get("split_fractions")
@@ -84,6 +87,15 @@ def feature_promptset(config: Mapping) -> str:
     return config["steering"]["feature_promptset"] or config["features"]["promptsets"][0]
 
 
+# The keys of a promptset each source reads (the rest are other sources' defaults).
+PROMPTSET_SOURCE_KEYS = {
+    "bundled": {"source", "split_fractions", "seed", "adversarial_suffixes"},
+    "refusal_direction": {"source", "max_per_split", "seed"},
+    "benchmark": {"source", "file", "max_prompts"},
+    "wildjailbreak": {"source", "path", "eval_path", "max_per_type", "split_fractions", "seed"},
+}
+
+
 def probe_promptset(config: Mapping) -> str:
     return config["probes"]["promptset"] or feature_promptset(config)
 
@@ -99,9 +111,9 @@ def _check_probes(config: Mapping) -> None:
     name = probe_promptset(config)
     if name not in config["promptsets"]:
         raise ConfigError(f"probes.promptset: unknown promptset {name!r}; defined: {sorted(config['promptsets'])}")
-    if config["promptsets"][name]["source"] != "bundled":
-        raise ConfigError(f"probes.promptset {name!r} has no adversarial pairs: the probes need a bundled promptset "
-                          "(jailbreak variants beside their plain request, and harmless twins)")
+    if config["promptsets"][name]["source"] not in ("bundled", "wildjailbreak"):
+        raise ConfigError(f"probes.promptset {name!r} has no adversarial pairs: the probes need a bundled or "
+                          "wildjailbreak promptset (jailbreak variants beside their plain request, harmless prompts)")
     if pr["selector"] not in feats["methods"]:
         raise ConfigError(f"probes.selector {pr['selector']!r} is not in features.methods")
     if pr["protocol"] is not None and pr["protocol"] not in feats["protocols"]:

@@ -42,12 +42,14 @@ OUTCOMES = ("success", "failed")
 
 
 # ---------------------------------------------------------------------------- pairs
-def adversarial_pairs(promptset: pd.DataFrame) -> pd.DataFrame:
+def adversarial_pairs(promptset: pd.DataFrame, allow_unpaired: bool = False) -> pd.DataFrame:
     """Every ``jailbreak`` variant beside the ``plain`` request of the same ``pair_id``.
 
     Columns: pair_id, category, split, plain_id, plain, adversarial_id, adversarial, wrapper
-    (the bundled template id, from ``<pair>-jb-<template>``, else ``"unknown"``) and
-    wrapper_kind (its prefix: roleplay, fiction, hypothetical...).
+    (the template id, from ``<pair>-jb-<template>``, else ``"unknown"``) and wrapper_kind (its
+    prefix: roleplay, fiction, suffix, wildjailbreak...). A jailbreak without a plain parent is an
+    error unless ``allow_unpaired`` (WildJailbreak's eval set has none); it then keeps empty
+    plain columns, and only the probes use it.
     """
     plain = promptset[promptset.variant == "plain"][["pair_id", "id", "instruction"]]
     adv = promptset[promptset.variant == "jailbreak"][["pair_id", "id", "instruction", "category", "split"]]
@@ -55,7 +57,7 @@ def adversarial_pairs(promptset: pd.DataFrame) -> pd.DataFrame:
         raise ValueError("the promptset has no jailbreak variants to pair with plain requests")
     pairs = adv.merge(plain, on="pair_id", suffixes=("_adv", "_plain"), how="left")
     orphans = pairs.id_plain.isna()
-    if orphans.any():
+    if orphans.any() and not allow_unpaired:
         raise ValueError(f"{int(orphans.sum())} jailbreak prompts have no plain parent (pair_id), "
                          f"e.g. {pairs.id_adv[orphans].iloc[0]!r}")
     wrapper = pairs.id_adv.str.partition("-jb-")[2].replace("", "unknown")

@@ -131,6 +131,76 @@ def refusal_direction_promptset(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+WILDJAILBREAK_TYPES = ("adversarial_harmful", "vanilla_harmful", "vanilla_benign", "adversarial_benign")
+
+
+def _read_wildjailbreak(path: str | Path, required: set[str]) -> pd.DataFrame:
+    # The dataset card reads it with delimiter "\t" and keep_default_na=False ("None" is a prompt).
+    try:
+        df = pd.read_csv(path, sep="\t", keep_default_na=False, dtype=str)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise PromptSetError(f"{path}: not a WildJailbreak TSV ({e})") from e
+    missing = required - set(df.columns)
+    if missing:
+        raise PromptSetError(f"{path}: not a WildJailbreak TSV, columns {sorted(missing)} are missing")
+    unknown = set(df.data_type) - set(WILDJAILBREAK_TYPES)
+    if unknown:
+        raise PromptSetError(f"{path}: unknown data_type {sorted(unknown)[:3]}")
+    return df
+
+
+def _wjb_id(text: str) -> str:
+    return "wjb-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def wildjailbreak_promptset(train: str | Path, eval_path: str | Path | None, fractions: Mapping[str, float],
+                            max_per_type: Mapping[str, int], seed: int = 0) -> pd.DataFrame:
+    """WildJailbreak (Jiang et al. 2024, ``allenai/wildjailbreak``, gated) as a promptset.
+
+    From the ``train`` TSV: each adversarial_harmful prompt becomes a ``jailbreak`` variant paired
+    (``pair_id``) with its vanilla request, a ``plain`` harmful prompt that appears once however
+    many adversarial rewrites it has; vanilla_harmful and vanilla_benign prompts are ``plain``
+    harmful and harmless prompts; adversarial_benign ones are ``bait``. At most
+    ``max_per_type[data_type]`` rows of each type are drawn (seeded); splits are assigned by a
+    hash of the pair. From the ``eval`` TSV (optional): adversarial_harmful prompts, which have
+    no vanilla parent, join the test split as unpaired jailbreaks, and adversarial_benign as bait.
+    """
+    df = _read_wildjailbreak(train, {"vanilla", "adversarial", "data_type"})
+    rows, plain_seen = [], set()
+    for dtype in WILDJAILBREAK_TYPES:
+        part = df[df.data_type == dtype]
+        part = part.sample(n=min(len(part), max_per_type.get(dtype, 0)), random_state=seed).sort_index()
+        for r in part.itertuples():
+            adversarial = dtype.startswith("adversarial")
+            label = "harmful" if dtype.endswith("harmful") else "harmless"
+            key = r.vanilla if r.vanilla else r.adversarial
+            pair = _wjb_id(key)
+            split = assign_split(pair, fractions, seed)
+            if dtype == "adversarial_harmful":
+                if pair not in plain_seen:
+                    plain_seen.add(pair)
+                    rows.append((f"{pair}-plain", r.vanilla, "none", "harmful", "wildjailbreak", split, "plain", pair))
+                rows.append((f"{pair}-jb-wildjailbreak-{r.Index}", r.adversarial, "none", "harmful", "wildjailbreak",
+                             split, "jailbreak", pair))
+            elif adversarial:
+                rows.append((f"{pair}-bait-{r.Index}", r.adversarial, "none", label, "wildjailbreak", split, "bait", pair))
+            elif pair not in plain_seen:
+                plain_seen.add(pair)
+                rows.append((f"{pair}-plain", r.vanilla, "none", label, "wildjailbreak", split, "plain", pair))
+    if eval_path is not None:
+        ev = _read_wildjailbreak(eval_path, {"adversarial", "data_type"})
+        for r in ev[ev.data_type.str.startswith("adversarial")].itertuples():
+            harmful = r.data_type == "adversarial_harmful"
+            pair = f"wjb-eval-{r.Index:05d}"
+            rows.append((f"{pair}-jb-wildjailbreak-eval" if harmful else f"{pair}-bait", r.adversarial, "none",
+                         "harmful" if harmful else "harmless", "wildjailbreak_eval", "test",
+                         "jailbreak" if harmful else "bait", pair))
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    if out.empty:
+        raise PromptSetError(f"{train}: no prompt drawn (max_per_type {dict(max_per_type)})")
+    return out
+
+
 def benchmark_promptset(path: str | Path, name: str, max_prompts: int | None) -> pd.DataFrame:
     """A public harmful benchmark (HarmBench, JailbreakBench, AdvBench, ...) as a test split.
 

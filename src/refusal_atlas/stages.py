@@ -58,6 +58,9 @@ def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> N
     if spec["source"] == "bundled":
         suffixes = prompts.read_suffixes(inputs["suffixes"]) if inputs.get("suffixes") else ()
         df = prompts.bundled_promptset(Path(inputs["pairs"]).parent, spec["split_fractions"], spec["seed"], suffixes)
+    elif spec["source"] == "wildjailbreak":
+        df = prompts.wildjailbreak_promptset(inputs["train"], inputs.get("eval"), spec["split_fractions"],
+                                             spec["max_per_type"], spec["seed"])
     elif spec["source"] == "benchmark":
         df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec.get("max_prompts", 100))
     else:
@@ -651,10 +654,11 @@ def adversarial_responses(model_dir: str, spec: Mapping, promptset: str, cfg: Ma
                           output: str) -> None:
     """The unsteered model's answers to each adversarial prompt and to its plain parent, judged
     by refusal substrings: the labels of the jailbreak study and of the probes' adversarial slice."""
-    pairs = jailbreak.adversarial_pairs(pd.read_parquet(promptset))
+    df = pd.read_parquet(promptset)
+    pairs = jailbreak.adversarial_pairs(df, allow_unpaired=bool(df.source.eq("wildjailbreak_eval").any()))
     pairs = pairs[pairs.split.isin(cfg["splits"])].reset_index(drop=True)
     rows = pd.concat([
-        pairs.drop_duplicates("plain_id").assign(id=lambda d: d.plain_id, variant="plain", instruction=lambda d: d.plain),
+        pairs[pairs.plain_id.notna()].drop_duplicates("plain_id").assign(id=lambda d: d.plain_id, variant="plain", instruction=lambda d: d.plain),
         pairs.assign(id=pairs.adversarial_id, variant="jailbreak", instruction=pairs.adversarial),
     ], ignore_index=True)[["id", "pair_id", "variant", "category", "split", "wrapper", "wrapper_kind", "instruction"]]
     model, tok = _load(model_dir, spec)
@@ -676,6 +680,9 @@ def _pair_outcomes(responses: str) -> pd.DataFrame:
         plain[["id", "instruction", "refused"]], lsuffix="_adversarial", rsuffix="_plain").reset_index()
     pairs = pairs.rename(columns={"id_adversarial": "adversarial_id", "instruction_adversarial": "adversarial",
                                   "id_plain": "plain_id", "instruction_plain": "plain"})
+    if pairs.plain_id.isna().any():
+        log.info("%d jailbreaks have no plain request (WildJailbreak eval): probes only", pairs.plain_id.isna().sum())
+        pairs = pairs[pairs.plain_id.notna()].reset_index(drop=True)
     return pairs.assign(outcome=jailbreak.outcomes(pairs.refused_plain, pairs.refused_adversarial))
 
 

@@ -12,6 +12,7 @@ from refusal_atlas.config import (
     feature_promptset,
     probe_promptset,
     probe_protocol,
+    PROMPTSET_SOURCE_KEYS,
     REFUSAL_DIRECTION_SPLIT_FILES,
 )
 
@@ -100,10 +101,20 @@ def promptset_inputs(wildcards):
         return inputs
     if spec["source"] == "benchmark":
         return {"file": f"resources/datasets/refusal_direction/{spec['file']}"}
+    if spec["source"] == "wildjailbreak":
+        paths = {"train": spec["path"], "eval": spec["eval_path"]}
+        return {k: v for k, v in paths.items() if v}
     return {
         key: f"resources/datasets/refusal_direction/{rel}"
         for key, rel in REFUSAL_DIRECTION_SPLIT_FILES.items()
     }
+
+
+def promptset_params(name):
+    """Only the keys the promptset's source reads: a default added for another source (the
+    schema fills them all in) must not rebuild it and everything downstream."""
+    spec = config["promptsets"][name]
+    return {k: v for k, v in spec.items() if k in PROMPTSET_SOURCE_KEYS[spec["source"]]}
 
 
 def harmbench_gpus():

@@ -40,6 +40,6 @@ rule build_promptsets:
         mem_mb=2000,
         runtime=10,
     params:
-        spec=lambda w: config["promptsets"][w.promptset],
+        spec=lambda w: promptset_params(w.promptset),
     script:
         "../scripts/build_promptsets.py"
