@@ -32,3 +32,15 @@ def test_writers_round_trip(tmp_path):
     assert pd.read_parquet(tmp_path / "x.parquet").a.tolist() == [1, 2]
     write_json({"n": 3}, tmp_path / "x.json")
     assert (tmp_path / "x.json").read_text().strip() == '{\n  "n": 3\n}'
+
+
+def test_json_outputs_are_strict_json_with_null_for_nan(tmp_path):
+    import json
+    import math
+
+    from refusal_atlas.io import write_json
+
+    write_json({"score": math.nan, "rates": [0.5, float("nan")], "n": 3}, tmp_path / "s.json")
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text) == {"score": None, "rates": [0.5, None], "n": 3}

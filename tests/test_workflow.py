@@ -25,7 +25,8 @@ pytestmark = pytest.mark.workflow
 # Every rule that runs a model; the others are CPU rules or local rules (workflow/Snakefile).
 GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
              "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
-             "adversarial_responses", "jailbreak_mechanism"}
+             "adversarial_responses", "jailbreak_mechanism", "guardrail_select", "guardrail_eval",
+             "refusal_guardrail"}
 
 
 def snakemake(workdir, config, *extra):
@@ -201,13 +202,23 @@ def test_outputs_follow_the_contracts(run):
     assert (probes[probes.probe == "dense"].layer == dense_layer).all()
     acc = probes[(probes.metric == "accuracy")]
     assert acc.value.between(0, 1).all() and (acc.ci_low <= acc.value).all() and (acc.n > 0).all()
+    unlearn = pd.read_csv(work / "results/guardrails/tiny/unlearning.csv")
+    assert set(unlearn["mode"]) == {"dynamic", "static"} and (unlearn.retain_n > 0).all()
+    assert (unlearn.tau >= 0).all() and unlearn.forget_accuracy.notna().all()
+    assert "score" in json.loads((work / "results/guardrails/tiny/unlearning_score.json").read_text())["dynamic"]
+    for weights in ("tuned", "base"):  # the organism and the untuned model it was tuned from
+        guard = pd.read_csv(work / f"results/guardrails/tiny/refusal_{weights}.csv")
+        assert set(guard.condition) == {"base", "guard-set", "guard-add", "always-set", "always-add"}
+        assert set(guard.variant) == {"plain", "twin", "bait"} and (guard.n > 0).all()
+        assert (guard[guard.condition == "base"].added_refusal == 0).all()
+        assert (work / f"results/guardrails/tiny/refusal_{weights}.png").exists()
     for fig in ("mechanism", "probes"):
         assert (work / f"results/probes/tiny/{fig}.png").stat().st_size > 0
         assert (work / f"results/probes/tiny/{fig}.svg").exists()
     for rule in ("base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "steer_generate",
                  "sae_corpus", "train_sae", "sae_quality", "feature_attribution", "select_features", "steering_search",
                  "gather_generations", "capabilities", "benchmark_table", "induction_table", "adversarial_responses",
-                 "jailbreak_mechanism", "probes"):
+                 "jailbreak_mechanism", "probes", "guardrail_select", "guardrail_eval", "refusal_guardrail"):
         assert any((work / "logs").glob(f"{rule}*")) and any((work / "benchmarks").glob(f"{rule}*"))
 
 
@@ -250,7 +261,8 @@ def test_report_builds(run):
     assert "summary.csv" in html and "baselines.csv" in html
     assert "quality.csv" in html and "features_tiny.csv" in html
     for name in ("benchmark.csv", "benchmark.png", "induction.csv", "capabilities_tiny.csv", "sweep.csv",
-                 "mechanism.csv", "mechanism.png", "suppressing_words.csv", "probes.csv", "probes.png"):
+                 "mechanism.csv", "mechanism.png", "suppressing_words.csv", "probes.csv", "probes.png",
+                 "unlearning.csv", "unlearning.png", "refusal_tuned.csv", "refusal_base.png"):
         assert name in html
 
 

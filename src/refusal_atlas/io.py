@@ -41,8 +41,19 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Strict JSON: a NaN (a rate with nothing to count) is written as null, never as ``NaN``."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(_no_nan(obj), indent=2, sort_keys=False, default=_jsonable, allow_nan=False) + "\n")
+
+
+def _no_nan(x: Any) -> Any:
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
 
 
 def _jsonable(x: Any) -> Any:

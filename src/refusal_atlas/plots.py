@@ -108,3 +108,40 @@ def probe_figure(table: pd.DataFrame, caption: str, stem: str) -> None:
     fig.suptitle(caption, fontsize=9)
     save_figure(fig, stem)
     plt.close(fig)
+
+
+def guardrail_figure(table: pd.DataFrame, scores: dict, caption: str, stem: str) -> None:
+    """Forget vs retain accuracy (relative to the unmodified model) of every config, gated and static."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for mode, marker in (("dynamic", "o"), ("static", "s")):
+        t = table[table["mode"] == mode]
+        xerr = np.nan_to_num(np.abs(np.vstack([t.retain_accuracy - t.retain_ci_low, t.retain_ci_high - t.retain_accuracy])))
+        yerr = np.nan_to_num(np.abs(np.vstack([t.forget_accuracy - t.forget_ci_low, t.forget_ci_high - t.forget_accuracy])))
+        s = scores.get(mode, {}).get("score")
+        ax.errorbar(t.retain_accuracy, t.forget_accuracy, xerr=xerr, yerr=yerr, fmt=marker, capsize=2, alpha=0.8,
+                    label=f"{mode} (score {s:.2f})" if s == s and s is not None else f"{mode} (no config keeps retain)")
+    ax.axvline(scores.get("retain_min", 0.99), color="k", ls=":", lw=0.8)
+    ax.set_xlabel(f"retain accuracy, relative (n={table.retain_n.iloc[0] if len(table) else 0} passages)")
+    ax.set_ylabel(f"forget accuracy, relative (n={table.forget_n.iloc[0] if len(table) else 0} passages)")
+    ax.legend(fontsize=8)
+    ax.set_title(caption, fontsize=8)
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def refusal_guardrail_figure(result: pd.DataFrame, caption: str, stem: str) -> None:
+    """Refusal rate per condition on harmful, harmless-twin and bait prompts, with CIs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    variants = list(dict.fromkeys(result.variant))
+    conditions = list(dict.fromkeys(result.condition))
+    r = result.assign(group=[f"{v}\n(n={n})" for v, n in zip(result.variant, result.n)])
+    groups = [r[r.variant == v].group.iloc[0] for v in variants]
+    r = r.rename(columns={"refusal_rate": "value"})
+    _bars(ax, r, groups, conditions, "group", "condition", "value")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("refusal rate (substring judge)")
+    ax.set_title(caption, fontsize=8)
+    save_figure(fig, stem)
+    plt.close(fig)

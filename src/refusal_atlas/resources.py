@@ -32,6 +32,9 @@ GPU_STAGES = (
     "capabilities",
     "adversarial_responses",
     "jailbreak_mechanism",
+    "guardrail_select",
+    "guardrail_eval",
+    "refusal_guardrail",
 )
 
 
@@ -80,6 +83,14 @@ def stage_memory(stage: str, spec: Mapping, config: Mapping) -> float:
         return 4 * _saes_bytes(shape, sae, 1, 4) + batch * (shape.d_model + sae["d_sae"]) * 4 * 3
     if stage in ("steer_generate", "steering_search", "capabilities"):
         batch = config["evaluation"]["batch_size"]
+        return weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b)
+    if stage in ("guardrail_select", "guardrail_eval"):
+        # one SAE at a time in use, and a teacher-forced batch's logits
+        gr = config["guardrails"]["unlearning"]
+        return (weights + _saes_bytes(shape, sae, n_sae, b)
+                + gr["batch_size"] * gr["max_tokens"] * (shape.vocab * 4 + sae["d_sae"] * 4))
+    if stage == "refusal_guardrail":
+        batch = config["guardrails"]["refusal"]["batch_size"]
         return weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b)
     if stage == "adversarial_responses":
         batch = config["probes"]["batch_size"]

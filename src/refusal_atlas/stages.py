@@ -26,7 +26,7 @@ from . import attribution, datasets, direction, features, jailbreak, prompts, sa
 from . import capabilities as capabilities_lib
 from .activations import last_token_resid_post
 from .conditions import Condition, parse_condition
-from .generation import generate
+from .generation import chat_batches, generate
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
 from .io import atomic_path, write_csv, write_json, write_parquet, write_safetensors
 from .judges import substring_refusals
@@ -834,3 +834,170 @@ def _probe_summary(table: pd.DataFrame) -> pd.DataFrame:
     cols = ["probe", "slice", "metric", "value", "ci_low", "ci_high", "n", "positives", "n_features", "layer", "sets",
             "draws_min", "draws_max"]
     return pd.concat([fixed, rand], ignore_index=True).reindex(columns=cols)
+
+
+# ---------------------------------------------------------------------------- guardrails
+def _split_passages(path: str, eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A file's passages split into (select, eval) by a hash of each passage."""
+    from .guardrails import read_passages
+
+    passages = read_passages(path)
+    held = [prompts.assign_split(p, {"train": 1 - eval_fraction, "val": 0.0, "test": eval_fraction}, seed) == "test"
+            for p in passages]
+    select = [p for p, h in zip(passages, held) if not h]
+    heldout = [p for p, h in zip(passages, held) if h]
+    if not select or not heldout:
+        raise ValueError(f"{path}: {len(passages)} passages leave an empty select or eval part")
+    return select, heldout
+
+
+def _sae_at(sae_dirs: Sequence[str], layer: int | None, spec: Mapping, model):
+    sae_map = _saes(sae_dirs, spec, model)
+    layer = min(sae_map) if layer is None else layer
+    if layer not in sae_map:
+        raise ValueError(f"no SAE at layer {layer}; SAE layers: {sorted(sae_map)}")
+    return sae_map, layer
+
+
+def guardrail_select(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forget: str, retain: str, cfg: Mapping,
+                     output: str, stats_out: str) -> None:
+    """Latent selection (q, n) and τ of the dynamic guardrail (Muhamed et al. 2025, steps 1-3)."""
+    from . import guardrails as gr
+
+    model, tok = _load(model_dir, spec)
+    sae_map, layer = _sae_at(sae_dirs, cfg["layer"], spec, model)
+    sae = sae_map[layer]
+    f_sel, _ = _split_passages(forget, cfg["eval_fraction"], cfg["seed"])
+    r_sel, _ = _split_passages(retain, cfg["eval_fraction"], cfg["seed"])
+    batches = partial(gr.text_batches, tok, batch_size=cfg["batch_size"], max_tokens=cfg["max_tokens"],
+                      device=next(model.parameters()).device)
+    stats = gr.feature_statistics(sae, gr.text_token_acts(model, tok, batches(f_sel), layer),
+                                  gr.text_token_acts(model, tok, batches(r_sel), layer))
+    rows = []
+    for q in cfg["q_values"]:
+        for n in cfg["n_values"]:
+            chosen = gr.select_features(stats, q, n)
+            guard = gr.DynamicSAEGuard(sae, layer, torch.tensor(chosen.feature.to_numpy()))
+            fractions = gr.firing_fractions(model, tok, guard, batches(r_sel))
+            tau = gr.calibrate_tau(fractions, cfg["tau_quantile"])
+            log.info("q=%s n=%s: %d latents, tau=%.3f on %d retain passages", q, n, len(chosen), tau, len(r_sel))
+            rows.append(chosen.assign(config=f"q{q:g}-n{n}", n=n, layer=layer, tau=tau,
+                                      n_forget_select=len(f_sel), n_retain_select=len(r_sel)))
+    write_parquet(stats.assign(layer=layer), stats_out)
+    write_parquet(pd.concat(rows, ignore_index=True), output)
+
+
+def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forget: str, retain: str, selection: str,
+                   cfg: Mapping, boot: Mapping, caption: str, output: str, score_out: str, figure_stem: str) -> None:
+    """Dynamic gate vs SAEBench's static clamp on held-out forget and retain passages, scored by
+    the loss-based measure of a model too small for multiple choice: next-token top-1 accuracy
+    relative to the unmodified model (and CE), and Muhamed et al.'s score."""
+    from . import guardrails as gr
+    from . import plots
+    from .jailbreak import relative_drop
+
+    model, tok = _load(model_dir, spec)
+    chosen = pd.read_parquet(selection)
+    layer = int(chosen.layer.iloc[0])
+    sae = _saes(sae_dirs, spec, model)[layer]
+    _, f_eval = _split_passages(forget, cfg["eval_fraction"], cfg["seed"])
+    _, r_eval = _split_passages(retain, cfg["eval_fraction"], cfg["seed"])
+    batches = partial(gr.text_batches, tok, batch_size=cfg["batch_size"], max_tokens=cfg["max_tokens"],
+                      device=next(model.parameters()).device)
+    base = {"forget": gr.token_scores(model, tok, batches(f_eval)), "retain": gr.token_scores(model, tok, batches(r_eval))}
+    texts = {"forget": f_eval, "retain": r_eval}
+    rows = []
+    for config, sel in chosen.groupby("config", sort=False):
+        feats = torch.tensor(sel.feature.to_numpy())
+        tau = float(sel.tau.iloc[0])
+        observe = gr.DynamicSAEGuard(sae, layer, feats)
+        gated = {part: float((gr.firing_fractions(model, tok, observe, batches(t)) > tau).mean())
+                 for part, t in texts.items()}
+        for c in cfg["c_values"]:
+            for mode in ("dynamic", "static"):
+                guard = gr.DynamicSAEGuard(sae, layer, feats, tau=tau, value=-float(c), static=mode == "static")
+                row = {"config": f"{config}-c{c:g}-{mode}", "selection": config, "q": sel.q.iloc[0],
+                       "n": int(sel.n.iloc[0]), "c": c, "mode": mode, "tau": tau, "layer": layer}
+                for part in ("forget", "retain"):
+                    scores = gr.token_scores(model, tok, batches(texts[part]), gr.bind(guard, tok))
+                    ratio = relative_drop(base[part].accuracy.to_numpy(), scores.accuracy.to_numpy(), **boot)
+                    row.update({f"{part}_accuracy": 1 - ratio["drop"], f"{part}_ci_low": 1 - ratio["ci_high"],
+                                f"{part}_ci_high": 1 - ratio["ci_low"], f"{part}_n": ratio["n"],
+                                f"{part}_ce_delta": float((scores.ce - base[part].ce).mean()),
+                                f"{part}_gated": gated[part] if mode == "dynamic" else 1.0})
+                log.info("%s: forget %.3f, retain %.3f", row["config"], row["forget_accuracy"], row["retain_accuracy"])
+                rows.append(row)
+    table = pd.DataFrame(rows)
+    scores = {mode: gr.trade_off_score(table[table["mode"] == mode], cfg["retain_min"]) for mode in ("dynamic", "static")}
+    scores["base_accuracy"] = {p: float(b.accuracy.mean()) for p, b in base.items()}
+    scores["n_eval"] = {p: len(t) for p, t in texts.items()}
+    scores["retain_min"] = cfg["retain_min"]
+    log.info("unlearning scores: %s", scores)
+    write_csv(table, output)
+    write_json(scores, score_out)
+    plots.guardrail_figure(table, scores, caption, figure_stem)
+
+
+def refusal_guardrail(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], promptset: str, features_path: str,
+                      direction_summary: str, cfg: Mapping, substrings: Sequence[str], boot: Mapping, caption: str,
+                      output: str, gate_out: str, figure_stem: str) -> None:
+    """The dynamic gate as a refusal guardrail: harm latents open it, refusal is then induced
+    (set clamp of F*, or r added) on the prompts it opened on only; against always-on steering."""
+    from . import guardrails as gr
+    from . import plots
+
+    model, tok = _load(model_dir, spec)
+    sae_map, layer = _sae_at(sae_dirs, cfg["layer"], spec, model)
+    df = pd.read_parquet(promptset)
+    train = df[(df.split == cfg["fit_split"]) & df.variant.isin(["plain", "twin", "bait"])]
+    kw = dict(batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"])
+    harmful = list(train[train.label == "harmful"].instruction)
+    harmless = list(train[train.label == "harmless"].instruction)
+    acts = {k: saes.token_resid_post(model, tok, v, [layer], dtype=torch.float32, **kw)[layer]
+            for k, v in (("harmful", harmful), ("harmless", harmless))}
+    stats = gr.feature_statistics(sae_map[layer], acts["harmful"], acts["harmless"])
+    chosen = gr.select_features(stats, cfg["q"], cfg["n"])
+    guard = gr.DynamicSAEGuard(sae_map[layer], layer, torch.tensor(chosen.feature.to_numpy()))
+    device = next(model.parameters()).device
+    batches = partial(chat_batches, tok, batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"],
+                      device=device)
+    tau = gr.calibrate_tau(gr.firing_fractions(model, tok, guard, batches(harmless)), cfg["tau_quantile"])
+
+    test = df[(df.split == cfg["eval_split"]) & df.variant.isin(["plain", "twin", "bait"])].reset_index(drop=True)
+    frac = gr.firing_fractions(model, tok, guard, batches(list(test.instruction)))
+    test = test.assign(fraction=frac, opened=frac > tau)
+    opened = frozenset(test.id[test.opened])
+    log.info("gate at layer %d, %d latents, tau=%.3f: opens on %s", layer, len(chosen), tau,
+             test.groupby("variant").opened.mean().round(3).to_dict())
+
+    r, l_star = _direction(direction_summary)
+    table = pd.read_parquet(features_path)
+    d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
+    fs = steering.feature_set(table, cfg["protocol"], "global", cfg["k_star"], d_sae)
+    ids = list(test.id)
+    conditions = {
+        "base": Intervention(),
+        "guard-set": steering.FeatureClamp(sae_map, gr.gated_feature_set(fs, opened, ids), mode="set",
+                                           value=cfg["set_value"]),
+        "guard-add": gr.GatedAddition(r, l_star, cfg["add_coeff"], opened),
+        "always-set": steering.FeatureClamp(sae_map, fs, mode="set", value=cfg["set_value"]),
+        "always-add": DirectionAddition(r, l_star, cfg["add_coeff"]),
+    }
+    rows, gens = [], []
+    for name, intervention in conditions.items():
+        out = generate(model, tok, list(test.instruction), max_new_tokens=cfg["max_new_tokens"],
+                       batch_size=cfg["batch_size"], intervention=intervention, system_prompt=spec["system_prompt"],
+                       desc=name, prompt_ids=ids)
+        refused = substring_refusals(out, substrings)
+        gens.append(test[["id", "variant", "label", "opened"]].assign(condition=name, generation=out, refused=refused))
+        for variant, g in test.assign(refused=refused).groupby("variant"):
+            rate = bootstrap_rate(g.refused.to_numpy(), **boot)
+            rows.append({"condition": name, "variant": variant, "label": g.label.iloc[0], "refusal_rate": rate.rate,
+                         "ci_low": rate.ci_low, "ci_high": rate.ci_high, "n": rate.n,
+                         "gate_open_rate": float(g.opened.mean())})
+    result = pd.DataFrame(rows)
+    base = result[result.condition == "base"].set_index("variant").refusal_rate
+    result["added_refusal"] = result.refusal_rate - result.variant.map(base)
+    write_csv(result, output)
+    write_parquet(pd.concat(gens, ignore_index=True).assign(layer=layer, tau=tau), gate_out)
+    plots.refusal_guardrail_figure(result, caption, figure_stem)

@@ -261,6 +261,12 @@ def all_targets():
         targets.append(f"results/tables/capabilities_{model}.csv")
         targets.append(f"results/probes/{model}/mechanism.csv")
         targets.append(f"results/probes/{model}/probes.csv")
+        if config["guardrails"]["enabled"]:
+            targets.append(f"results/guardrails/{model}/unlearning.csv")
+            targets += [
+                f"results/guardrails/{model}/refusal_{w}.csv"
+                for w in guardrail_weights(model)
+            ]
     targets.append("results/tables/baselines.csv")
     methods = config["evaluation"]["methods"]
     if any(parse_condition(m).kind == "clamp" or m == "as" for m in methods):
@@ -298,4 +304,51 @@ def probe_caption(model, data):
         f"({pr['max_new_tokens']} greedy tokens); F* = {pr['selector']} global "
         f"{probe_protocol(MODEL_CONFIGS[model])}; "
         f"{int(config['bootstrap']['confidence'] * 100)}% bootstrap CIs"
+    )
+
+
+def guardrail_weights(model):
+    """The refusal guardrail runs on the organism and, where there is one, the untuned model."""
+    weights = config["guardrails"]["refusal"]["weights"]
+    return [w for w in weights if w == "tuned" or model_spec(model)["refusal_tune"]]
+
+
+def refusal_guardrail_params(model):
+    cfg = {**config["guardrails"]["refusal"]}
+    cfg["k_star"] = cfg["k_star"] or model_section(model, "features")["k_star"]
+    cfg["protocol"] = cfg["protocol"] or probe_protocol(MODEL_CONFIGS[model])
+    if cfg["add_coeff"] is None:
+        cfg["add_coeff"] = model_section(model, "steering")["add_coeff"]
+    cfg.pop("weights")
+    return cfg
+
+
+def refusal_guardrail_inputs(wildcards):
+    cfg = config["guardrails"]["refusal"]
+    fp = feature_promptset(config)
+    ps = cfg["promptset"] or probe_promptset(config)
+    if wildcards.weights == "base":
+        weights = f"results/models/{wildcards.model}/base"
+    else:
+        weights = final_model_dir(wildcards)
+    return {
+        "model": weights,
+        "saes": [
+            f"results/saes/{wildcards.model}/layer_{l}"
+            for l in sae_layers(wildcards.model)
+        ],
+        "promptset": f"results/promptsets/{ps}.parquet",
+        "features": f"results/features/{wildcards.model}/{fp}/{cfg['selector']}.parquet",
+        "direction": f"results/directions/{wildcards.model}.json",
+    }
+
+
+def refusal_guardrail_caption(model, weights):
+    cfg = refusal_guardrail_params(model)
+    which = "untuned weights" if weights == "base" else "studied weights"
+    return (
+        f"{model} ({which}): {cfg['promptset'] or probe_promptset(config)} "
+        f"{cfg['eval_split']} prompts; refusal by substrings ({cfg['max_new_tokens']} "
+        f"greedy tokens); gate q={cfg['q']:g} n={cfg['n']}; set v={cfg['set_value']:g}, "
+        f"add c={cfg['add_coeff']:g}; 95% bootstrap CIs"
     )

@@ -1,0 +1,149 @@
+"""Dynamic SAE guardrails: selection, tau, and the gate's guarantees on a tiny chat model."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from refusal_atlas.generation import chat_batches, generate
+from refusal_atlas.guardrails import (
+    DynamicSAEGuard,
+    GatedAddition,
+    bind,
+    calibrate_tau,
+    feature_statistics,
+    firing_fractions,
+    select_features,
+    text_batches,
+    token_scores,
+    trade_off_score,
+)
+from refusal_atlas.modeling import block_hidden, decoder_layers
+
+from test_attribution import PROMPTS, random_sae
+
+TEXTS = PROMPTS + ["Tomatoes grow best in full sun.", "A pin tumbler lock has spring-loaded pins.",
+                   "The water cycle moves water from oceans to clouds and back as rain."]
+
+
+@pytest.fixture
+def guard_setup(tiny):
+    model, tok = tiny
+    sae = random_sae(model.config.hidden_size, 64, 16, 2, seed=3, dtype="float32")
+    return model, tok, sae
+
+
+def fractions(model, tok, guard, texts, batch_size):
+    return firing_fractions(model, tok, guard, text_batches(tok, texts, batch_size, 64))
+
+
+def test_padding_does_not_change_the_firing_fraction(guard_setup):
+    model, tok, sae = guard_setup
+    guard = DynamicSAEGuard(sae, 2, torch.tensor([1, 4, 9, 20]))
+    alone = fractions(model, tok, guard, TEXTS, batch_size=1)
+    batched = fractions(model, tok, guard, TEXTS, batch_size=8)
+    np.testing.assert_allclose(alone, batched, rtol=1e-6)
+    assert ((alone > 0) & (alone < 1)).any()  # the check means something: fractions vary
+    chat = firing_fractions(model, tok, guard, chat_batches(tok, TEXTS, 8))
+    chat_alone = firing_fractions(model, tok, guard, chat_batches(tok, TEXTS, 1))
+    np.testing.assert_allclose(chat, chat_alone, rtol=1e-6)
+
+
+def _logits(model, tok, texts, intervention=None):
+    return token_scores(model, tok, text_batches(tok, texts, 8, 64), intervention)
+
+
+def test_a_closed_gate_leaves_the_model_bit_identical(guard_setup):
+    model, tok, sae = guard_setup
+    shut = DynamicSAEGuard(sae, 2, torch.tensor([1, 4, 9, 20]), tau=1.0)  # a fraction never exceeds 1
+    base = _logits(model, tok, TEXTS)
+    pd.testing.assert_frame_equal(base, _logits(model, tok, TEXTS, bind(shut, tok)))
+    kw = dict(max_new_tokens=6, batch_size=8)
+    assert generate(model, tok, TEXTS, **kw) == generate(model, tok, TEXTS, intervention=bind(shut, tok), **kw)
+    assert not shut.opened.any()
+
+
+def test_the_gate_never_fires_on_a_sequence_below_tau(guard_setup):
+    model, tok, sae = guard_setup
+    feats = torch.tensor([1, 4, 9, 20])
+    frac = fractions(model, tok, DynamicSAEGuard(sae, 2, feats), TEXTS, 8)
+    tau = float(np.median(frac))
+    below = frac <= tau
+    assert below.any() and (~below).any()
+    guard = DynamicSAEGuard(sae, 2, feats, tau=tau, value=-50.0)
+    base, gated = _logits(model, tok, TEXTS), _logits(model, tok, TEXTS, bind(guard, tok))
+    np.testing.assert_array_equal(base.ce[below], gated.ce[below])
+    assert (base.ce[~below] != gated.ce[~below]).all()
+    # the static clamp (SAEBench) edits every sequence where a latent fires
+    static = _logits(model, tok, TEXTS, bind(DynamicSAEGuard(sae, 2, feats, static=True, value=-50.0), tok))
+    assert (static.ce[frac > 0] != base.ce[frac > 0]).all()
+
+
+def test_the_gate_edits_only_firing_tokens_and_keeps_the_error_term(guard_setup):
+    model, tok, sae = guard_setup
+    feats = torch.tensor([1, 4, 9, 20])
+    guard = DynamicSAEGuard(sae, 2, feats, static=True, value=-7.0)
+    got = {}
+    block = decoder_layers(model)[2]
+    enc = next(text_batches(tok, TEXTS[:1], 1, 64))[1]
+    h0 = {}
+    hook = block.register_forward_hook(lambda m, i, o: h0.update(h=block_hidden(o)))
+    with torch.no_grad():
+        model(**enc)
+    hook.remove()
+    with bind(guard, tok).applied(model):
+        hook = block.register_forward_hook(lambda m, i, o: got.update(h=block_hidden(o)))
+        with torch.no_grad():
+            model(**enc)
+        hook.remove()
+    h = h0["h"][0]
+    f = sae.encode(h)
+    fires = (f[:, feats] > 0).any(-1)
+    fires[0] = False  # BOS is a special token: never counted, never edited
+    edited = f[:, feats].clone()
+    edited[fires] = torch.where(edited[fires] > 0, torch.tensor(-7.0), edited[fires])
+    expected = h + (edited - f[:, feats]) @ sae.W_dec[feats]
+    torch.testing.assert_close(got["h"][0], expected, rtol=1e-5, atol=1e-5)
+    assert fires.any() and (got["h"][0][~fires] == h[~fires]).all()
+
+
+def test_selection_by_rho_then_f_and_tau_from_retain():
+    stats = pd.DataFrame({"feature": range(6), "F": [9.0, 4.0, 1.0, 0.0, 8.0, 2.0],
+                          "R": [0.0, 0.0, 0.0, 0.0, 8.0, 0.5]})
+    stats["rho"] = stats.F / (stats.R + 1e-6)
+    got = select_features(stats, q=50, n=2)
+    # rho of live latents: 9e6, 4e6, 1e6, 1, 4 -> the cut (median) is 1e6; top-2 by F among those
+    assert list(got.feature) == [0, 1] and list(got["rank"]) == [1, 2]
+    assert 4 not in set(select_features(stats, q=50, n=10).feature)  # fires as much on retain
+    assert calibrate_tau([0.0, 0.1, 0.2, 0.3, 1.0], 50) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="no retain"):
+        calibrate_tau([])
+
+
+def test_feature_statistics_follow_the_definitions(guard_setup):
+    _, _, sae = guard_setup
+    torch.manual_seed(0)
+    forget, retain = torch.randn(50, sae.cfg.d_in), torch.randn(40, sae.cfg.d_in)
+    stats = feature_statistics(sae, forget, retain, batch_size=7)
+    mf = sae.encode(forget).double().mean(0).numpy()
+    np.testing.assert_allclose(stats.mean_forget, mf, rtol=1e-5)
+    np.testing.assert_allclose(stats.F, mf**2, rtol=1e-5)
+    np.testing.assert_allclose(stats.rho, stats.F / (stats.R + 1e-6), rtol=1e-6)
+
+
+def test_score_is_one_minus_the_lowest_forget_accuracy_that_keeps_retain():
+    t = pd.DataFrame({"config": ["a", "b", "c"], "forget_accuracy": [0.2, 0.5, 0.9],
+                      "retain_accuracy": [0.95, 0.995, 1.0]})
+    assert trade_off_score(t) == {"score": 0.5, "n_configs_ok": 2, "best_config": "b"}
+    assert np.isnan(trade_off_score(t, retain_min=1.01)["score"])
+
+
+def test_gated_addition_acts_on_opened_prompts_only(tiny):
+    model, tok = tiny
+    r = torch.randn(model.config.hidden_size) * 5
+    add = GatedAddition(r, 1, 1.0, frozenset({"p1"}))
+    ids = ["p0", "p1", "p2"]
+    texts = TEXTS[:3]
+    base = generate(model, tok, texts, max_new_tokens=5, batch_size=3)
+    steered = generate(model, tok, texts, max_new_tokens=5, batch_size=3, intervention=add, prompt_ids=ids)
+    assert steered[0] == base[0] and steered[2] == base[2] and steered[1] != base[1]
