@@ -204,8 +204,12 @@ def test_outputs_follow_the_contracts(run):
     assert acc.value.between(0, 1).all() and (acc.ci_low <= acc.value).all() and (acc.n > 0).all()
     unlearn = pd.read_csv(work / "results/guardrails/tiny/unlearning.csv")
     assert set(unlearn["mode"]) == {"dynamic", "static"} and (unlearn.retain_n > 0).all()
-    assert (unlearn.tau >= 0).all() and unlearn.forget_accuracy.notna().all()
-    assert "score" in json.loads((work / "results/guardrails/tiny/unlearning_score.json").read_text())["dynamic"]
+    scores = json.loads((work / "results/guardrails/tiny/unlearning_score.json").read_text())
+    assert (unlearn.tau >= 0).all() and "score" in scores["dynamic"]
+    for part in ("forget", "retain"):  # relative accuracy is undefined where the unmodified model scores 0
+        assert unlearn[f"{part}_accuracy"].notna().all() or scores["base_accuracy"][part] == 0
+        assert unlearn[f"{part}_abs_accuracy"].between(0, 1).all() and unlearn[f"{part}_ce_delta"].notna().all()
+    assert (unlearn[unlearn["mode"] == "static"].forget_gated == 1).all()
     for weights in ("tuned", "base"):  # the organism and the untuned model it was tuned from
         guard = pd.read_csv(work / f"results/guardrails/tiny/refusal_{weights}.csv")
         assert set(guard.condition) == {"base", "guard-set", "guard-add", "always-set", "always-add"}

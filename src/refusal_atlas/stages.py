@@ -921,8 +921,10 @@ def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forge
                 for part in ("forget", "retain"):
                     scores = gr.token_scores(model, tok, batches(texts[part]), gr.bind(guard, tok))
                     ratio = relative_drop(base[part].accuracy.to_numpy(), scores.accuracy.to_numpy(), **boot)
+                    # relative to the unmodified model; undefined (NaN) where that scores 0
                     row.update({f"{part}_accuracy": 1 - ratio["drop"], f"{part}_ci_low": 1 - ratio["ci_high"],
                                 f"{part}_ci_high": 1 - ratio["ci_low"], f"{part}_n": ratio["n"],
+                                f"{part}_abs_accuracy": float(scores.accuracy.mean()),
                                 f"{part}_ce_delta": float((scores.ce - base[part].ce).mean()),
                                 f"{part}_gated": gated[part] if mode == "dynamic" else 1.0})
                 log.info("%s: forget %.3f, retain %.3f", row["config"], row["forget_accuracy"], row["retain_accuracy"])
