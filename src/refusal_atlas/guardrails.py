@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 
 from .interventions import Intervention, _replace_output
-from .modeling import decoder_layers, position_ids_from_mask, special_token_mask
+from .io import read_lines
+from .modeling import LayerGrab, decoder_layers, position_ids_from_mask, special_token_mask
 from .steering import FeatureSet
 
 if TYPE_CHECKING:
@@ -240,10 +241,7 @@ def trade_off_score(table: pd.DataFrame, retain_min: float = 0.99) -> dict[str, 
 # ---------------------------------------------------------------------------- text and its scores
 def read_passages(path) -> list[str]:
     """One passage per line; blank lines and ``#`` comments are skipped."""
-    from pathlib import Path
-
-    lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines()]
-    out = [l for l in lines if l and not l.startswith("#")]
+    out = read_lines(path)
     if not out:
         raise ValueError(f"{path}: no passage")
     return out
@@ -290,16 +288,10 @@ def token_scores(model, tokenizer, batches, intervention: Intervention | None = 
 @torch.no_grad()
 def text_token_acts(model, tokenizer, batches, layer: int) -> torch.Tensor:
     """``[n_tokens, d_model]`` resid_post at ``layer`` of every real, non-special token."""
-    from .modeling import block_hidden
-
-    grabbed = {}
-    hook = decoder_layers(model)[layer].register_forward_hook(lambda m, i, o: grabbed.update(h=block_hidden(o)))
     out = []
-    try:
+    with LayerGrab(model, [layer]) as grab:
         for _, enc in batches:
-            model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False, logits_to_keep=1)
+            h = grab.run(enc)[layer]
             keep = enc["attention_mask"].bool() & ~special_token_mask(tokenizer, enc["input_ids"])
-            out.append(grabbed["h"][keep].float().cpu())
-    finally:
-        hook.remove()
+            out.append(h[keep].float().cpu())
     return torch.cat(out)

@@ -40,6 +40,12 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
         raise
 
 
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The items of a one-per-line file (suffixes, passages); blank lines and ``#`` comments skipped."""
+    lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [l for l in lines if l and not l.startswith("#")]
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     """Strict JSON: a NaN (a rate with nothing to count) is written as null, never as ``NaN``."""
     with atomic_path(path) as tmp:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .generation import chat_batches
-from .modeling import block_hidden, decoder_layers, position_ids_from_mask
+from .modeling import LayerGrab
 from .saes import token_mask
 
 if TYPE_CHECKING:
@@ -96,36 +96,6 @@ def last_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
     return mask & (from_right <= n)
 
 
-class _LayerGrab:
-    """resid_post of some decoder blocks during one forward pass."""
-
-    def __init__(self, model: PreTrainedModel, layers: Sequence[int]):
-        self.model, self.layers, self.out = model, sorted(set(layers)), {}
-
-    def __enter__(self):
-        blocks = decoder_layers(self.model)
-
-        def make(layer):
-            def hook(_m, _i, output):
-                self.out[layer] = block_hidden(output).detach()
-            return hook
-
-        self.handles = [blocks[l].register_forward_hook(make(l)) for l in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def run(self, enc: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        self.out.clear()
-        self.model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False,
-                   logits_to_keep=1)
-        if len(self.out) != len(self.layers):
-            raise RuntimeError(f"only {len(self.out)} of {len(self.layers)} layer hooks fired")
-        return dict(self.out)
-
-
 @torch.no_grad()
 def sequence_mean_latents(
     model: PreTrainedModel,
@@ -144,7 +114,7 @@ def sequence_mean_latents(
     n_groups = int(groups.max()) + 1
     sums = {l: torch.zeros(n_groups, s.cfg.d_sae, dtype=torch.float64) for l, s in saes.items()}
     device = next(model.parameters()).device
-    with _LayerGrab(model, list(saes)) as grab, tqdm(total=len(instructions), desc="harm latents") as bar:
+    with LayerGrab(model, list(saes)) as grab, tqdm(total=len(instructions), desc="harm latents") as bar:
         for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
             hidden = grab.run(enc)
             keep = token_mask(tokenizer, enc)
@@ -203,7 +173,7 @@ def read_features(
         raise ValueError(f"no SAE at layers {missing}")
     out = {name: np.zeros(len(instructions)) for name in reads}
     device = next(model.parameters()).device
-    with _LayerGrab(model, layers) as grab, tqdm(total=len(instructions), desc=desc) as bar:
+    with LayerGrab(model, layers) as grab, tqdm(total=len(instructions), desc=desc) as bar:
         for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
             hidden = grab.run(enc)
             keep = token_mask(tokenizer, enc)

@@ -7,7 +7,7 @@ than TransformerLens (ARCHITECTURE.md, "Generation speed").
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -156,3 +156,33 @@ def last_token_logits(model: PreTrainedModel, enc: dict[str, torch.Tensor]) -> t
     """``[B, vocab]`` logits at the last prompt token of a left-padded batch (one unembedding)."""
     pos = position_ids_from_mask(enc["attention_mask"])
     return model(**enc, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+
+class LayerGrab:
+    """resid_post of some decoder blocks during one forward pass."""
+
+    def __init__(self, model: PreTrainedModel, layers: Sequence[int]):
+        self.model, self.layers, self.out = model, sorted(set(layers)), {}
+
+    def __enter__(self):
+        blocks = decoder_layers(self.model)
+
+        def make(layer):
+            def hook(_m, _i, output):
+                self.out[layer] = block_hidden(output).detach()
+            return hook
+
+        self.handles = [blocks[l].register_forward_hook(make(l)) for l in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def run(self, enc: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        self.out.clear()
+        self.model(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False,
+                   logits_to_keep=1)
+        if len(self.out) != len(self.layers):
+            raise RuntimeError(f"only {len(self.out)} of {len(self.layers)} layer hooks fired")
+        return dict(self.out)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from .io import read_lines
+
 CONTRACT_COLUMNS = ["id", "instruction", "category", "label", "source", "split"]
 COLUMNS = CONTRACT_COLUMNS + ["variant", "pair_id"]
 SPLITS = ("train", "val", "test")
@@ -65,8 +67,7 @@ def wrap_jailbreak(template: str, request: str) -> str:
 
 def read_suffixes(path: str | Path) -> list[str]:
     """Adversarial suffixes, one per line; blank lines and ``#`` comments are skipped."""
-    lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines()]
-    suffixes = [l for l in lines if l and not l.startswith("#")]
+    suffixes = read_lines(path)
     if not suffixes:
         raise PromptSetError(f"{path}: no adversarial suffix in the file")
     return suffixes

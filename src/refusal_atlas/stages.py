@@ -723,9 +723,11 @@ def jailbreak_mechanism(model_dir: str, spec: Mapping, promptset: str, responses
     reads = {"harm": jailbreak.as_read(harm, 0), "refusal": jailbreak.as_read(refusal, cfg["refusal_positions"])}
     kw = dict(batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"])
     for side in ("plain", "adversarial"):
-        scores = jailbreak.read_features(model, tok, list(pairs[side]), sae_map, reads, desc=f"{side} reads", **kw)
+        # a plain request with several jailbreaks (a wrapper and a suffix) is read once
+        texts = pairs[side].drop_duplicates()
+        scores = jailbreak.read_features(model, tok, list(texts), sae_map, reads, desc=f"{side} reads", **kw)
         for kind, v in scores.items():
-            pairs[f"{kind}_{side}"] = v
+            pairs[f"{kind}_{side}"] = pairs[side].map(dict(zip(texts, v)))
     counts = pairs.outcome.value_counts().to_dict()
     log.info("pair outcomes: %s", counts)
     studied = pairs[pairs.outcome.isin(jailbreak.OUTCOMES)]
