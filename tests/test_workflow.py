@@ -8,6 +8,7 @@ the later tests rerun and plan on its outputs locally. Elsewhere it runs with ``
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.workflow
 GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
              "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
              "adversarial_responses", "jailbreak_mechanism", "guardrail_select", "guardrail_eval",
-             "refusal_guardrail"}
+             "refusal_guardrail", "feature_dashboards"}
 
 
 def snakemake(workdir, config, *extra):
@@ -257,17 +258,85 @@ def test_the_search_grid_reruns_the_search_and_tuned_clamps_only(run):
         assert f"results/generations/tiny/bundled/{fixed}.parquet" not in out
 
 
-def test_report_builds(run):
+@pytest.fixture(scope="module")
+def report(run):
     work, path, _ = run
     res = snakemake(work, path, "--report", str(work / "report.html"))
     assert res.returncode == 0, res.stderr[-3000:]
-    html = (work / "report.html").read_text(errors="replace")
-    assert "summary.csv" in html and "baselines.csv" in html
-    assert "quality.csv" in html and "features_tiny.csv" in html
-    for name in ("benchmark.csv", "benchmark.png", "induction.csv", "capabilities_tiny.csv", "sweep.csv",
-                 "mechanism.csv", "mechanism.png", "suppressing_words.csv", "probes.csv", "probes.png",
-                 "unlearning.csv", "unlearning.png", "refusal_tuned.csv", "refusal_base.png"):
-        assert name in html
+    return work / "report.html"
+
+
+def _figures(work):
+    """Every figure and table page the run wrote (the files a reader must find in the report)."""
+    figures = sorted(p for ext in ("png", "svg") for p in (work / "results").rglob(f"*.{ext}"))
+    pages = sorted((work / "results/dashboards").rglob("*.html"))
+    return figures, pages
+
+
+def test_report_builds(run, report):
+    work, _, _ = run
+    html = report.read_text(errors="replace")
+    for name in ("summary.html", "baselines.html", "quality.html", "features_tiny.html", "benchmark.html",
+                 "induction.html", "capabilities_tiny.html", "sweep.html", "mechanism.html", "suppressing_words.html",
+                 "probes.html", "unlearning.html", "refusal_tuned.html", "features.html"):
+        assert name in html, name
+    figures, pages = _figures(work)
+    assert {p.name for p in figures} >= {"benchmark.png", "induction.svg", "organism.png", "direction.svg",
+                                         "sae_quality.png", "mechanism.png", "probes.svg", "unlearning.png",
+                                         "refusal_base.png"}
+    for p in figures + pages:
+        assert p.name in html, f"{p.relative_to(work)} is not in the report"
+    # every table is an HTML table, with its CSV inside as a download
+    table = (work / "results/tables/benchmark.html").read_text()
+    assert "<table" in table and "data:text/csv;base64," in table
+
+
+def test_feature_dashboards(run):
+    work, _, _ = run
+    feats = pd.read_csv(work / "results/dashboards/tiny/features.csv")
+    ranks = pd.concat(pd.read_parquet(p) for p in (work / "results/features/tiny/bundled").glob("*.parquet"))
+    shown = set(zip(feats.layer, feats.feature))
+    assert shown == set(zip(*ranks[ranks.scope == "global"][["layer", "feature"]].to_numpy().T))
+    pages = sorted((work / "results/dashboards/tiny/pages").glob("*.html"))
+    assert [p.name for p in pages] == sorted(feats.page)
+    effects = pd.read_parquet(work / "results/dashboards/tiny/clamp_effects.parquet")
+    hp = json.loads((work / "results/steering/tiny/hparams.json").read_text())["chosen"]
+    alone = effects[effects.set == "alone"]
+    assert len(alone) == hp["k_star"] and (effects.value == hp["c"]).all()
+    assert (alone.ci_low <= alone.delta_refusal_score + 1e-9).all() and (alone.n > 0).all()
+    page = pages[0].read_text()
+    assert "Top-activating prompts" in page and "refusal direction" in page and "http" not in page
+
+
+def test_the_report_renders_in_chromium(run, report, tmp_path):
+    """Opened as a reader would open it: headless Chromium (Debian's), every category visited."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must open the report in Chromium, but there is none (.ci/install.sh installs it)")
+        pytest.skip("no chromium")
+    from playwright.sync_api import sync_playwright
+
+    work, _, _ = run
+    errors = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+        page.goto(report.as_uri(), wait_until="load")
+        page.wait_for_selector("text=Feature dashboards", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        for category in ("Model", "Refusal direction", "Feature dashboards", "Steering"):
+            page.get_by_text(category, exact=True).first.click()
+            page.wait_for_timeout(300)
+        page.screenshot(path=str(tmp_path / "category.png"), full_page=True)
+        shown = page.inner_text("body")
+        browser.close()
+    assert not errors, errors
+    assert "tiny" in shown
+    assert (tmp_path / "report.png").stat().st_size > 20_000  # a rendered page, not a blank one
 
 
 def test_an_sae_knob_reruns_saes_and_features_but_not_the_organism(run):

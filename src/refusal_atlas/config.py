@@ -76,6 +76,7 @@ def check_config(config: Mapping) -> None:
         )
     for model in config["models"]:
         _check_steering(for_model(config, model))
+        _check_dashboards(for_model(config, model))
     _check_probes(config)
     for name, spec in config["models"].items():
         sae = spec["sae"]
@@ -122,6 +123,31 @@ def _check_probes(config: Mapping) -> None:
         raise ConfigError(f"probes.k_star ({pr['k_star']}) exceeds features.k_star ({feats['k_star']})")
     if len({pr["fit_split"], pr["val_split"], pr["eval_split"]}) < 3:
         raise ConfigError("probes.fit_split, val_split and eval_split must be three different splits")
+
+
+def dashboard_protocol(config: Mapping) -> str:
+    protocols = config["features"]["protocols"]
+    return config["dashboards"]["reference"]["protocol"] or ("heldout" if "heldout" in protocols else protocols[0])
+
+
+def _check_dashboards(config: Mapping) -> None:
+    db, feats = config["dashboards"], config["features"]
+    if not db["enabled"]:
+        return
+    unknown = sorted(set(db["methods"] or []) - set(feats["methods"]))
+    if unknown:
+        raise ConfigError(f"dashboards.methods {unknown} are not in features.methods")
+    if db["reference"]["selector"] not in feats["methods"]:
+        raise ConfigError(f"dashboards.reference.selector {db['reference']['selector']!r} is not in features.methods")
+    if dashboard_protocol(config) not in feats["protocols"]:
+        raise ConfigError(f"dashboards.reference.protocol {dashboard_protocol(config)!r} is not in features.protocols")
+    if (db["k_star"] or 0) > feats["k_star"]:
+        raise ConfigError(f"dashboards.k_star ({db['k_star']}) exceeds features.k_star ({feats['k_star']})")
+    steer = config["steering"]
+    if None in (db["c"] if db["c"] is not None else steer["c"], db["k_star"] or steer["k_star"]) and (
+            "heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
+        raise ConfigError("dashboards: c/K* are null here and in steering, so they come from steering_search, "
+                          "which needs heldout in features.protocols and la_ig in features.methods (or set both)")
 
 
 def _check_steering(config: Mapping) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from html import escape
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -78,6 +79,44 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
 def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+TABLE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1em; color: #222; }
+table { border-collapse: collapse; font-size: .85em; }
+th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; }
+th { background: #f3f3f3; position: sticky; top: 0; }
+td.text { text-align: left; }
+tr:nth-child(even) td { background: #fafafa; }
+a.csv { display: inline-block; margin-bottom: .6em; }
+"""
+
+
+def table_html(df: pd.DataFrame, title: str, csv_name: str) -> str:
+    """A self-contained HTML page of ``df`` (pandas' Styler), with the CSV itself as a download link."""
+    import base64
+
+    styler = df.style.format(precision=4, na_rep="–").hide(axis="index")
+    text_cols = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if text_cols:
+        styler = styler.set_td_classes(pd.DataFrame(
+            [["text" if c in text_cols else "" for c in df.columns]] * len(df), index=df.index, columns=df.columns))
+    csv = base64.b64encode(df.to_csv(index=False).encode("utf-8")).decode("ascii")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{TABLE_CSS}</style></head><body>"
+        f'<a class="csv" download="{escape(csv_name)}" href="data:text/csv;base64,{csv}">download {escape(csv_name)}</a>'
+        f" ({len(df)} rows)\n{styler.to_html()}</body></html>\n"
+    )
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """``path`` (CSV) and its HTML twin beside it (same stem): the Snakemake report offers CSV files
+    only as downloads, so every table a rule reports is its ``.html``."""
+    path = Path(path)
+    write_csv(df, path)
+    with atomic_path(path.with_suffix(".html")) as tmp:
+        tmp.write_text(table_html(df, path.stem, path.name), encoding="utf-8")
 
 
 def write_safetensors(

@@ -145,3 +145,87 @@ def refusal_guardrail_figure(result: pd.DataFrame, caption: str, stem: str) -> N
     ax.set_title(caption, fontsize=8)
     save_figure(fig, stem)
     plt.close(fig)
+
+
+def organism_figure(card: dict, caption: str, stem: str) -> None:
+    """The organism's card: refusal rate before and after tuning on each held-out slice, with its
+    goal (the ``organism.targets`` the card was checked against)."""
+    plt = _pyplot()
+    rates = card["refusal_rate"]
+    slices = list(rates["base"])
+    rows = [{"slice": s, "weights": w, "value": rates[w][s]["rate"], "ci_low": rates[w][s]["ci_low"],
+             "ci_high": rates[w][s]["ci_high"], "n": rates[w][s]["n"]} for w in ("base", "tuned") for s in slices]
+    table = pd.DataFrame(rows)
+    groups = [f"{s.replace('/', chr(10), 1)}\n(n={rates['tuned'][s]['n']})" for s in slices]
+    table["group"] = table.slice.map(dict(zip(slices, groups)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(slices)), 4.2))
+    _bars(ax, table, groups, ["base", "tuned"], "group", "weights", "value",
+          {"base": "before tuning", "tuned": "after tuning (the organism)"})
+    for i, s in enumerate(slices):
+        goal = card.get("targets", {}).get(s)
+        if goal:
+            level = float(goal["goal"].split()[-1])
+            ax.hlines(level, i - 0.1, i + 0.5, colors="k", linestyles="--", lw=1)
+            ax.text(i + 0.5, level, f" {goal['goal']}", va="center", fontsize=7)
+    ax.set_ylim(0, 1.15)
+    ax.legend(fontsize=8, loc="upper right", ncols=2)
+    ax.set_ylabel("refusal rate")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(caption, fontsize=8)
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def direction_figure(layers: pd.DataFrame, caption: str, stem: str, kl_max: float | None = None) -> None:
+    """Per layer: validation refusal under directional ablation of r_l, the induce score of adding
+    r_l to harmless prompts, and the harmless KL of ablation; the chosen l* marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    eligible = layers.eligible.astype(bool).to_numpy()
+    colors = np.where(eligible, "tab:blue", "lightgray")
+    axes[0].bar(layers.layer, layers.val_refusal, color=colors)
+    axes[0].set_ylabel("val refusal\nunder ablation")
+    axes[0].set_ylim(0, 1.05)
+    axes[1].bar(layers.layer, layers.induce_score, color=colors)
+    axes[1].axhline(0, color="k", lw=0.6)
+    axes[1].set_ylabel("induce score\n(adding r, harmless)")
+    axes[2].bar(layers.layer, layers.kl, color=colors)
+    if kl_max is not None:
+        axes[2].axhline(kl_max, color="k", ls=":", lw=0.8, label=f"KL bound {kl_max:g}")
+        axes[2].legend(fontsize=8)
+    axes[2].set_ylabel("harmless KL\nunder ablation")
+    axes[2].set_xlabel("layer (gray: not eligible)")
+    chosen = layers[layers.chosen.astype(bool)]
+    for ax in axes:
+        for l in chosen.layer:
+            ax.axvline(l, color="tab:red", lw=1.2, alpha=0.7)
+    if len(chosen):
+        axes[0].text(int(chosen.layer.iloc[0]), 1.0, " l*", color="tab:red", va="top")
+    axes[0].set_title(caption, fontsize=8)
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+SAE_METRICS = {"explained_variance": "explained variance", "ce_recovered": "CE loss recovered",
+               "l0": "L0 (active latents per token)", "dead_fraction": "dead fraction"}
+
+
+def sae_quality_figure(quality: pd.DataFrame, targets: dict, caption: str, stem: str) -> None:
+    """Reconstruction quality of each layer's SAE on held-out tokens, with the quality targets."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(SAE_METRICS), figsize=(4 * len(SAE_METRICS), 3.4))
+    q = quality.sort_values("layer")
+    lines = {"explained_variance": targets.get("explained_variance_min"), "ce_recovered": targets.get("ce_recovered_min")}
+    for ax, (key, label) in zip(axes, SAE_METRICS.items()):
+        ax.plot(q.layer, q[key], marker="o")
+        if key in lines:
+            ax.set_ylim(min(0.5, float(q[key].min()) - 0.05), 1.0)
+        if lines.get(key) is not None:
+            ax.axhline(lines[key], color="k", ls=":", lw=0.8, label=f"target ≥ {lines[key]:g}")
+            ax.legend(fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("layer")
+    fig.suptitle(caption, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, stem)
+    plt.close(fig)

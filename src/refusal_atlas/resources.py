@@ -35,6 +35,7 @@ GPU_STAGES = (
     "guardrail_select",
     "guardrail_eval",
     "refusal_guardrail",
+    "feature_dashboards",
 )
 
 
@@ -95,6 +96,11 @@ def stage_memory(stage: str, spec: Mapping, config: Mapping) -> float:
     if stage == "adversarial_responses":
         batch = config["probes"]["batch_size"]
         return weights + _kv_cache_bytes(shape, batch, seq, b)
+    if stage == "feature_dashboards":
+        # every SAE resident; one batch's resid_post at the selected features' layers and their latents
+        batch = config["dashboards"]["batch_size"]
+        return (weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b)
+                + batch * seq * (shape.d_model * n_sae * b + sae["d_sae"] * 4))
     if stage == "jailbreak_mechanism":
         # every SAE resident, one batch's resid_post at every SAE layer, one layer's latents at a time
         batch = config["probes"]["batch_size"]

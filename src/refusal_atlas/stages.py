@@ -28,7 +28,7 @@ from .activations import last_token_resid_post
 from .conditions import Condition, parse_condition
 from .generation import chat_batches, generate
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
-from .io import atomic_path, write_csv, write_json, write_parquet, write_safetensors
+from .io import atomic_path, write_json, write_parquet, write_safetensors, write_table
 from .judges import substring_refusals
 from .logs import logged  # noqa: F401  (every script enters its stage through it)
 from .modeling import layer_device, load_model, resolve_device
@@ -363,7 +363,7 @@ def sae_quality_table(files: Sequence[str], model: str, targets: Mapping[str, fl
     df = pd.DataFrame([json.loads(Path(p).read_text()) for p in files]).assign(model=model)
     df["meets_targets"] = (df.explained_variance >= targets["explained_variance_min"]) & (
         df.ce_recovered >= targets["ce_recovered_min"])
-    write_csv(df, output)
+    write_table(df, output)
 
 
 # ---------------------------------------------------------------------------- features
@@ -462,7 +462,7 @@ def features_table(files: Sequence[str], model: str, output: str, overlap_out: s
         df = pd.read_parquet(path)
         frames.append(df[df.scope == "global"].assign(model=model, promptset=Path(path).parent.name))
     table = pd.concat(frames, ignore_index=True).drop(columns=["prompt_id", "scope"])
-    write_csv(table, output)
+    write_table(table, output)
     rows = []
     keys = sorted(set(zip(table.promptset, table.method, table.protocol)))
     for (pa, ma, ra), (pb, mb, rb) in itertools.combinations(keys, 2):
@@ -472,7 +472,7 @@ def features_table(files: Sequence[str], model: str, output: str, overlap_out: s
         b = table[(table.promptset == pb) & (table.method == mb) & (table.protocol == rb)]
         rows.append({"model": model, "promptset": pa, "a": f"{ma}/{ra}", "b": f"{mb}/{rb}",
                      "jaccard": features.set_overlap(a, b), "k_star": max(len(a), len(b))})
-    write_csv(pd.DataFrame(rows), overlap_out)
+    write_table(pd.DataFrame(rows), overlap_out)
 
 
 # ---------------------------------------------------------------------------- steering
@@ -636,7 +636,7 @@ def steering_search(model_dir: str, spec: Mapping, promptset: str, features_path
     best = cand.assign(abs_c=cand.c.abs()).sort_values(["compliance", "abs_c", "k_star"],
                                                       ascending=[False, True, True]).iloc[0]
     sweep["chosen"] = (sweep.k_star == best.k_star) & (sweep.c == best.c)
-    write_csv(sweep.assign(selector="la_ig", protocol="heldout", split=cfg["split"]), sweep_out)
+    write_table(sweep.assign(selector="la_ig", protocol="heldout", split=cfg["split"]), sweep_out)
     write_json({
         "chosen": {"c": float(best.c), "k_star": int(best.k_star)},
         "compliance": {"rate": float(best.compliance), "n": int(best.n), "ci_low": float(best.ci_low),
@@ -751,9 +751,9 @@ def jailbreak_mechanism(model_dir: str, spec: Mapping, promptset: str, responses
     meta = {"n_pairs": len(pairs), **{f"n_{k}": int(v) for k, v in counts.items()}}
     write_parquet(harm.assign(harm_layers=str(harm_layers)), outputs["harm_features"])
     write_parquet(pairs, outputs["pairs"])
-    write_csv(summary.assign(**meta), outputs["summary"])
-    write_csv(wrappers, outputs["wrappers"])
-    write_csv(words, outputs["words"])
+    write_table(summary.assign(**meta), outputs["summary"])
+    write_table(wrappers, outputs["wrappers"])
+    write_table(words, outputs["words"])
     plots.mechanism_figure(summary, wrappers, words, caption, outputs["figure_stem"])
 
 
@@ -821,8 +821,8 @@ def probes(acts_path: str, index_path: str, responses: str, features_path: str, 
                                       random_set=None)
     table = pd.DataFrame(rows)
     write_parquet(table, outputs["table"])
-    write_csv(_probe_summary(table), outputs["summary"])
-    write_csv(layer_scores.assign(chosen=layer_scores.layer == layer), outputs["dense_layers"])
+    write_table(_probe_summary(table), outputs["summary"])
+    write_table(layer_scores.assign(chosen=layer_scores.layer == layer), outputs["dense_layers"])
     plots.probe_figure(table, caption, outputs["figure_stem"])
 
 
@@ -937,7 +937,7 @@ def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forge
     scores["n_eval"] = {p: len(t) for p, t in texts.items()}
     scores["retain_min"] = cfg["retain_min"]
     log.info("unlearning scores: %s", scores)
-    write_csv(table, output)
+    write_table(table, output)
     write_json(scores, score_out)
     plots.guardrail_figure(table, scores, caption, figure_stem)
 
@@ -1002,6 +1002,101 @@ def refusal_guardrail(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], pr
     result = pd.DataFrame(rows)
     base = result[result.condition == "base"].set_index("variant").refusal_rate
     result["added_refusal"] = result.refusal_rate - result.variant.map(base)
-    write_csv(result, output)
+    write_table(result, output)
     write_parquet(pd.concat(gens, ignore_index=True).assign(layer=layer, tau=tau), gate_out)
     plots.refusal_guardrail_figure(result, caption, figure_stem)
+
+
+# ---------------------------------------------------------------------------- dashboards
+def feature_dashboards(model: str, sae_source: str, model_dir: str, spec: Mapping, promptset: str,
+                       feature_tables: Mapping[str, str],
+                       attribution_summaries: Sequence[str], sae_dirs: Sequence[str], hparams: str | None,
+                       cfg: Mapping, boot: Mapping, outputs: Mapping[str, str]) -> None:
+    """A page per feature that any selector chose (dashboards.py), and the table of them all."""
+    from . import dashboards
+
+    dcfg = dashboards.DashboardConfig(top_k=cfg["top_k"], max_prompts=cfg["max_prompts"],
+                                      effect_prompts=cfg["effect"]["max_prompts"], batch_size=cfg["batch_size"],
+                                      seed=cfg["seed"])
+    feats, ranks = dashboards.selected_features({m: pd.read_parquet(p) for m, p in feature_tables.items()})
+    summaries = {s["protocol"]: s for s in (json.loads(Path(p).read_text()) for p in attribution_summaries)}
+    tuned = json.loads(Path(hparams).read_text())["chosen"] if hparams else {}
+    c = cfg["c"] if cfg["c"] is not None else tuned.get("c")
+    k_star = cfg["k_star"] or tuned.get("k_star")
+    log.info("%d features selected by %d sets; clamp alone with c=%s", len(feats),
+             ranks.groupby(["method", "protocol"]).ngroups, c)
+
+    lm, tok = _load(model_dir, spec)
+    sae_map = _saes(sae_dirs, spec, lm)
+    ps = pd.read_parquet(promptset)
+    scanned = _subset(ps, dcfg.max_prompts, dcfg.seed).reset_index(drop=True)
+    contexts = dashboards.top_contexts(lm, tok, list(scanned.instruction), sae_map, feats, dcfg.top_k,
+                                       dcfg.batch_size, spec["system_prompt"])
+
+    effect_rows = pd.DataFrame()
+    reference = None
+    eval_prompts = _subset(ps[(ps.label == "harmful") & (ps.variant == "plain") & (ps.split == cfg["effect"]["split"])],
+                           dcfg.effect_prompts, dcfg.seed)
+    if c is not None and len(eval_prompts):
+        ref_table = pd.read_parquet(feature_tables[cfg["reference"]["selector"]])
+        reference = steering.table_rows(ref_table, cfg["reference"]["protocol"], "global", int(k_star))
+        refusal_ids = summaries[cfg["reference"]["protocol"]]["refusal_token_id"]
+        clamped = feats if cfg["effect"]["features"] == "all" else feats.merge(reference[["layer", "feature"]])
+        effect_rows = dashboards.clamp_effects(lm, tok, list(eval_prompts.instruction), sae_map, clamped, float(c),
+                                               [refusal_ids], boot, dcfg.batch_size, reference, spec["system_prompt"])
+    else:
+        log.warning("no clamp effect: %s", "no c (steering.c, or the search)" if c is None else "no harmful prompts")
+    alone = (effect_rows[effect_rows.set == "alone"].drop(columns="set") if len(effect_rows)
+             else pd.DataFrame(columns=["layer", "feature"]))
+    ref_row = effect_rows[effect_rows.set == "reference"].iloc[0].to_dict() if len(effect_rows) else None
+
+    meta = {
+        "model": model, "promptset": Path(promptset).stem, "sae_source": sae_source,
+        "d_sae": {l: s.cfg.d_sae for l, s in sae_map.items()}, "n_sets": ranks.groupby(["method", "protocol"]).ngroups,
+        "k_star": int(ranks["rank"].max()), "layer_star": next(iter(summaries.values()))["layer_star"],
+        "fit_splits": {p: s["fit_split"] for p, s in summaries.items()}, "top_k": dcfg.top_k,
+        "n_prompts": len(scanned), "effect_split": cfg["effect"]["split"], "confidence": boot["confidence"],
+        "reference_name": f"{cfg['reference']['selector']} {cfg['reference']['protocol']} F* (K*={k_star})",
+        "reference_size": 0 if reference is None else len(reference), "effect_features": cfg["effect"]["features"],
+    }
+    index_rows = []
+    with atomic_path(outputs["pages"], is_dir=True) as tmp:
+        for rank, f in enumerate(feats.to_dict("records"), start=1):
+            key = (f["layer"], f["feature"])
+            eff = alone[(alone.layer == key[0]) & (alone.feature == key[1])]
+            eff = eff.iloc[0].to_dict() if len(eff) else None
+            page = dashboards.render_page(
+                f, ranks[(ranks.layer == key[0]) & (ranks.feature == key[1])],
+                contexts[(contexts.layer == key[0]) & (contexts.feature == key[1])], scanned, eff, ref_row, meta)
+            name = dashboards.page_name(rank, *key)
+            (tmp / name).write_text(page, encoding="utf-8")
+            index_rows.append({"page": name, **f, **({k: eff[k] for k in ("delta_refusal_score", "ci_low", "ci_high", "n")}
+                                                       if eff else {})})
+    write_parquet(contexts, outputs["contexts"])
+    write_parquet(effect_rows, outputs["effects"])
+    write_table(pd.DataFrame(index_rows), outputs["table"])
+
+
+# ---------------------------------------------------------------------------- figures
+def organism_figure(card: str, caption: str, stem: str) -> None:
+    from . import plots
+
+    plots.organism_figure(json.loads(Path(card).read_text()), caption, stem)
+
+
+def direction_figure(layers: str, summary: str, caption: str, stem: str, kl_max: float | None) -> None:
+    from . import plots
+
+    n = json.loads(Path(summary).read_text())
+    caption = (f"{caption}; r fitted on {n['n_train']['harmful']}+{n['n_train']['harmless']} train prompts, "
+               f"scored on {n['n_val']['harmful']}+{n['n_val']['harmless']} val (harmful+harmless)")
+    plots.direction_figure(pd.read_parquet(layers), caption, stem, kl_max)
+
+
+def sae_quality_figure(table: str, targets: Mapping[str, float], caption: str, stem: str) -> None:
+    from . import plots
+
+    q = pd.read_csv(table)
+    lo, hi = int(q.n_tokens.min()), int(q.n_tokens.max())
+    caption = f"{caption}; n = {lo if lo == hi else f'{lo}–{hi}'} tokens per layer"
+    plots.sae_quality_figure(q, dict(targets), caption, stem)

@@ -57,7 +57,7 @@ class FeatureSet:
         return [self.row_of[p] for p in prompt_ids]
 
 
-def _table_rows(table: pd.DataFrame, protocol: str, scope: str, k_star: int) -> pd.DataFrame:
+def table_rows(table: pd.DataFrame, protocol: str, scope: str, k_star: int) -> pd.DataFrame:
     rows = table[(table.protocol == protocol) & (table.scope == scope) & (table["rank"] <= k_star)]
     if rows.empty:
         raise ValueError(f"the feature table has no {scope} {protocol} sets")
@@ -68,7 +68,7 @@ def _table_rows(table: pd.DataFrame, protocol: str, scope: str, k_star: int) -> 
 
 def feature_set(table: pd.DataFrame, protocol: str, scope: str, k_star: int, d_sae: Mapping[int, int]) -> FeatureSet:
     """The top-``k_star`` of a ``select_features`` table (top-k sets are prefixes of larger ones)."""
-    rows = _table_rows(table, protocol, scope, k_star)
+    rows = table_rows(table, protocol, scope, k_star)
     keys = [None] if scope == "global" else sorted(rows.prompt_id.unique())
     row_of = None if scope == "global" else {p: i for i, p in enumerate(keys)}
     masks = {l: torch.zeros(len(keys), d, dtype=torch.bool) for l, d in d_sae.items()}

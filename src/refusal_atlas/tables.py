@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import conditions
-from .io import write_csv, write_parquet
+from .io import write_parquet, write_table
 from .judges import substring_refusals
 from .plots import save_figure
 from .logs import logged  # noqa: F401  (every script enters its stage through it)
@@ -57,11 +57,11 @@ def summarize_scores(score_files: Sequence[str], model: str, boot: Mapping, outp
                 rows.append({"model": model, "promptset": promptset, "method": method, "judge": judge_name,
                              "metric": metric, "split": split, "label": label, "variant": variant,
                              **bootstrap_rate(values, **boot).as_dict(), "n_unparsed": int(g[column].isna().sum())})
-    write_csv(pd.DataFrame(rows), output)
+    write_table(pd.DataFrame(rows), output)
 
 
 def gather_tables(inputs: Sequence[str], output: str) -> None:
-    write_csv(pd.concat([pd.read_csv(p) for p in inputs], ignore_index=True), output)
+    write_table(pd.concat([pd.read_csv(p) for p in inputs], ignore_index=True), output)
 
 
 # ---------------------------------------------------------------------------- tables and figures
@@ -98,7 +98,7 @@ def benchmark_table(summaries: Sequence[str], judges: Sequence[str], caption: Ma
     cols = ["model", "promptset", "split", "variant", "judge", "method", "name", "selector", "scope", "protocol",
             "jailbreak_rate", "n", "ci_low", "ci_high", "confidence"]
     out = out[cols].sort_values(["model", "promptset", "variant", "judge", "method"])
-    write_csv(out, output)
+    write_table(out, output)
 
     plain = out[out.variant == "plain"]
     groups = list(plain.groupby(["model", "judge"]))
@@ -136,7 +136,7 @@ def induction_table(summaries: Sequence[str], output: str, figure_stem: str) -> 
     out = df[keep].reset_index(drop=True)
     out = pd.concat([out, pd.DataFrame([_condition_columns(m) for m in out.method])], axis=1)
     out = out.rename(columns={"rate": "refusal_rate"})
-    write_csv(out, output)
+    write_table(out, output)
 
     groups = list(out.groupby(["model", "promptset"]))
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 3.8), squeeze=False)
@@ -171,4 +171,4 @@ def capabilities_table(files: Sequence[str], model: str, output: str) -> None:
     df = pd.DataFrame(rows)
     base = df[df.method == "base"].set_index("measure")["mean"]
     df["delta_vs_base"] = df["mean"] - df.measure.map(base) if len(base) else np.nan
-    write_csv(df, output)
+    write_table(df, output)

@@ -34,8 +34,9 @@ rule capabilities_table:
             method=capability_methods(),
         ),
     output:
-        report(
-            "results/tables/capabilities_{model}.csv",
+        table="results/tables/capabilities_{model}.csv",
+        html=report(
+            "results/tables/capabilities_{model}.html",
             caption="../report/capabilities.rst",
             category="Steering",
             subcategory="{model}",

@@ -9,6 +9,7 @@ from refusal_atlas.resources import stage_gpus
 from refusal_atlas.config import (
     check_config,
     for_model,
+    dashboard_protocol,
     feature_promptset,
     probe_promptset,
     probe_protocol,
@@ -250,6 +251,11 @@ def all_targets():
     for model, spec in config["models"].items():
         if spec["refusal_tune"]:
             targets.append(f"results/models/{model}/model_card.json")
+            targets.append(f"results/figures/{model}/organism.png")
+        targets.append(f"results/figures/{model}/direction.png")
+        targets.append(f"results/figures/{model}/sae_quality.png")
+        if config["dashboards"]["enabled"]:
+            targets.append(f"results/dashboards/{model}/features.csv")
         targets += [
             f"results/activations/{model}/{p}.safetensors"
             for p in config["activations"]["promptsets"]
@@ -351,4 +357,70 @@ def refusal_guardrail_caption(model, weights):
         f"{cfg['eval_split']} prompts; refusal by substrings ({cfg['max_new_tokens']} "
         f"greedy tokens); gate q={cfg['q']:g} n={cfg['n']}; set v={cfg['set_value']:g}, "
         f"add c={cfg['add_coeff']:g}; 95% bootstrap CIs"
+    )
+
+
+def dashboard_params(model):
+    """The dashboard keys, with what is null resolved (selectors, the reference's protocol, and
+    c and K* from steering when set there); what stays null comes from steering_search.
+    """
+    cfg = {**config["dashboards"]}
+    steer = model_section(model, "steering")
+    cfg["methods"] = cfg["methods"] or config["features"]["methods"]
+    cfg["reference"] = {**cfg["reference"], "protocol": dashboard_protocol(config)}
+    cfg["c"] = cfg["c"] if cfg["c"] is not None else steer["c"]
+    cfg["k_star"] = cfg["k_star"] or steer["k_star"]
+    cfg.pop("enabled")
+    return cfg
+
+
+def dashboard_inputs(wildcards):
+    model = wildcards.model
+    cfg = dashboard_params(model)
+    fp = feature_promptset(config)
+    inputs = {
+        "model": final_model_dir(wildcards),
+        "promptset": f"results/promptsets/{fp}.parquet",
+        "features": [
+            f"results/features/{model}/{fp}/{m}.parquet" for m in cfg["methods"]
+        ],
+        "attributions": [
+            f"results/features/{model}/{fp}/attribution.{p}.json"
+            for p in config["features"]["protocols"]
+        ],
+        "saes": [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)],
+    }
+    if cfg["c"] is None or cfg["k_star"] is None:
+        inputs["hparams"] = f"results/steering/{model}/hparams.json"
+    return inputs
+
+
+def organism_caption(model):
+    org = config["organism"]
+    return (
+        f"{model} before and after refusal tuning: held-out (test) prompts of "
+        f"{', '.join(org['eval_promptsets'])}; refusal judged by substrings "
+        f"({org['eval_max_new_tokens']} greedy tokens); "
+        f"{int(config['bootstrap']['confidence'] * 100)}% bootstrap CIs; dashed: the goals"
+    )
+
+
+def direction_caption(model):
+    d = model_section(model, "direction")
+    return (
+        f"{model}: difference-in-means refusal direction per layer on {d['promptset']}; "
+        f"refusal judged by substrings ({d['select_max_new_tokens']} greedy tokens)"
+    )
+
+
+def sae_quality_caption(model):
+    sae = model_spec(model)["sae"]
+    where = (
+        f"SAELens release {sae['release']}"
+        if sae["source"] == "pretrained"
+        else f"trained TopK, d_sae {sae['d_sae']}, k {sae['k']}"
+    )
+    return (
+        f"{model}: SAE quality per layer ({where}); held-out sequences of "
+        f"{config['sae_corpus']['dataset']}"
     )

@@ -66,14 +66,16 @@ rule features_table:
             method=config["features"]["methods"],
         ),
     output:
-        table=report(
-            "results/tables/features_{model}.csv",
+        table="results/tables/features_{model}.csv",
+        table_html=report(
+            "results/tables/features_{model}.html",
             caption="../report/features.rst",
             category="Refusal features",
             subcategory="{model}",
         ),
-        overlap=report(
-            "results/tables/feature_overlap_{model}.csv",
+        overlap="results/tables/feature_overlap_{model}.csv",
+        overlap_html=report(
+            "results/tables/feature_overlap_{model}.html",
             caption="../report/feature_overlap.rst",
             category="Refusal features",
             subcategory="{model}",

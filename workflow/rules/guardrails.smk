@@ -40,8 +40,9 @@ rule guardrail_eval:
         retain=lambda w: repo_path(config["guardrails"]["unlearning"]["retain"]),
         selection="results/guardrails/{model}/unlearning_selection.parquet",
     output:
-        table=report(
-            "results/guardrails/{model}/unlearning.csv",
+        table="results/guardrails/{model}/unlearning.csv",
+        table_html=report(
+            "results/guardrails/{model}/unlearning.html",
             caption="../report/unlearning.rst",
             category="Guardrails",
             subcategory="{model}",
@@ -53,7 +54,12 @@ rule guardrail_eval:
             category="Guardrails",
             subcategory="{model}",
         ),
-        svg="results/guardrails/{model}/unlearning.svg",
+        svg=report(
+            "results/guardrails/{model}/unlearning.svg",
+            caption="../report/unlearning.rst",
+            category="Guardrails",
+            subcategory="{model}",
+        ),
     log:
         "logs/guardrail_eval/{model}.log",
     benchmark:
@@ -83,8 +89,9 @@ rule refusal_guardrail:
     input:
         unpack(refusal_guardrail_inputs),
     output:
-        table=report(
-            "results/guardrails/{model}/refusal_{weights}.csv",
+        table="results/guardrails/{model}/refusal_{weights}.csv",
+        table_html=report(
+            "results/guardrails/{model}/refusal_{weights}.html",
             caption="../report/refusal_guardrail.rst",
             category="Guardrails",
             subcategory="{model}",
@@ -96,7 +103,12 @@ rule refusal_guardrail:
             category="Guardrails",
             subcategory="{model}",
         ),
-        svg="results/guardrails/{model}/refusal_{weights}.svg",
+        svg=report(
+            "results/guardrails/{model}/refusal_{weights}.svg",
+            caption="../report/refusal_guardrail.rst",
+            category="Guardrails",
+            subcategory="{model}",
+        ),
     log:
         "logs/refusal_guardrail/{model}.{weights}.log",
     benchmark:

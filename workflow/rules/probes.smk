@@ -36,20 +36,23 @@ rule jailbreak_mechanism:
     output:
         harm_features="results/probes/{model}/harm_features.parquet",
         pairs="results/probes/{model}/mechanism_pairs.parquet",
-        summary=report(
-            "results/probes/{model}/mechanism.csv",
+        summary="results/probes/{model}/mechanism.csv",
+        summary_html=report(
+            "results/probes/{model}/mechanism.html",
             caption="../report/mechanism.rst",
             category="Jailbreaks and probes",
             subcategory="{model}",
         ),
-        wrappers=report(
-            "results/probes/{model}/mechanism_wrappers.csv",
+        wrappers="results/probes/{model}/mechanism_wrappers.csv",
+        wrappers_html=report(
+            "results/probes/{model}/mechanism_wrappers.html",
             caption="../report/mechanism_wrappers.rst",
             category="Jailbreaks and probes",
             subcategory="{model}",
         ),
-        words=report(
-            "results/probes/{model}/suppressing_words.csv",
+        words="results/probes/{model}/suppressing_words.csv",
+        words_html=report(
+            "results/probes/{model}/suppressing_words.html",
             caption="../report/suppressing_words.rst",
             category="Jailbreaks and probes",
             subcategory="{model}",
@@ -60,7 +63,12 @@ rule jailbreak_mechanism:
             category="Jailbreaks and probes",
             subcategory="{model}",
         ),
-        svg="results/probes/{model}/mechanism.svg",
+        svg=report(
+            "results/probes/{model}/mechanism.svg",
+            caption="../report/mechanism.rst",
+            category="Jailbreaks and probes",
+            subcategory="{model}",
+        ),
     log:
         "logs/jailbreak_mechanism/{model}.log",
     benchmark:
@@ -98,14 +106,16 @@ rule probes:
         responses="results/probes/{model}/responses.parquet",
     output:
         table="results/probes/{model}/probes.parquet",
-        summary=report(
-            "results/probes/{model}/probes.csv",
+        summary="results/probes/{model}/probes.csv",
+        summary_html=report(
+            "results/probes/{model}/probes.html",
             caption="../report/probes.rst",
             category="Jailbreaks and probes",
             subcategory="{model}",
         ),
-        dense_layers=report(
-            "results/probes/{model}/dense_layers.csv",
+        dense_layers="results/probes/{model}/dense_layers.csv",
+        dense_layers_html=report(
+            "results/probes/{model}/dense_layers.html",
             caption="../report/dense_layers.rst",
             category="Jailbreaks and probes",
             subcategory="{model}",
@@ -116,7 +126,12 @@ rule probes:
             category="Jailbreaks and probes",
             subcategory="{model}",
         ),
-        svg="results/probes/{model}/probes.svg",
+        svg=report(
+            "results/probes/{model}/probes.svg",
+            caption="../report/probes.rst",
+            category="Jailbreaks and probes",
+            subcategory="{model}",
+        ),
     log:
         "logs/probes/{model}.log",
     benchmark:

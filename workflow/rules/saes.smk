@@ -112,8 +112,9 @@ rule sae_quality_table:
             layer=sae_layers(w.model),
         ),
     output:
-        report(
-            "results/saes/{model}/quality.csv",
+        table="results/saes/{model}/quality.csv",
+        html=report(
+            "results/saes/{model}/quality.html",
             caption="../report/sae_quality.rst",
             category="SAEs",
             subcategory="{model}",

@@ -73,8 +73,9 @@ rule summarize_scores:
     input:
         lambda w: score_files(w.model),
     output:
-        report(
-            "results/scores/{model}/summary.csv",
+        table="results/scores/{model}/summary.csv",
+        html=report(
+            "results/scores/{model}/summary.html",
             caption="../report/summary.rst",
             category="Baselines",
             subcategory="{model}",
@@ -99,8 +100,9 @@ rule baselines_table:
     input:
         expand("results/scores/{model}/summary.csv", model=config["models"]),
     output:
-        report(
-            "results/tables/baselines.csv",
+        table="results/tables/baselines.csv",
+        html=report(
+            "results/tables/baselines.html",
             caption="../report/baselines.rst",
             category="Baselines",
             subcategory="All models",
@@ -123,8 +125,9 @@ rule benchmark_table:
     input:
         expand("results/scores/{model}/summary.csv", model=config["models"]),
     output:
-        table=report(
-            "results/tables/benchmark.csv",
+        table="results/tables/benchmark.csv",
+        table_html=report(
+            "results/tables/benchmark.html",
             caption="../report/benchmark.rst",
             category="Steering",
             subcategory="All models",
@@ -135,7 +138,12 @@ rule benchmark_table:
             category="Steering",
             subcategory="All models",
         ),
-        svg="results/figures/benchmark.svg",
+        svg=report(
+            "results/figures/benchmark.svg",
+            caption="../report/benchmark.rst",
+            category="Steering",
+            subcategory="All models",
+        ),
     log:
         "logs/benchmark_table.log",
     benchmark:
@@ -160,8 +168,9 @@ rule induction_table:
     input:
         expand("results/scores/{model}/summary.csv", model=config["models"]),
     output:
-        table=report(
-            "results/tables/induction.csv",
+        table="results/tables/induction.csv",
+        table_html=report(
+            "results/tables/induction.html",
             caption="../report/induction.rst",
             category="Steering",
             subcategory="All models",
@@ -172,7 +181,12 @@ rule induction_table:
             category="Steering",
             subcategory="All models",
         ),
-        svg="results/figures/induction.svg",
+        svg=report(
+            "results/figures/induction.svg",
+            caption="../report/induction.rst",
+            category="Steering",
+            subcategory="All models",
+        ),
     log:
         "logs/induction_table.log",
     benchmark:

@@ -11,8 +11,9 @@ rule steering_search:
         ],
     output:
         hparams="results/steering/{model}/hparams.json",
-        sweep=report(
-            "results/steering/{model}/sweep.csv",
+        sweep="results/steering/{model}/sweep.csv",
+        sweep_html=report(
+            "results/steering/{model}/sweep.html",
             caption="../report/steering_search.rst",
             category="Steering",
             subcategory="{model}",
