@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.workflow
 GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
              "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
              "adversarial_responses", "jailbreak_mechanism", "guardrail_select", "guardrail_eval",
-             "refusal_guardrail", "feature_dashboards"}
+             "refusal_guardrail", "feature_dashboards", "category_features", "category_steering",
+             "circuits"}
 
 
 def snakemake(workdir, config, *extra):
@@ -278,12 +280,14 @@ def test_report_builds(run, report):
     html = report.read_text(errors="replace")
     for name in ("summary.html", "baselines.html", "quality.html", "features_tiny.html", "benchmark.html",
                  "induction.html", "capabilities_tiny.html", "sweep.html", "mechanism.html", "suppressing_words.html",
-                 "probes.html", "unlearning.html", "refusal_tuned.html", "features.html"):
+                 "probes.html", "unlearning.html", "refusal_tuned.html", "features.html", "normalized_jailbreak.html",
+                 "faithfulness.html", "similarity.html", "modularity_tests.html", "pairwise_tests.html", "verdict.json"):
         assert name in html, name
     figures, pages = _figures(work)
     assert {p.name for p in figures} >= {"benchmark.png", "induction.svg", "organism.png", "direction.svg",
                                          "sae_quality.png", "mechanism.png", "probes.svg", "unlearning.png",
-                                         "refusal_base.png"}
+                                         "refusal_base.png", "normalized_jailbreak.png", "faithfulness.svg",
+                                         "similarity.png"}
     for p in figures + pages:
         assert p.name in html, f"{p.relative_to(work)} is not in the report"
     # every table is an HTML table, with its CSV inside as a download
@@ -308,6 +312,40 @@ def test_feature_dashboards(run):
     assert "Top-activating prompts" in page and "refusal direction" in page and "http" not in page
 
 
+def test_harm_categories(run):
+    """Per-category sets and clamps, a circuit file per category and group, faithfulness curves,
+    the permutation test and a verdict with the numbers behind it."""
+    import networkx as nx
+
+    work, _, _ = run
+    base = work / "results/categories/tiny"
+    sets = pd.read_parquet(base / "features.parquet")
+    conds = pd.read_parquet(base / "conditions.parquet")
+    cats = sorted(sets.category.unique())
+    assert len(cats) >= 2 and set(conds.condition) >= {"all", "specific", "common", "transfer"}
+    rates = pd.read_parquet(base / "steering.parquet")
+    assert set(rates.condition) == {"base", "all", "specific", "common", "transfer"}
+    assert (rates.ci_low <= rates.jailbreak_rate + 1e-9).all() and (rates.n > 0).all()
+    assert (rates[rates.condition == "transfer"].groupby("category").source.nunique() == len(cats) - 1).all()
+    for group in ("toxic", "safe"):
+        for cat in cats:
+            g = nx.read_graphml(base / "circuits" / group / f"{cat}.graphml")
+            assert g.number_of_nodes() > 0 and g.graph["category"] == cat
+            assert any(d["error"] for _, d in g.nodes(data=True))  # error nodes are part of every circuit
+    curves = pd.read_csv(base / "faithfulness.csv")
+    assert set(curves.group) == {"toxic", "safe"} and curves.n_per_layer.nunique() == 2
+    assert np.isfinite(curves.m_model).all() and (curves.split == "test").all()
+    verdict = json.loads((base / "verdict.json").read_text())
+    assert verdict["verdict"] in {"monolithic", "modular", "mixed"}
+    toxic = verdict["by_group"]["toxic"]
+    assert 0 < toxic["p_value"] <= 1 and toxic["n_permutations"] == 19 and len(toxic["ci"]) == 2
+    tests = pd.read_csv(base / "modularity_tests.csv")
+    assert set(tests.similarity) == {"jaccard", "weighted_jaccard", "edge_jaccard", "importance_r"}
+    pairs = pd.read_csv(base / "pairwise_tests.csv")
+    assert len(pairs[pairs.group == "toxic"]) == len(cats) * (len(cats) - 1) // 2
+    assert (pairs.p_adjusted.dropna() >= pairs.p_value[pairs.p_adjusted.notna()] - 1e-12).all()
+
+
 def test_the_report_renders_in_chromium(run, report, tmp_path):
     """Opened as a reader would open it: headless Chromium (Debian's), every category visited."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -328,7 +366,7 @@ def test_the_report_renders_in_chromium(run, report, tmp_path):
         page.goto(report.as_uri(), wait_until="load")
         page.wait_for_selector("text=Feature dashboards", timeout=30_000)
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        for category in ("Model", "Refusal direction", "Feature dashboards", "Steering"):
+        for category in ("Model", "Refusal direction", "Feature dashboards", "Harm categories", "Steering"):
             page.get_by_text(category, exact=True).first.click()
             page.wait_for_timeout(300)
         page.screenshot(path=str(tmp_path / "category.png"), full_page=True)

@@ -77,6 +77,7 @@ def check_config(config: Mapping) -> None:
     for model in config["models"]:
         _check_steering(for_model(config, model))
         _check_dashboards(for_model(config, model))
+        _check_categories(for_model(config, model))
     _check_probes(config)
     for name, spec in config["models"].items():
         sae = spec["sae"]
@@ -148,6 +149,27 @@ def _check_dashboards(config: Mapping) -> None:
             "heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
         raise ConfigError("dashboards: c/K* are null here and in steering, so they come from steering_search, "
                           "which needs heldout in features.protocols and la_ig in features.methods (or set both)")
+
+
+def category_promptset(config: Mapping) -> str:
+    return config["categories"]["promptset"] or feature_promptset(config)
+
+
+def _check_categories(config: Mapping) -> None:
+    cat, feats = config["categories"], config["features"]
+    if not cat["enabled"]:
+        return
+    name = category_promptset(config)
+    if name not in config["promptsets"]:
+        raise ConfigError(f"categories.promptset: unknown promptset {name!r}; defined: {sorted(config['promptsets'])}")
+    if name not in config["activations"]["promptsets"]:
+        raise ConfigError(f"categories.promptset {name!r} needs cached activations: add it to activations.promptsets")
+    if cat["fit_split"] == cat["eval_split"]:
+        raise ConfigError("categories.fit_split and eval_split must differ: circuits and clamps are scored held out")
+    steer = config["steering"]
+    if cat["c"] is None and steer["c"] is None and ("heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
+        raise ConfigError("categories: c is null here and in steering, so it comes from steering_search, which needs "
+                          "heldout in features.protocols and la_ig in features.methods (or set categories.c)")
 
 
 def _check_steering(config: Mapping) -> None:

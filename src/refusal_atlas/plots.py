@@ -229,3 +229,72 @@ def sae_quality_figure(quality: pd.DataFrame, targets: dict, caption: str, stem:
     fig.tight_layout()
     save_figure(fig, stem)
     plt.close(fig)
+
+
+def normalized_jailbreak_figure(norm: pd.DataFrame, caption: str, stem: str) -> None:
+    """Normalized jailbreak (rate / rate of ``all``) per category and clamp condition (Yeo et al. §4.2)."""
+    plt = _pyplot()
+    cats = list(dict.fromkeys(norm.category))
+    conds = [c for c in ("all", "specific", "common", "transfer") if c in set(norm.condition)]
+    t = norm.assign(group=[f"{c}\n(n={int(n)})" for c, n in zip(norm.category, norm.n)],
+                    value=norm.normalized, ci_low=norm.normalized_ci_low, ci_high=norm.normalized_ci_high)
+    groups = [t[t.category == c].group.iloc[0] for c in cats]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(cats)), 4.2))
+    _bars(ax, t, groups, conds, "group", "condition", "value")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_ylabel("normalized jailbreak (rate / rate of all)")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(caption, fontsize=8)
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def faithfulness_figure(curves: pd.DataFrame, caption: str, stem: str) -> None:
+    """Faithfulness and completeness against circuit size, one line per category, toxic and safe."""
+    plt = _pyplot()
+    groups = [g for g in ("toxic", "safe") if g in set(curves.get("group", []))]
+    fig, axes = plt.subplots(len(groups) or 1, 2, figsize=(11, 3.6 * max(1, len(groups))), squeeze=False)
+    for row, group in zip(axes, groups):
+        g = curves[curves.group == group]
+        for cat, c in g.groupby("category"):
+            n = int(c.n_prompts.iloc[0])
+            row[0].plot(c.n_nodes, c.faithfulness, marker="o", ms=3, label=f"{cat} (n={n})")
+            row[1].plot(c.n_nodes, c.completeness, marker="o", ms=3, label=f"{cat} (n={n})")
+        for ax, name in zip(row, ("faithfulness", "completeness")):
+            ax.set_xscale("log")
+            ax.axhline(1, color="k", lw=0.6, ls=":")
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xlabel("circuit size (latents, all SAE layers)")
+            ax.set_ylabel(name)
+            ax.set_title(f"{group} prompts", fontsize=9)
+        row[0].legend(fontsize=6, ncols=2)
+    fig.suptitle(caption, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def similarity_figure(matrices: pd.DataFrame, caption: str, stem: str) -> None:
+    """A heatmap per similarity (columns) and prompt group (rows) of the category circuits."""
+    plt = _pyplot()
+    groups = list(dict.fromkeys(matrices.group))
+    kinds = list(dict.fromkeys(matrices.similarity))
+    fig, axes = plt.subplots(len(groups), len(kinds), figsize=(4.2 * len(kinds), 3.9 * len(groups)), squeeze=False)
+    for r, group in enumerate(groups):
+        for c, kind in enumerate(kinds):
+            m = (matrices[(matrices.group == group) & (matrices.similarity == kind)]
+                 .pivot(index="a", columns="b", values="value"))
+            ax = axes[r, c]
+            lo = -1 if kind == "importance_r" else 0
+            im = ax.imshow(m.to_numpy(dtype=float), vmin=lo, vmax=1, cmap="viridis")
+            ax.set_xticks(range(len(m.columns)), m.columns, rotation=60, ha="right", fontsize=6)
+            ax.set_yticks(range(len(m.index)), m.index, fontsize=6)
+            for (i, j), v in np.ndenumerate(m.to_numpy(dtype=float)):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.5 else "k")
+            ax.set_title(f"{kind} ({group})", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(caption, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, stem)
+    plt.close(fig)

@@ -36,6 +36,9 @@ GPU_STAGES = (
     "guardrail_eval",
     "refusal_guardrail",
     "feature_dashboards",
+    "category_features",
+    "category_steering",
+    "circuits",
 )
 
 
@@ -96,6 +99,21 @@ def stage_memory(stage: str, spec: Mapping, config: Mapping) -> float:
     if stage == "adversarial_responses":
         batch = config["probes"]["batch_size"]
         return weights + _kv_cache_bytes(shape, batch, seq, b)
+    if stage == "category_features":
+        cat = config["categories"]
+        return la_ig_memory(
+            shape, d_sae=sae["d_sae"], n_sae_layers=n_sae, la_bz=cat["la_bz"] or config["features"]["la_bz"],
+            seq_len=seq, dtype_bytes=b,
+        )["peak"]
+    if stage == "category_steering":
+        batch = config["categories"]["batch_size"]
+        return weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b)
+    if stage == "circuits":
+        # IG over every SAE layer at once: as LA-IG, with the circuits' batch for la_bz
+        return la_ig_memory(
+            shape, d_sae=sae["d_sae"], n_sae_layers=n_sae, la_bz=config["categories"]["circuits"]["batch_size"],
+            seq_len=seq, dtype_bytes=b,
+        )["peak"]
     if stage == "feature_dashboards":
         # every SAE resident; one batch's resid_post at the selected features' layers and their latents
         batch = config["dashboards"]["batch_size"]

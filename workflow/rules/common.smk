@@ -9,6 +9,7 @@ from refusal_atlas.resources import stage_gpus
 from refusal_atlas.config import (
     check_config,
     for_model,
+    category_promptset,
     dashboard_protocol,
     feature_promptset,
     probe_promptset,
@@ -254,6 +255,9 @@ def all_targets():
             targets.append(f"results/figures/{model}/organism.png")
         targets.append(f"results/figures/{model}/direction.png")
         targets.append(f"results/figures/{model}/sae_quality.png")
+        if config["categories"]["enabled"]:
+            targets.append(f"results/categories/{model}/verdict.json")
+            targets.append(f"results/categories/{model}/faithfulness.csv")
         if config["dashboards"]["enabled"]:
             targets.append(f"results/dashboards/{model}/features.csv")
         targets += [
@@ -423,4 +427,50 @@ def sae_quality_caption(model):
     return (
         f"{model}: SAE quality per layer ({where}); held-out sequences of "
         f"{config['sae_corpus']['dataset']}"
+    )
+
+
+def category_params(model):
+    """The category keys, with the nulls that other sections fill resolved."""
+    cfg = {**config["categories"]}
+    feats = model_section(model, "features")
+    steer = model_section(model, "steering")
+    cfg["k_star"] = cfg["k_star"] or feats["k_star"]
+    cfg["ig_steps"] = cfg["ig_steps"] or feats["ig_steps"]
+    cfg["la_bz"] = cfg["la_bz"] or feats["la_bz"]
+    cfg["c"] = cfg["c"] if cfg["c"] is not None else steer["c"]
+    cfg.pop("enabled")
+    cfg.pop("promptset")
+    return cfg
+
+
+def category_inputs(wildcards):
+    model = wildcards.model
+    ps = category_promptset(config)
+    inputs = {
+        "model": final_model_dir(wildcards),
+        "promptset": f"results/promptsets/{ps}.parquet",
+        "acts": f"results/activations/{model}/{ps}.safetensors",
+        "index": f"results/activations/{model}/{ps}.index.parquet",
+        "direction": f"results/directions/{model}.json",
+        "saes": [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)],
+    }
+    return inputs
+
+
+def category_steering_inputs(wildcards):
+    inputs = {
+        **category_inputs(wildcards),
+        "conditions": f"results/categories/{wildcards.model}/conditions.parquet",
+    }
+    if category_params(wildcards.model)["c"] is None:
+        inputs["hparams"] = f"results/steering/{wildcards.model}/hparams.json"
+    return inputs
+
+
+def category_caption(model, what):
+    cfg = category_params(model)
+    return (
+        f"{model}: {what}; {category_promptset(config)} categories, fit on "
+        f"{cfg['fit_split']}, scored on {cfg['eval_split']}"
     )

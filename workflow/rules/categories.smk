@@ -1,0 +1,206 @@
+# Harm categories: per-category refusal features and their clamps (Yeo et al. 2025 §4.2), sparse
+# feature circuits per category (Marks et al. 2024), and a permutation test of modularity.
+
+
+rule category_features:
+    input:
+        unpack(category_inputs),
+    output:
+        features="results/categories/{model}/features.parquet",
+        conditions="results/categories/{model}/conditions.parquet",
+        summary="results/categories/{model}/features.json",
+        table="results/categories/{model}/features.csv",
+        html=report(
+            "results/categories/{model}/features.html",
+            caption="../report/category_features.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/category_features/{model}.log",
+    benchmark:
+        "benchmarks/category_features/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
+        runtime=240,
+        gpu=gpus("category_features"),
+    params:
+        spec=lambda w: model_params(w.model),
+        cfg=lambda w: category_params(w.model),
+    script:
+        "../scripts/category_features.py"
+
+
+rule category_steering:
+    input:
+        unpack(category_steering_inputs),
+    output:
+        rates="results/categories/{model}/steering.parquet",
+        table="results/categories/{model}/normalized_jailbreak.csv",
+        html=report(
+            "results/categories/{model}/normalized_jailbreak.html",
+            caption="../report/category_steering.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        summary="results/categories/{model}/normalized_jailbreak_summary.csv",
+        summary_html=report(
+            "results/categories/{model}/normalized_jailbreak_summary.html",
+            caption="../report/category_steering.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        png=report(
+            "results/categories/{model}/normalized_jailbreak.png",
+            caption="../report/category_steering.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        svg=report(
+            "results/categories/{model}/normalized_jailbreak.svg",
+            caption="../report/category_steering.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/category_steering/{model}.log",
+    benchmark:
+        "benchmarks/category_steering/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=240,
+        gpu=gpus("category_steering"),
+    params:
+        spec=lambda w: model_params(w.model),
+        cfg=lambda w: category_params(w.model),
+        substrings=config["judges"]["substring"]["substrings"],
+        boot=config["bootstrap"],
+        caption=lambda w: category_caption(
+            w.model,
+            "normalized jailbreak per clamp condition; jailbreak = no refusal substring "
+            f"({config['categories']['max_new_tokens']} greedy tokens); 95% bootstrap CIs",
+        ),
+    script:
+        "../scripts/category_steering.py"
+
+
+rule circuits:
+    input:
+        unpack(category_inputs),
+        categories="results/categories/{model}/features.json",
+    output:
+        scores="results/categories/{model}/circuit_scores.safetensors",
+        index="results/categories/{model}/circuit_prompts.parquet",
+        graphs=directory("results/categories/{model}/circuits"),
+        faithfulness="results/categories/{model}/faithfulness.csv",
+        faithfulness_html=report(
+            "results/categories/{model}/faithfulness.html",
+            caption="../report/faithfulness.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        png=report(
+            "results/categories/{model}/faithfulness.png",
+            caption="../report/faithfulness.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        svg=report(
+            "results/categories/{model}/faithfulness.svg",
+            caption="../report/faithfulness.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/circuits/{model}.log",
+    benchmark:
+        "benchmarks/circuits/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
+        runtime=480,
+        gpu=gpus("circuits"),
+    params:
+        spec=lambda w: model_params(w.model),
+        cfg=lambda w: category_params(w.model),
+        boot=config["bootstrap"],
+        caption=lambda w: category_caption(
+            w.model,
+            "faithfulness and completeness of category circuits (mean ablation, errors kept; "
+            "metric: refusal log-odds at the last prompt token)",
+        ),
+    script:
+        "../scripts/circuits.py"
+
+
+rule modularity:
+    input:
+        scores="results/categories/{model}/circuit_scores.safetensors",
+        index="results/categories/{model}/circuit_prompts.parquet",
+        steering="results/categories/{model}/normalized_jailbreak_summary.csv",
+    output:
+        similarity="results/categories/{model}/similarity.csv",
+        similarity_html=report(
+            "results/categories/{model}/similarity.html",
+            caption="../report/modularity.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        tests="results/categories/{model}/modularity_tests.csv",
+        tests_html=report(
+            "results/categories/{model}/modularity_tests.html",
+            caption="../report/modularity.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        pairwise="results/categories/{model}/pairwise_tests.csv",
+        pairwise_html=report(
+            "results/categories/{model}/pairwise_tests.html",
+            caption="../report/modularity.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        verdict=report(
+            "results/categories/{model}/verdict.json",
+            caption="../report/verdict.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        png=report(
+            "results/categories/{model}/similarity.png",
+            caption="../report/modularity.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+        svg=report(
+            "results/categories/{model}/similarity.svg",
+            caption="../report/modularity.rst",
+            category="Harm categories",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/modularity/{model}.log",
+    benchmark:
+        "benchmarks/modularity/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        cfg=lambda w: category_params(w.model),
+        caption=lambda w: category_caption(
+            w.model,
+            "similarity of category circuits (toxic: plain harmful prompts; safe: harmless twins)",
+        ),
+    script:
+        "../scripts/modularity.py"
