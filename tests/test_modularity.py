@@ -132,3 +132,11 @@ def test_stratified_relabelling_keeps_sizes_and_mixes_every_group():
     assert (out == "a").sum() == 10 and (out == "b").sum() == 6
     # each new group holds old a and old b prompts alike (10:6 in proportion, give or take one)
     assert 5 <= ((groups == "a") & (out == "a")).sum() <= 7
+
+
+def test_a_threshold_keeps_every_node_above_it():
+    scores, groups = synthetic("disjoint", noise=0.0)
+    rows = np.flatnonzero(groups == "c0")
+    c = discover(scores, rows, n_nodes=1, n_edges=0, threshold=2.5)
+    assert {k for k in c.nodes if k[0] == 0 and k[1] >= 0} == {(0, i) for i in range(6, 12)}
+    assert not discover(scores, rows, n_nodes=1, n_edges=0, threshold=99.0).edges

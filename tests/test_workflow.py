@@ -281,7 +281,7 @@ def test_report_builds(run, report):
     for name in ("summary.html", "baselines.html", "quality.html", "features_tiny.html", "benchmark.html",
                  "induction.html", "capabilities_tiny.html", "sweep.html", "mechanism.html", "suppressing_words.html",
                  "probes.html", "unlearning.html", "refusal_tuned.html", "features.html", "normalized_jailbreak.html",
-                 "faithfulness.html", "similarity.html", "modularity_tests.html", "pairwise_tests.html", "verdict.json"):
+                 "faithfulness.html", "similarity.html", "modularity_tests.html", "pairwise_tests.html", "verdict.html"):
         assert name in html, name
     figures, pages = _figures(work)
     assert {p.name for p in figures} >= {"benchmark.png", "induction.svg", "organism.png", "direction.svg",

@@ -50,16 +50,17 @@ class Scores:
     edges: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
 
-def discover(scores: Scores, rows: np.ndarray, n_nodes: int, n_edges: int) -> Circuit:
-    """The circuit of the prompts ``rows``: top ``n_nodes`` latents per layer by |mean IE| (the
-    error nodes always belong), and the top ``n_edges`` edges by |mean| per adjacent layer pair
-    among the circuit's nodes."""
+def discover(scores: Scores, rows: np.ndarray, n_nodes: int, n_edges: int, threshold: float | None = None) -> Circuit:
+    """The circuit of the prompts ``rows``: top ``n_nodes`` latents per layer by |mean IE| (or,
+    with ``threshold``, every latent with |mean IE| ≥ threshold; Marks et al.'s T_N), the error
+    nodes always, and the top ``n_edges`` edges by |mean| per adjacent layer pair among them."""
     nodes = {}
     for l in scores.layers:
         mean = scores.nodes[l][rows].mean(0)
         ids = scores.node_ids[l]
         lat = np.flatnonzero(ids >= 0)
-        top = lat[np.argsort(-np.abs(mean[lat]), kind="stable")[:n_nodes]]
+        order = lat[np.argsort(-np.abs(mean[lat]), kind="stable")]
+        top = order[np.abs(mean[order]) >= threshold] if threshold is not None else order[:n_nodes]
         for j in top:
             if mean[j] != 0:
                 nodes[(l, int(ids[j]))] = float(mean[j])
@@ -138,13 +139,15 @@ def mean_off_diagonal(matrix: pd.DataFrame | np.ndarray) -> float:
     return float(off.mean()) if off.size else float("nan")
 
 
-def circuits_by_group(scores: Scores, groups: np.ndarray, n_nodes: int, n_edges: int) -> dict[str, Circuit]:
-    return {str(g): discover(scores, np.flatnonzero(groups == g), n_nodes, n_edges) for g in sorted(set(groups))}
+def circuits_by_group(scores: Scores, groups: np.ndarray, n_nodes: int, n_edges: int,
+                      threshold: float | None = None) -> dict[str, Circuit]:
+    return {str(g): discover(scores, np.flatnonzero(groups == g), n_nodes, n_edges, threshold)
+            for g in sorted(set(groups))}
 
 
 def mean_similarity(scores: Scores, groups: np.ndarray, n_nodes: int, n_edges: int,
-                    kinds: Sequence[str] = SIMILARITIES) -> dict[str, float]:
-    circuits = circuits_by_group(scores, groups, n_nodes, n_edges)
+                    kinds: Sequence[str] = SIMILARITIES, threshold: float | None = None) -> dict[str, float]:
+    circuits = circuits_by_group(scores, groups, n_nodes, n_edges, threshold)
     return {k: mean_off_diagonal(similarity_matrix(circuits, k)) for k in kinds}
 
 
@@ -157,6 +160,7 @@ class PermutationConfig:
     confidence: float = 0.95
     alpha: float = 0.05
     seed: int = 0
+    threshold: float | None = None
 
 
 def permutation_test(scores: Scores, groups: np.ndarray, cfg: PermutationConfig,
@@ -168,11 +172,11 @@ def permutation_test(scores: Scores, groups: np.ndarray, cfg: PermutationConfig,
     the bootstrap interval, and the counts behind them.
     """
     rng = np.random.default_rng(cfg.seed)
-    observed = mean_similarity(scores, groups, cfg.n_nodes, cfg.n_edges, kinds)
+    observed = mean_similarity(scores, groups, cfg.n_nodes, cfg.n_edges, kinds, cfg.threshold)
     null = {k: [] for k in kinds}
     for _ in range(cfg.n_permutations):
         perm = rng.permutation(groups)
-        for k, v in mean_similarity(scores, perm, cfg.n_nodes, cfg.n_edges, kinds).items():
+        for k, v in mean_similarity(scores, perm, cfg.n_nodes, cfg.n_edges, kinds, cfg.threshold).items():
             null[k].append(v)
     boot = {k: [] for k in kinds}
     index = {g: np.flatnonzero(groups == g) for g in sorted(set(groups))}
@@ -180,7 +184,7 @@ def permutation_test(scores: Scores, groups: np.ndarray, cfg: PermutationConfig,
         rows = np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in index.values()])
         sub = Scores(scores.layers, scores.node_ids, {l: v[rows] for l, v in scores.nodes.items()}, scores.edge_ids,
                      {p: v[rows] for p, v in scores.edges.items()})
-        for k, v in mean_similarity(sub, groups[rows], cfg.n_nodes, cfg.n_edges, kinds).items():
+        for k, v in mean_similarity(sub, groups[rows], cfg.n_nodes, cfg.n_edges, kinds, cfg.threshold).items():
             boot[k].append(v)
     lo, hi = (1 - cfg.confidence) / 2, 1 - (1 - cfg.confidence) / 2
     rows = []
@@ -246,8 +250,9 @@ def pairwise_tests(scores: Scores, groups: np.ndarray, cfg: PermutationConfig, k
         sub = Scores(scores.layers, scores.node_ids, {l: v[keep] for l, v in scores.nodes.items()}, scores.edge_ids,
                      {p: v[keep] for p, v in scores.edges.items()})
         g = groups[keep]
-        obs = mean_similarity(sub, g, cfg.n_nodes, cfg.n_edges, [kind])[kind]
-        null = np.array([mean_similarity(sub, stratified_relabel(g, rng), cfg.n_nodes, cfg.n_edges, [kind])[kind]
+        obs = mean_similarity(sub, g, cfg.n_nodes, cfg.n_edges, [kind], cfg.threshold)[kind]
+        null = np.array([mean_similarity(sub, stratified_relabel(g, rng), cfg.n_nodes, cfg.n_edges, [kind],
+                                         cfg.threshold)[kind]
                          for _ in range(cfg.n_permutations)])
         null = null[np.isfinite(null)]
         p = float((1 + np.sum(null <= obs)) / (1 + null.size)) if null.size and np.isfinite(obs) else float("nan")

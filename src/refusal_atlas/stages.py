@@ -28,7 +28,7 @@ from .activations import last_token_resid_post
 from .conditions import Condition, parse_condition
 from .generation import chat_batches, generate
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
-from .io import atomic_path, write_json, write_parquet, write_safetensors, write_table
+from .io import atomic_path, table_html, write_json, write_parquet, write_safetensors, write_table
 from .judges import substring_refusals
 from .logs import logged  # noqa: F401  (every script enters its stage through it)
 from .modeling import layer_device, load_model, resolve_device
@@ -369,6 +369,13 @@ def sae_quality_table(files: Sequence[str], model: str, targets: Mapping[str, fl
 # ---------------------------------------------------------------------------- features
 def _subset(df: pd.DataFrame, cap: int | None, seed: int = 0) -> pd.DataFrame:
     return df if cap is None or len(df) <= cap else df.sample(n=cap, random_state=seed).sort_index()
+
+
+def _subset_each(df: pd.DataFrame, by: str | list[str], cap: int | None, seed: int = 0) -> pd.DataFrame:
+    """``_subset`` of every group, the grouping columns kept (pandas 3's apply drops them)."""
+    if df.empty:
+        return df
+    return pd.concat([_subset(g, cap, seed) for _, g in df.groupby(by, sort=True)]).reset_index(drop=True)
 
 
 def feature_attribution(model_dir: str, spec: Mapping, acts_path: str, index_path: str, direction_summary: str,
@@ -1198,8 +1205,10 @@ def category_steering(model_dir: str, spec: Mapping, promptset: str, conditions:
     cats = sorted(conds.category.unique())
     df = pd.read_parquet(promptset)
     ev = df[(df.label == "harmful") & (df.variant == "plain") & (df.split == cfg["eval_split"]) & df.category.isin(cats)]
-    ev = ev.groupby("category", group_keys=False).apply(lambda g: _subset(g, cfg["eval_max_prompts"], cfg["seed"]))
-    ev = ev.reset_index(drop=True)
+    ev = _subset_each(ev, "category", cfg["eval_max_prompts"], cfg["seed"])
+    missing = sorted(set(cats) - set(ev.category))
+    if missing:
+        log.warning("no %s prompts for categories %s: their clamps are not scored", cfg["eval_split"], missing)
     model, tok = _load(model_dir, spec)
     sae_map = _saes(sae_dirs, spec, model)
     d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
@@ -1229,6 +1238,8 @@ def category_steering(model_dir: str, spec: Mapping, promptset: str, conditions:
         jail = ~np.asarray(refused)
         for c in cats:
             m = (ev.category == c).to_numpy()
+            if not m.any():  # nothing held out for this category: its rates are undefined, not 0
+                continue
             r = bootstrap_rate(jail[m], n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
             cond, source = (name, c) if not name.startswith("transfer") else (
                 "transfer", cats[(cats.index(c) + int(name.split("+")[1])) % len(cats)])
@@ -1250,8 +1261,7 @@ def _circuit_groups(df: pd.DataFrame, cats: Sequence[str], split: str, cap: int 
     rows = df[(df.split == split) & df.category.isin(cats) & (
         ((df.label == "harmful") & (df.variant == "plain")) | ((df.label == "harmless") & (df.variant == "twin")))]
     rows = rows.assign(group=np.where(rows.label == "harmful", "toxic", "safe"))
-    return (rows.groupby(["group", "category"], group_keys=False).apply(lambda g: _subset(g, cap, seed))
-            .reset_index(drop=True))
+    return _subset_each(rows, ["group", "category"], cap, seed)
 
 
 def circuits(model_dir: str, spec: Mapping, promptset: str, category_summary: str, direction_summary: str,
@@ -1306,7 +1316,7 @@ def circuits(model_dir: str, spec: Mapping, promptset: str, category_summary: st
     with atomic_path(outputs["graphs"], is_dir=True) as tmp:
         for (group, cat) in sorted(set(keys)):
             rows = np.flatnonzero([k == (group, cat) for k in keys])
-            circuit = modularity.discover(scores, rows, cc["n_nodes"], cc["n_edges"])
+            circuit = modularity.discover(scores, rows, cc["n_nodes"], cc["n_edges"], cc["node_threshold"])
             g = nx.DiGraph(model=spec.get("path") or model_dir, category=cat, group=group, n_prompts=len(rows),
                            metric="refusal log-odds at the last prompt token", ablation="mean")
             for (l, i), ie in circuit.nodes.items():
@@ -1362,7 +1372,8 @@ def modularity(scores_path: str, index_path: str, steering_summary: str, cfg: Ma
     tc = cfg["test"]
     pcfg = M.PermutationConfig(n_nodes=cfg["circuits"]["n_nodes"], n_edges=cfg["circuits"]["n_edges"],
                                n_permutations=tc["n_permutations"], n_bootstrap=tc["n_bootstrap"],
-                               confidence=tc["confidence"], alpha=tc["alpha"], seed=tc["seed"])
+                               confidence=tc["confidence"], alpha=tc["alpha"], seed=tc["seed"],
+                               threshold=cfg["circuits"]["node_threshold"])
     results, matrices, tests_all, pairwise_all = {}, [], [], []
     for group in ("toxic", "safe"):
         rows = np.flatnonzero(index.group.to_numpy() == group)
@@ -1373,10 +1384,10 @@ def modularity(scores_path: str, index_path: str, steering_summary: str, cfg: Ma
                           {l: t[f"edge_ids.{l}"].numpy() for l in layers},
                           {(a, b): t[f"edges.{a}.{b}"].numpy()[rows] for a, b in pairs})
         groups = index.category.to_numpy()[rows]
-        circuits = M.circuits_by_group(scores, groups, pcfg.n_nodes, pcfg.n_edges)
+        circuits = M.circuits_by_group(scores, groups, pcfg.n_nodes, pcfg.n_edges, pcfg.threshold)
         for kind in M.SIMILARITIES:
             mat = M.similarity_matrix(circuits, kind)
-            matrices.append(mat.stack(dropna=False).rename("value").reset_index(names=["a", "b"])
+            matrices.append(mat.rename_axis(index="a", columns="b").stack().rename("value").reset_index()
                             .assign(group=group, similarity=kind))
         log.info("%s: permutation test (%d permutations, %d bootstrap resamples)", group, pcfg.n_permutations,
                  pcfg.n_bootstrap)
@@ -1391,6 +1402,12 @@ def modularity(scores_path: str, index_path: str, steering_summary: str, cfg: Ma
     write_table(pd.concat(tests_all, ignore_index=True), outputs["tests"])
     write_table(pd.concat(pairwise_all, ignore_index=True), outputs["pairwise"])
     steering_evidence = pd.read_csv(steering_summary).to_dict("records")
+    keys = ("verdict", "p_value", "observed", "null_mean", "ratio", "effect", "z", "ci", "n_permutations",
+            "n_bootstrap", "pairs_significant", "pairs", "n_prompts")
+    shown = pd.DataFrame([{"group": g, **{k: (", ".join(f"{x:.3f}" for x in r[k]) if k == "ci" else r[k])
+                                           for k in keys}} for g, r in results.items()])
+    with atomic_path(outputs["verdict_html"]) as tmp:
+        tmp.write_text(table_html(shown, f"verdict ({tc['primary']})", "verdict.csv"), encoding="utf-8")
     write_json({"verdict": results.get("toxic", {}).get("verdict"), "question": "is refusal of harmful prompts one "
                 "circuit shared by the harm categories (monolithic), one per category (modular), or a shared core "
                 "with category-specific parts (mixed)?", "decided_on": "toxic", "rule": M.verdict.__doc__.strip(),

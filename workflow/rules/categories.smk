@@ -168,8 +168,9 @@ rule modularity:
             category="Harm categories",
             subcategory="{model}",
         ),
-        verdict=report(
-            "results/categories/{model}/verdict.json",
+        verdict="results/categories/{model}/verdict.json",
+        verdict_html=report(
+            "results/categories/{model}/verdict.html",
             caption="../report/verdict.rst",
             category="Harm categories",
             subcategory="{model}",

@@ -269,8 +269,9 @@ def all_targets():
         targets.append(f"results/saes/{model}/quality.csv")
         targets.append(f"results/tables/features_{model}.csv")
         targets.append(f"results/tables/capabilities_{model}.csv")
-        targets.append(f"results/probes/{model}/mechanism.csv")
-        targets.append(f"results/probes/{model}/probes.csv")
+        if config["probes"]["enabled"]:
+            targets.append(f"results/probes/{model}/mechanism.csv")
+            targets.append(f"results/probes/{model}/probes.csv")
         if config["guardrails"]["enabled"]:
             targets.append(f"results/guardrails/{model}/unlearning.csv")
             targets += [
