@@ -79,9 +79,10 @@ def test_llama_paper_config_asks_two_gpus_for_la_ig_through_32_saes(tmp_path):
     counts = Counter(rule for rule, _, _ in jobs)
     assert counts["pretrained_sae"] == 32 and counts["sae_quality"] == 32 and counts["steer_generate"] == 21
     by_rule = gpus_by_rule(jobs)
-    assert by_rule["feature_attribution"] == {2}
+    # LA-IG through 32 SAEs, for all harmful prompts and per harm category
+    assert by_rule["feature_attribution"] == {2} and by_rule["category_features"] == {2}
     for rule, gpus in by_rule.items():
-        if rule != "feature_attribution":
+        if rule not in ("feature_attribution", "category_features"):
             assert gpus == ({1} if rule in GPU_RULES else {0}), (rule, gpus)
     spec = yaml.safe_load((ROOT / "config/llama-3.1-8b-instruct.yaml").read_text())["models"]["llama-3.1-8b-instruct"]
     assert spec["overrides"]["direction"] == {"layer": 11} and spec["overrides"]["steering"] == {"c": -1}

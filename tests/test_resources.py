@@ -24,7 +24,8 @@ def cfg(la_bz=5, seq_len=256):
             "organism": {"train_from_layer": 0, "batch_size": 16}, "evaluation": {"batch_size": 32},
             "probes": {"batch_size": 32},
             "guardrails": {"unlearning": {"batch_size": 16, "max_tokens": 128}, "refusal": {"batch_size": 32}},
-            "dashboards": {"batch_size": 16}}
+            "dashboards": {"batch_size": 16},
+            "categories": {"la_bz": None, "batch_size": 32, "circuits": {"batch_size": 8}}}
 
 
 def test_gemma_with_gemma_scope_fits_one_gpu_per_rule():
