@@ -123,10 +123,15 @@ def test_node_scores_and_pools(setup):
     groups = {"a": {l: nodes[l][:2].mean(0).numpy() for l in saes}, "b": {l: nodes[l][2:].mean(0).numpy() for l in saes}}
     pools = choose_pools(groups, {l: nodes[l].mean(0).numpy() for l in saes}, size=10, n_top=3)
     for l in saes:
-        assert 3 <= len(pools[l]) <= 10 and pools[l].max() < 48
+        assert len(pools[l]) == 10 and pools[l].max() < 48
         for g in groups.values():
             top = set(np.argsort(-np.abs(g[l][:-1]), kind="stable")[:3].tolist())
             assert top <= set(pools[l].tolist())
+    # a pool smaller than the groups' tops keeps each group's best first
+    small = choose_pools(groups, {l: nodes[l].mean(0).numpy() for l in saes}, size=2, n_top=3)
+    for l in saes:
+        firsts = {int(np.argsort(-np.abs(g[l][:-1]), kind="stable")[0]) for g in groups.values()}
+        assert len(small[l]) == 2 and firsts <= set(small[l].tolist())
 
 
 def test_faithfulness_is_the_normalised_metric():

@@ -347,7 +347,8 @@ def test_harm_categories(run):
 
 
 def test_the_report_renders_in_chromium(run, report, tmp_path):
-    """Opened as a reader would open it: headless Chromium (Debian's), every category visited."""
+    """Opened as a reader would: headless Chromium (Debian's), every category visited, a figure
+    and a feature dashboard opened; no console error on the way."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         if os.environ.get("CI"):
@@ -355,8 +356,9 @@ def test_the_report_renders_in_chromium(run, report, tmp_path):
         pytest.skip("no chromium")
     from playwright.sync_api import sync_playwright
 
-    work, _, _ = run
-    errors = []
+    categories = ["Baselines", "Feature dashboards", "Guardrails", "Harm categories", "Jailbreaks and probes", "Model",
+                  "Refusal direction", "Refusal features", "SAEs", "Steering"]
+    errors, listed = [], {}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -364,16 +366,30 @@ def test_the_report_renders_in_chromium(run, report, tmp_path):
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
         page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
         page.goto(report.as_uri(), wait_until="load")
-        page.wait_for_selector("text=Feature dashboards", timeout=30_000)
-        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        for category in ("Model", "Refusal direction", "Feature dashboards", "Harm categories", "Steering"):
+        page.wait_for_selector("text=Harm categories", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "report.png"))
+        for category in categories:
             page.get_by_text(category, exact=True).first.click()
-            page.wait_for_timeout(300)
-        page.screenshot(path=str(tmp_path / "category.png"), full_page=True)
-        shown = page.inner_text("body")
+            page.wait_for_timeout(200)
+            # a category lists its files, or its subcategories (a model, "All models") first
+            listed[category] = page.locator("tr").count() + page.get_by_text("tiny", exact=True).count()
+            page.get_by_text("Results", exact=True).first.click()
+        page.get_by_text("Harm categories", exact=True).first.click()
+        page.locator("tr", has_text="results/categories/tiny/similarity.png").first.locator("a").first.click()
+        img = page.wait_for_selector("img[src^='data:image/png']", timeout=10_000)
+        width = img.evaluate("i => i.naturalWidth")
+        page.get_by_text("Results", exact=True).first.click()
+        page.get_by_text("Feature dashboards", exact=True).first.click()
+        page.locator("tr", has_text="001").first.locator("a").first.click()
+        page.wait_for_timeout(500)
+        frames = [f for f in page.frames if f != page.main_frame]
+        dashboard = frames[0].inner_text("body") if frames else ""
+        page.screenshot(path=str(tmp_path / "dashboard.png"))
         browser.close()
     assert not errors, errors
-    assert "tiny" in shown
+    assert all(n > 0 for n in listed.values()), listed  # every category lists its results
+    assert width > 100
+    assert "tiny · layer" in dashboard and "Top-activating prompts" in dashboard
     assert (tmp_path / "report.png").stat().st_size > 20_000  # a rendered page, not a blank one
 
 

@@ -225,15 +225,18 @@ def edge_scores(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequenc
 
 def choose_pools(group_means: Mapping[str, Mapping[int, np.ndarray]], overall: Mapping[int, np.ndarray],
                  size: int, n_top: int) -> dict[int, np.ndarray]:
-    """Candidate latents per layer: the top ``n_top`` of every group by |IE|, then the top of
-    ``overall`` (|mean IE| over all prompts) up to ``size``. Error columns (last) are excluded."""
+    """At most ``size`` candidate latents per layer: first those in some group's top ``n_top`` by
+    |mean IE| (best rank in any group first), then the top of ``overall`` (|mean IE| over all
+    prompts). Error columns (last) are excluded."""
     pools = {}
     for l, tot in overall.items():
-        union = {int(i) for g in group_means.values() for i in np.argsort(-np.abs(np.asarray(g[l])[:-1]),
-                                                                           kind="stable")[:n_top]}
-        order = [int(i) for i in np.argsort(-np.abs(np.asarray(tot)[:-1]), kind="stable")]
-        extra = [i for i in order if i not in union][:max(0, size - len(union))]
-        pools[l] = np.array(sorted(union | set(extra)), dtype=np.int64)
+        best: dict[int, int] = {}
+        for g in group_means.values():
+            for rank, i in enumerate(np.argsort(-np.abs(np.asarray(g[l])[:-1]), kind="stable")[:n_top]):
+                best[int(i)] = min(best.get(int(i), rank), rank)
+        ranked = sorted(best, key=lambda i: (best[i], i))
+        order = [int(i) for i in np.argsort(-np.abs(np.asarray(tot)[:-1]), kind="stable") if int(i) not in best]
+        pools[l] = np.array(sorted((ranked + order)[:size]), dtype=np.int64)
     return pools
 
 
