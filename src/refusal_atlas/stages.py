@@ -1144,6 +1144,7 @@ def category_features(model_dir: str, spec: Mapping, acts_path: str, index_path:
     device = next(model.parameters()).device
     sae_map = _saes(sae_dirs, spec, model)
     ig_cfg = attribution.LAIGConfig(steps=cfg["ig_steps"], batch_size=cfg["la_bz"])
+    r_all = direction.zero_dims(_fit_direction(acts, index, cfg["fit_split"])[0], sinks)[layer_star]
     frames, meta = [], {}
     fit = index[(index.split == cfg["fit_split"]) & (index.label == "harmful") & (index.variant == "plain")]
     for c in cats:
@@ -1152,16 +1153,14 @@ def category_features(model_dir: str, spec: Mapping, acts_path: str, index_path:
         attr = attribution.la_ig(model, tok, sae_map, list(prompts.instruction), direction=r.to(device),
                                  refusal_id=refusal_id, cfg=ig_cfg, system_prompt=spec["system_prompt"],
                                  desc=f"LA-IG {c}")
-        score = attr.scores.mean(0)  # [L, d_sae]
-        flat = torch.topk(score.flatten(), cfg["k_star"])
-        layers = attr.layers
-        d = score.shape[1]
+        # LA-IG's own selection: top K* by attribution among the K0 latents per layer closest to r_cat
+        mask = features.candidate_mask(features.decoder_cosines(sae_map, r), cfg["k0"])
+        picked = features.top_features(attr.scores.mean(0), cfg["k_star"], mask)
         frames.append(pd.DataFrame({
-            "category": c, "rank": np.arange(1, cfg["k_star"] + 1),
-            "layer": [layers[i // d] for i in flat.indices.tolist()], "feature": [i % d for i in flat.indices.tolist()],
-            "score": flat.values.numpy(), "n_prompts": len(prompts)}))
-        meta[c] = {"n_prompts": len(prompts), "cos_with_global_r": float(torch.nn.functional.cosine_similarity(
-            r, direction.zero_dims(_fit_direction(acts, index, cfg["fit_split"])[0], sinks)[layer_star], dim=0))}
+            "category": c, "rank": np.arange(1, len(picked) + 1), "layer": [attr.layers[j] for j, _, _ in picked],
+            "feature": [i for _, i, _ in picked], "score": [v for _, _, v in picked], "n_prompts": len(prompts)}))
+        meta[c] = {"n_prompts": len(prompts),
+                   "cos_with_global_r": float(torch.nn.functional.cosine_similarity(r, r_all, dim=0))}
         log.info("%s: %d prompts, cos(r_cat, r) %.3f", c, len(prompts), meta[c]["cos_with_global_r"])
     sets = pd.concat(frames, ignore_index=True)
     common, conds = categories.condition_sets(sets, cfg["common_min_fraction"], cfg["truncate_specific"])
@@ -1183,9 +1182,8 @@ def _condition_feature_set(rows: pd.DataFrame, row_of: Mapping[str, int], n_rows
     """A local FeatureSet: row i clamps the features ``rows`` lists for the i-th key of ``row_of``."""
     layers = sorted(set(rows.layer)) or sorted(d_sae)[:1]
     masks = {l: torch.zeros(n_rows, d_sae[l], dtype=torch.bool) for l in layers}
-    for key, i in row_of.items():
-        for l, f in zip(rows[rows.key == key].layer, rows[rows.key == key].feature):
-            masks[int(l)][i, int(f)] = True
+    for key, l, f in zip(rows.key, rows.layer, rows.feature):
+        masks[int(l)][row_of[key], int(f)] = True
     scale = {l: torch.ones_like(m, dtype=torch.float32) for l, m in masks.items()}
     return steering.FeatureSet(masks, scale, {pid: row_of[k] for pid, k in prompt_rows.items()})
 
@@ -1220,29 +1218,27 @@ def category_steering(model_dir: str, spec: Mapping, promptset: str, conditions:
                         desc=f"categories {name}", prompt_ids=list(ev.id) if fs else None)
         return substring_refusals(gens, substrings)
 
-    results = {"base": run("base", None)}
     rows_of = {c: i for i, c in enumerate(cats)}
-    for cond in ("all", "specific", "common"):
-        sel = conds[conds.condition == cond].assign(key=lambda d: d.category)
-        results[cond] = run(cond, _condition_feature_set(sel, rows_of, len(cats), dict(zip(ev.id, ev.category)), d_sae))
-    transfer = conds[conds.condition == "transfer"]
-    for k in range(1, len(cats)):
-        # offset k: category i clamps the specific set of category i+k, so each source is used once per pass
+    prompt_rows = dict(zip(ev.id, ev.category))
+    # (condition, offset): under offset k, category i clamps the set of category i + k, so one
+    # generation pass serves every category and each transfer source is used once per pass
+    results = {("base", 0): run("base", None)}
+    for cond, k in [("all", 0), ("specific", 0), ("common", 0)] + [("transfer", k) for k in range(1, len(cats))]:
         src = {c: cats[(i + k) % len(cats)] for i, c in enumerate(cats)}
-        sel = transfer[[src[c] == s for c, s in zip(transfer.category, transfer.source)]].assign(key=lambda d: d.category)
-        results[f"transfer+{k}"] = run(f"transfer +{k}", _condition_feature_set(sel, rows_of, len(cats),
-                                                                               dict(zip(ev.id, ev.category)), d_sae))
+        sel = conds[(conds.condition == cond) & (conds.category.map(src) == conds.source)]
+        results[(cond, k)] = run(f"{cond} +{k}" if k else cond,
+                                 _condition_feature_set(sel.assign(key=sel.category), rows_of, len(cats), prompt_rows,
+                                                        d_sae))
     rows = []
     sizes = conds.groupby(["category", "condition", "source"]).size()
-    for name, refused in results.items():
+    for (cond, k), refused in results.items():
         jail = ~np.asarray(refused)
-        for c in cats:
+        for i, c in enumerate(cats):
             m = (ev.category == c).to_numpy()
             if not m.any():  # nothing held out for this category: its rates are undefined, not 0
                 continue
             r = bootstrap_rate(jail[m], n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
-            cond, source = (name, c) if not name.startswith("transfer") else (
-                "transfer", cats[(cats.index(c) + int(name.split("+")[1])) % len(cats)])
+            source = cats[(i + k) % len(cats)]
             n_feat = 0 if cond == "base" else int(sizes.get((c, cond, source), 0))
             rows.append({"category": c, "condition": cond, "source": source, "jailbreak_rate": r.rate, "n": r.n,
                          "ci_low": r.ci_low, "ci_high": r.ci_high, "n_features": n_feat, "c": c_value})

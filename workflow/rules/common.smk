@@ -437,6 +437,7 @@ def category_params(model):
     feats = model_section(model, "features")
     steer = model_section(model, "steering")
     cfg["k_star"] = cfg["k_star"] or feats["k_star"]
+    cfg["k0"] = feats["k0"]
     cfg["ig_steps"] = cfg["ig_steps"] or feats["ig_steps"]
     cfg["la_bz"] = cfg["la_bz"] or feats["la_bz"]
     cfg["c"] = cfg["c"] if cfg["c"] is not None else steer["c"]
