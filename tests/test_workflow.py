@@ -322,9 +322,15 @@ def test_harm_categories(run):
     sets = pd.read_parquet(base / "features.parquet")
     conds = pd.read_parquet(base / "conditions.parquet")
     cats = sorted(sets.category.unique())
-    assert len(cats) >= 2 and set(conds.condition) >= {"all", "specific", "common", "transfer"}
+    common = json.loads((base / "features.json").read_text())["common"]
+    assert len(cats) >= 2 and set(conds.condition) >= {"all", "specific", "transfer"}
+    # an empty intersection leaves the common clamp with no row; it is still scored, as the base
+    assert ("common" in set(conds.condition)) == bool(common)
     rates = pd.read_parquet(base / "steering.parquet")
     assert set(rates.condition) == {"base", "all", "specific", "common", "transfer"}
+    by = rates.set_index(["condition", "category"]).jailbreak_rate
+    if not common:
+        assert (by["common"] == by["base"]).all() and (rates[rates.condition == "common"].n_features == 0).all()
     assert (rates.ci_low <= rates.jailbreak_rate + 1e-9).all() and (rates.n > 0).all()
     assert (rates[rates.condition == "transfer"].groupby("category").source.nunique() == len(cats) - 1).all()
     for group in ("toxic", "safe"):

@@ -1226,6 +1226,9 @@ def category_steering(model_dir: str, spec: Mapping, promptset: str, conditions:
     for cond, k in [("all", 0), ("specific", 0), ("common", 0)] + [("transfer", k) for k in range(1, len(cats))]:
         src = {c: cats[(i + k) % len(cats)] for i, c in enumerate(cats)}
         sel = conds[(conds.condition == cond) & (conds.category.map(src) == conds.source)]
+        if sel.empty:  # an empty set (no common latent) clamps nothing: its generations are the base's
+            results[(cond, k)] = results[("base", 0)]
+            continue
         results[(cond, k)] = run(f"{cond} +{k}" if k else cond,
                                  _condition_feature_set(sel.assign(key=sel.category), rows_of, len(cats), prompt_rows,
                                                         d_sae))
