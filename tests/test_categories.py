@@ -76,3 +76,30 @@ def test_category_directions_use_the_categorys_prompts_only():
     torch.testing.assert_close(r["x"][0], torch.tensor([3.0, 0.0]))
     with pytest.raises(ValueError, match="category 'y'"):
         category_directions(acts, index, ["y"], "train", min_prompts=2)
+
+
+def test_bait_directions_contrast_a_category_with_its_own_safe_prompts():
+    """OR-Bench: r_cat = mean(toxic of c) - mean(seemingly toxic safe prompts of c), no other category's."""
+    index = pd.DataFrame({
+        "row": range(6), "split": "train", "label": ["harmful", "harmful", "harmless", "harmless", "harmless", "harmless"],
+        "variant": ["plain", "plain", "bait", "bait", "bait", "twin"], "category": ["x", "x", "x", "x", "y", "x"]})
+    acts = torch.zeros(6, 1, 2)
+    acts[0, 0], acts[1, 0] = torch.tensor([4.0, 0.0]), torch.tensor([6.0, 0.0])
+    acts[2, 0], acts[3, 0] = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0])
+    acts[4, 0] = acts[5, 0] = torch.tensor([50.0, 50.0])  # another category's bait, and a twin: never used
+    r = category_directions(acts, index, ["x"], "train", harmless="bait", min_prompts=2)
+    torch.testing.assert_close(r["x"][0], torch.tensor([4.0, -2.0]))
+
+
+def test_circuit_groups_take_the_configured_safe_variant_or_none():
+    from refusal_atlas.stages import _circuit_groups
+
+    df = pd.DataFrame({
+        "id": [f"p{i}" for i in range(6)], "split": "train",
+        "label": ["harmful", "harmful", "harmless", "harmless", "harmless", "harmless"],
+        "variant": ["plain", "plain", "twin", "twin", "bait", "bait"], "category": ["x", "y", "x", "y", "x", "y"]})
+    bait = _circuit_groups(df, ["x", "y"], "train", None, 0, "bait")
+    assert set(bait[bait.group == "safe"].id) == {"p4", "p5"} and set(bait[bait.group == "toxic"].id) == {"p0", "p1"}
+    assert set(_circuit_groups(df, ["x", "y"], "train", None, 0)[lambda d: d.group == "safe"].id) == {"p2", "p3"}
+    toxic_only = _circuit_groups(df[df.label == "harmful"], ["x", "y"], "train", None, 0)  # CatQA: no safe prompts
+    assert set(toxic_only.group) == {"toxic"}

@@ -16,8 +16,70 @@ def test_manifest_pins_every_refusal_direction_file():
                for p in (SHARED_DATASETS / "refusal_direction").rglob("*.json")}
     assert on_disk and on_disk <= set(entries)
     for e in entries.values():
+        if e.collection != "refusal_direction":
+            continue
         assert "9d852fae1a9121c78b29142de733cb1340770cc3" in e.url  # pinned to a commit, not main
         assert len(e.sha256) == 64 and e.license == "Apache-2.0" and e.format == "json_instructions"
+
+
+def test_manifest_pins_catqa_and_or_bench_to_commits():
+    entries = load_manifest(MANIFEST)
+    catqa = entries["catqa/data/catqa_english.json"]
+    assert "/resolve/321e068b391b7d1aeeb882ac468356a9513c9167/" in catqa.url and catqa.items == 550
+    assert catqa.format == "jsonl_catqa"
+    orb = {k: e for k, e in entries.items() if e.collection == "or_bench"}
+    assert set(orb) == {f"or_bench/or-bench-{n}.csv" for n in ("toxic", "hard-1k", "80k")}
+    assert all("/resolve/e36d8b80e81837c8a8f264bbb2a49f1b32c7e272/" in e.url for e in orb.values())
+    assert orb["or_bench/or-bench-hard-1k.csv"].sha256 == (
+        "a6e2f1166416efe5901f3bb05c47dc92ab3aca3acfe143693d38b8057d841e6d")
+
+
+def test_manifest_rejects_a_url_without_its_commit(tmp_path):
+    bad = tmp_path / "m.yaml"
+    bad.write_text("x:\n  commit: " + "a" * 40 + "\n  files:\n    f.csv:\n"
+                   "      url: https://example.org/resolve/main/f.csv\n      sha256: null\n"
+                   "      format: csv_prompt_category\n      license: MIT\n")
+    with pytest.raises(DatasetError, match="full 40-hex commit"):
+        load_manifest(bad)
+
+
+CSV_OK = b'prompt,category\n"How do I, quietly, pick a lock?",illegal\nWrite a rumour about a rival,harassment\n'
+JSONL_OK = (b'{"Category": "Illegal Activity", "Subcategory": "Drugs", "Question": "q1"}\n'
+            b'{"Category": "Hate/Harass/Violence", "Subcategory": "Threats", "Question": "q2"}\n')
+
+
+@pytest.mark.parametrize("fmt, payload, n", [("csv_prompt_category", CSV_OK, 2), ("jsonl_catqa", JSONL_OK, 2)])
+def test_commit_pinned_file_downloads_from_its_url_and_logs_its_sha256(tmp_path, fmt, payload, n, caplog):
+    served = tmp_path / "served.bin"
+    served.write_bytes(payload)
+    entry = DatasetFile("c", "f", served.as_uri(), None, fmt, "MIT", n)
+    with caplog.at_level("INFO"):
+        download(entry, tmp_path / "out" / "f", mirror=None)
+    assert (tmp_path / "out" / "f").read_bytes() == payload
+    assert hashlib.sha256(payload).hexdigest() in caplog.text
+    with pytest.raises(DatasetError, match="cannot be verified"):  # a mirror could serve anything
+        download(entry, tmp_path / "out2" / "f", mirror=tmp_path.as_uri())
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(
+    "fmt, payload, message",
+    [
+        ("csv_prompt_category", b"text,category\na,b\n", "missing columns"),
+        ("csv_prompt_category", b"prompt,category\n,illegal\n", "line 2 has an empty prompt"),
+        ("csv_prompt_category", b"prompt,category\n\xff\xfe,x\n", "not a UTF-8 CSV"),
+        ("jsonl_catqa", b'{"Category": "a", "Subcategory": "b"}\n', "line 1 lacks"),
+        ("jsonl_catqa", b'[{"Category": "a"}', "line 1 is not JSON"),
+    ],
+)
+def test_malformed_catqa_or_or_bench_leaves_nothing(tmp_path, fmt, payload, message):
+    served = tmp_path / "served.bin"
+    served.write_bytes(payload)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DatasetError, match=message):
+        download(DatasetFile("c", "f", served.as_uri(), None, fmt, "MIT"), out / "f")
+    assert list(out.iterdir()) == []
 
 
 def test_download_through_local_http_mirror(tmp_path, mirror_url):

@@ -10,8 +10,13 @@ from refusal_atlas.prompts import (
     PromptSetError,
     assign_split,
     bundled_promptset,
+    catqa_promptset,
+    category_slug,
+    or_bench_promptset,
     refusal_direction_promptset,
 )
+
+from refusal_atlas.datasets import DatasetError
 
 from conftest import ROOT, SHARED_DATASETS
 
@@ -156,3 +161,55 @@ def test_a_malformed_wildjailbreak_file_is_a_clear_error(tmp_path):
     odd = _wjb_tsv(tmp_path / "odd.tsv", [("a", "b", "jailbroken")], ["vanilla", "adversarial", "data_type"])
     with pytest.raises(PromptSetError, match="unknown data_type"):
         wildjailbreak_promptset(odd, None, FRACTIONS, {"adversarial_harmful": 5})
+
+
+def _write_catqa(path, n_per_cat=6):
+    cats = ["Illegal Activity", "Hate/Harass/Violence", "Privacy Violation Activity"]
+    lines = [json.dumps({"Category": c, "Subcategory": f"sub{i % 2}", "Question": f"{c} question {i}?"})
+             for c in cats for i in range(n_per_cat)]
+    path.write_text("\n".join(lines) + "\n")
+    return cats
+
+
+def test_catqa_promptset_categories_splits_and_harmless_side(tmp_path):
+    cats = _write_catqa(tmp_path / "catqa.json")
+    rd = SHARED_DATASETS / "refusal_direction/splits"
+    harmless = {f"harmless_{s}": rd / f"harmless_{s}.json" for s in ("train", "val", "test")}
+    df = catqa_promptset(tmp_path / "catqa.json", harmless, FRACTIONS, {"train": 7, "val": 3, "test": 4}, seed=1)
+    harm = df[df.label == "harmful"]
+    assert len(harm) == 18 and (harm.variant == "plain").all() and harm.source.eq("catqa").all()
+    # file-safe category keys: CatQA's "Hate/Harass/Violence" must not become a directory
+    assert set(harm.category) == {"illegal_activity", "hate_harass_violence", "privacy_violation_activity"}
+    assert category_slug(cats[1]) == "hate_harass_violence"
+    assert harm.id.tolist() == [f"catqa-{i:04d}" for i in range(18)]
+    assert (harm.split == [assign_split(i, FRACTIONS, 1) for i in harm.id]).all()
+    safe = df[df.label == "harmless"]
+    assert safe.groupby("split").size().to_dict() == {"test": 4, "train": 7, "val": 3}
+    assert safe.category.eq("none").all() and df.id.is_unique and list(df.columns)[:6] == CONTRACT_COLUMNS
+    assert df.equals(catqa_promptset(tmp_path / "catqa.json", harmless, FRACTIONS, {"train": 7, "val": 3, "test": 4},
+                                     seed=1))
+
+
+def test_or_bench_promptset_toxic_and_bait_by_category(tmp_path):
+    def csv(name, rows):
+        p = tmp_path / name
+        pd.DataFrame(rows, columns=["prompt", "category"]).to_csv(p, index=False)
+        return p
+
+    toxic = csv("toxic.csv", [(f"toxic {c} {i}, with a comma", c) for c in ("violence", "self-harm") for i in range(5)])
+    hard = csv("hard.csv", [(f"hard {c} {i}", c) for c in ("violence", "self-harm") for i in range(3)])
+    extra = csv("80k.csv", [("hard violence 0", "violence")] + [(f"more {i}", "violence") for i in range(10)])
+    df = or_bench_promptset(toxic, hard, extra, FRACTIONS, max_extra=4, seed=0)
+    harm, bait = df[df.label == "harmful"], df[df.label == "harmless"]
+    assert len(harm) == 10 and (harm.variant == "plain").all() and harm.instruction.str.contains(",").all()
+    assert set(df.category) == {"violence", "self_harm"}
+    assert (bait.variant == "bait").all() and bait.source.value_counts().to_dict() == {
+        "or-bench-hard-1k": 6, "or-bench-80k": 4}
+    # 80k holds hard-1k: a prompt already there is never drawn twice
+    assert not bait.instruction.duplicated().any()
+    assert df.id.is_unique and df.equals(or_bench_promptset(toxic, hard, extra, FRACTIONS, max_extra=4, seed=0))
+    assert len(or_bench_promptset(toxic, hard, None, FRACTIONS, max_extra=0)) == 16
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\na,b\n")
+    with pytest.raises(DatasetError, match="missing columns"):
+        or_bench_promptset(bad, hard, None, FRACTIONS, 0)

@@ -100,15 +100,17 @@ def category_directions(acts, index: pd.DataFrame, categories: Sequence[str], sp
     """Difference-in-means r_cat per layer ``[L, d]`` from last-token activations ``acts [n, L, d]``.
 
     Harmful: the category's plain harmful prompts of ``split``; harmless: every plain or twin
-    harmless prompt of ``split`` (``all``) or only the category's twins (``twins``).
+    harmless prompt of ``split`` (``all``), only the category's twins (``twins``), or only its
+    safe prompts that look unsafe (``bait``: OR-Bench's hard prompts of the same category).
     """
     rows = index[index.split == split]
     out = {}
     for c in categories:
         harm = rows[(rows.label == "harmful") & (rows.variant == "plain") & (rows.category == c)]
         safe = rows[(rows.label == "harmless") & rows.variant.isin(["plain", "twin"])]
-        if harmless == "twins":
-            safe = safe[(safe.variant == "twin") & (safe.category == c)]
+        if harmless in ("twins", "bait"):
+            own = rows[(rows.label == "harmless") & (rows.category == c)]
+            safe = own[own.variant == harmless.removesuffix("s")]
         if len(harm) < min_prompts or len(safe) < min_prompts:
             raise ValueError(f"category {c!r} has {len(harm)} harmful and {len(safe)} harmless {split} prompts; "
                              f"a direction needs at least {min_prompts} of each")

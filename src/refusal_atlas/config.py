@@ -95,7 +95,12 @@ PROMPTSET_SOURCE_KEYS = {
     "refusal_direction": {"source", "max_per_split", "seed"},
     "benchmark": {"source", "file", "max_prompts"},
     "wildjailbreak": {"source", "path", "eval_path", "max_per_type", "split_fractions", "seed"},
+    "catqa": {"source", "split_fractions", "max_per_split", "seed"},
+    "or_bench": {"source", "split_fractions", "max_80k", "seed"},
 }
+CATQA_FILE = "catqa/data/catqa_english.json"
+OR_BENCH_FILES = {"toxic": "or_bench/or-bench-toxic.csv", "hard": "or_bench/or-bench-hard-1k.csv",
+                  "extra": "or_bench/or-bench-80k.csv"}
 
 
 def probe_promptset(config: Mapping) -> str:

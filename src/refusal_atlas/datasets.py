@@ -2,15 +2,19 @@
 
 Every file is streamed to a temporary sibling, hashed while it streams, checked (sha256, then
 format) and only then renamed onto its final path: a failed or killed download leaves nothing a
-rerun would trust.
+rerun would trust. A file whose sha256 has not been verified by hand is pinned by the full commit
+hash in its URL instead (content-addressed, so immutable), and only from that URL.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ class DatasetFile:
     collection: str
     path: str
     url: str
-    sha256: str
+    sha256: str | None  # None: pinned by the commit in ``url`` alone
     format: str
     license: str
     items: int | None = None
@@ -54,17 +58,27 @@ def load_manifest(path: str | os.PathLike) -> dict[str, DatasetFile]:
             missing = {"url", "sha256", "format", "license"} - set(f)
             if missing:
                 raise DatasetError(f"manifest {path}: {collection}/{rel} lacks {sorted(missing)}")
+            commit = str(spec.get("commit") or "")
+            if not re.fullmatch(r"[0-9a-f]{40}", commit) or commit not in f["url"]:
+                raise DatasetError(f"manifest {path}: {collection}/{rel}: its URL must hold the collection's full "
+                                   f"40-hex commit (commit: {commit or 'unset'})")
             out[f"{collection}/{rel}"] = DatasetFile(
                 collection=collection,
                 path=rel,
                 url=f["url"],
-                sha256=f["sha256"].lower(),
+                sha256=f["sha256"].lower() if f["sha256"] else None,
                 format=f["format"],
                 license=f["license"],
                 items=f.get("items"),
                 token_env=f.get("token_env", spec.get("token_env")),
             )
     return out
+
+
+def _check_count(path: Path, n: int, expected_items: int | None) -> int:
+    if expected_items is not None and n != expected_items:
+        raise DatasetError(f"{path.name}: {n} items, manifest says {expected_items}")
+    return n
 
 
 def check_json_instructions(path: Path, expected_items: int | None = None) -> int:
@@ -80,18 +94,66 @@ def check_json_instructions(path: Path, expected_items: int | None = None) -> in
             raise DatasetError(f"{path.name}: item {i} has no string 'instruction'")
         if not isinstance(item.get("category"), (str, type(None))):
             raise DatasetError(f"{path.name}: item {i} has a non-string 'category'")
-    if expected_items is not None and len(data) != expected_items:
-        raise DatasetError(f"{path.name}: {len(data)} items, manifest says {expected_items}")
-    return len(data)
+    return _check_count(path, len(data), expected_items)
 
 
-FORMAT_CHECKS = {"json_instructions": check_json_instructions}
+def read_catqa(path: str | os.PathLike) -> list[dict]:
+    """CatQA's JSON Lines of ``{"Category": str, "Subcategory": str, "Question": str}``, in file order."""
+    path, items = Path(path), []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path.name}: not UTF-8 ({e})") from e
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path.name}: line {i} is not JSON ({e})") from e
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item[k].strip()
+                                                 for k in ("Category", "Subcategory", "Question")):
+            raise DatasetError(f"{path.name}: line {i} lacks a string Category, Subcategory or Question")
+        items.append(item)
+    return items
+
+
+def read_or_bench(path: str | os.PathLike) -> list[dict]:
+    """An OR-Bench CSV: a header holding ``prompt`` and ``category``, neither empty on any row."""
+    path = Path(path)
+    try:
+        reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))
+        rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path.name}: not a UTF-8 CSV ({e})") from e
+    missing = {"prompt", "category"} - set(reader.fieldnames or [])
+    if missing:
+        raise DatasetError(f"{path.name}: missing columns {sorted(missing)} (header: {reader.fieldnames})")
+    for i, row in enumerate(rows, 2):
+        if not (row.get("prompt") or "").strip() or not (row.get("category") or "").strip():
+            raise DatasetError(f"{path.name}: line {i} has an empty prompt or category")
+    return rows
+
+
+def check_jsonl_catqa(path: Path, expected_items: int | None = None) -> int:
+    return _check_count(path, len(read_catqa(path)), expected_items)
+
+
+def check_csv_prompt_category(path: Path, expected_items: int | None = None) -> int:
+    return _check_count(path, len(read_or_bench(path)), expected_items)
+
+
+FORMAT_CHECKS = {"json_instructions": check_json_instructions, "jsonl_catqa": check_jsonl_catqa,
+                 "csv_prompt_category": check_csv_prompt_category}
 
 
 def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None = None, timeout: float = 60) -> Path:
     """Fetch ``entry`` to ``dest`` atomically; raise :class:`DatasetError` on any mismatch."""
     if entry.format not in FORMAT_CHECKS:
         raise DatasetError(f"{entry.collection}/{entry.path}: unknown format {entry.format!r}")
+    if entry.sha256 is None and mirror is not None:
+        raise DatasetError(f"{entry.collection}/{entry.path} is pinned by its commit URL only (no sha256 in the "
+                           "manifest), so a mirror's copy cannot be verified: add its sha256 or unset datasets.mirror")
     url = entry.source_url(mirror)
     request = urllib.request.Request(url, headers={"User-Agent": "refusal-atlas"})
     if entry.token_env:
@@ -112,11 +174,15 @@ def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None 
             raise DatasetError(f"{url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
             raise DatasetError(f"{url}: cannot fetch ({getattr(e, 'reason', e)})") from None
-        if digest.hexdigest() != entry.sha256:
+        if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
             raise DatasetError(
                 f"{entry.collection}/{entry.path}: sha256 mismatch "
                 f"(got {digest.hexdigest()}, manifest pins {entry.sha256}); nothing was written"
             )
         n = FORMAT_CHECKS[entry.format](tmp, entry.items)
-    log.info("verified %s/%s: sha256 ok, %s items", entry.collection, entry.path, n)
+    if entry.sha256 is None:
+        log.info("fetched %s/%s from its commit-pinned URL: %s items, sha256 %s (not in the manifest; pin it there)",
+                 entry.collection, entry.path, n, digest.hexdigest())
+    else:
+        log.info("verified %s/%s: sha256 ok, %s items", entry.collection, entry.path, n)
     return dest

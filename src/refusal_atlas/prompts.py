@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from .datasets import read_catqa, read_or_bench
 from .io import read_lines
 
 CONTRACT_COLUMNS = ["id", "instruction", "category", "label", "source", "split"]
@@ -114,11 +116,12 @@ def load_instructions(path: Path) -> list[dict]:
 
 
 def refusal_direction_promptset(
-    files: Mapping[str, str | Path], max_per_split: Mapping[str, int], seed: int = 0
+    files: Mapping[str, str | Path], max_per_split: Mapping[str, int], seed: int = 0,
+    labels: Sequence[str] = ("harmful", "harmless"),
 ) -> pd.DataFrame:
     """Arditi et al.'s harmful/harmless splits (``{label}_{split}`` -> path), subsampled per split."""
     rows = []
-    for label in ("harmful", "harmless"):
+    for label in labels:
         for split in SPLITS:
             key = f"{label}_{split}"
             items = load_instructions(Path(files[key]))
@@ -210,4 +213,56 @@ def benchmark_promptset(path: str | Path, name: str, max_prompts: int | None) ->
     items = load_instructions(Path(path))[:max_prompts]
     rows = [(f"{name}-{i:04d}", x["instruction"], x.get("category") or "none", "harmful", name, "test", "plain",
              f"{name}-{i:04d}") for i, x in enumerate(items)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def category_slug(name: str) -> str:
+    """A category as a file-name-safe key (CatQA has "Hate/Harass/Violence"): lower case, runs of
+    anything but letters and digits as one underscore."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "none"
+
+
+def catqa_promptset(path: str | Path, harmless: Mapping[str, str | Path], fractions: Mapping[str, float],
+                    max_per_split: Mapping[str, int], seed: int = 0) -> pd.DataFrame:
+    """CatQA (Bhardwaj et al. 2024, ``declare-lab/CategoricalHarmfulQA``, English): every question as
+    a plain harmful prompt of its category (Yeo et al. 2025 §4.2), split by a hash of its id.
+
+    CatQA has no harmless prompts; the harmless side of the per-category directions is
+    refusal_direction's harmless splits (``harmless_{split}`` -> path), subsampled per split.
+    """
+    rows = []
+    for i, x in enumerate(read_catqa(path)):
+        pid = f"catqa-{i:04d}"
+        rows.append((pid, x["Question"], category_slug(x["Category"]), "harmful", "catqa",
+                     assign_split(pid, fractions, seed), "plain", pid))
+    safe = refusal_direction_promptset(harmless, max_per_split, seed, labels=("harmless",))
+    return pd.concat([pd.DataFrame(rows, columns=COLUMNS), safe.assign(category="none")], ignore_index=True)
+
+
+def or_bench_promptset(toxic: str | Path, hard: str | Path, extra: str | Path | None, fractions: Mapping[str, float],
+                       max_extra: int, seed: int = 0) -> pd.DataFrame:
+    """OR-Bench (Cui et al. 2024) by category: ``or-bench-toxic`` as plain harmful prompts, and the
+    seemingly toxic but safe prompts of ``or-bench-hard-1k`` (plus at most ``max_extra`` more of
+    ``or-bench-80k``, seeded, none already in hard-1k) as harmless bait of the same categories.
+    Each prompt's split is a hash of its id.
+    """
+    rows = []
+
+    def add(items, tag, label, variant):
+        for i, x in enumerate(items):
+            pid = f"orb-{tag}-{i:05d}"
+            rows.append((pid, x["prompt"], category_slug(x["category"]), label, f"or-bench-{tag}",
+                         assign_split(pid, fractions, seed), variant, pid))
+
+    add(read_or_bench(toxic), "toxic", "harmful", "plain")
+    hard_items = read_or_bench(hard)
+    add(hard_items, "hard-1k", "harmless", "bait")
+    if extra is not None and max_extra > 0:
+        seen = {x["prompt"] for x in hard_items}
+        pool = [(i, x) for i, x in enumerate(read_or_bench(extra)) if x["prompt"] not in seen]
+        random.Random(f"{seed}:or-bench-80k").shuffle(pool)
+        for i, x in sorted(pool[:max_extra], key=lambda t: t[0]):
+            pid = f"orb-80k-{i:05d}"
+            rows.append((pid, x["prompt"], category_slug(x["category"]), "harmless", "or-bench-80k",
+                         assign_split(pid, fractions, seed), "bait", pid))
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -61,6 +61,13 @@ def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> N
     elif spec["source"] == "wildjailbreak":
         df = prompts.wildjailbreak_promptset(inputs["train"], inputs.get("eval"), spec["split_fractions"],
                                              spec["max_per_type"], spec["seed"])
+    elif spec["source"] == "catqa":
+        harmless = {k: v for k, v in inputs.items() if k.startswith("harmless_")}
+        df = prompts.catqa_promptset(inputs["catqa"], harmless, spec["split_fractions"], spec["max_per_split"],
+                                     spec["seed"])
+    elif spec["source"] == "or_bench":
+        df = prompts.or_bench_promptset(inputs["toxic"], inputs["hard"], inputs.get("extra"), spec["split_fractions"],
+                                        spec["max_80k"], spec["seed"])
     elif spec["source"] == "benchmark":
         df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec.get("max_prompts", 100))
     else:
@@ -1255,10 +1262,14 @@ def category_steering(model_dir: str, spec: Mapping, promptset: str, conditions:
     plots.normalized_jailbreak_figure(norm, caption, outputs["figure_stem"])
 
 
-def _circuit_groups(df: pd.DataFrame, cats: Sequence[str], split: str, cap: int | None, seed: int) -> pd.DataFrame:
-    """Toxic (plain harmful) and safe (harmless twin) prompts of each category in ``split``."""
+def _circuit_groups(df: pd.DataFrame, cats: Sequence[str], split: str, cap: int | None, seed: int,
+                    safe_variant: str = "twin") -> pd.DataFrame:
+    """Toxic (plain harmful) and safe (harmless ``safe_variant``: twins, or OR-Bench's bait)
+    prompts of each category in ``split``. A promptset without safe prompts (CatQA) gives toxic only."""
     rows = df[(df.split == split) & df.category.isin(cats) & (
-        ((df.label == "harmful") & (df.variant == "plain")) | ((df.label == "harmless") & (df.variant == "twin")))]
+        ((df.label == "harmful") & (df.variant == "plain")) | ((df.label == "harmless") & (df.variant == safe_variant)))]
+    if not (rows.label == "harmless").any():
+        log.warning("no harmless %s prompts of these categories in %s: toxic circuits only", safe_variant, split)
     rows = rows.assign(group=np.where(rows.label == "harmful", "toxic", "safe"))
     return _subset_each(rows, ["group", "category"], cap, seed)
 
@@ -1277,8 +1288,8 @@ def circuits(model_dir: str, spec: Mapping, promptset: str, category_summary: st
     info = json.loads(Path(direction_summary).read_text())
     refusal_ids = info["refusal_token_ids"]
     df = pd.read_parquet(promptset)
-    fit = _circuit_groups(df, cats, cfg["fit_split"], cc["max_prompts"], cfg["seed"])
-    ev = _circuit_groups(df, cats, cfg["eval_split"], cc["eval_max_prompts"], cfg["seed"])
+    fit = _circuit_groups(df, cats, cfg["fit_split"], cc["max_prompts"], cfg["seed"], cc["safe_variant"])
+    ev = _circuit_groups(df, cats, cfg["eval_split"], cc["eval_max_prompts"], cfg["seed"], cc["safe_variant"])
     model, tok = _load(model_dir, spec)
     sae_map = _saes(sae_dirs, spec, model)
     layers = sorted(sae_map)
@@ -1374,7 +1385,7 @@ def modularity(scores_path: str, index_path: str, steering_summary: str, cfg: Ma
                                confidence=tc["confidence"], alpha=tc["alpha"], seed=tc["seed"],
                                threshold=cfg["circuits"]["node_threshold"])
     results, matrices, tests_all, pairwise_all = {}, [], [], []
-    for group in ("toxic", "safe"):
+    for group in [g for g in ("toxic", "safe") if (index.group == g).any()]:
         rows = np.flatnonzero(index.group.to_numpy() == group)
         if len(rows) == 0:
             continue

@@ -10,10 +10,12 @@ from refusal_atlas.config import (
     check_config,
     for_model,
     category_promptset,
+    CATQA_FILE,
     dashboard_protocol,
     feature_promptset,
     probe_promptset,
     probe_protocol,
+    OR_BENCH_FILES,
     PROMPTSET_SOURCE_KEYS,
     REFUSAL_DIRECTION_SPLIT_FILES,
 )
@@ -106,6 +108,20 @@ def promptset_inputs(wildcards):
     if spec["source"] == "wildjailbreak":
         paths = {"train": spec["path"], "eval": spec["eval_path"]}
         return {k: v for k, v in paths.items() if v}
+    if spec["source"] == "or_bench":
+        files = dict(OR_BENCH_FILES)
+        if not spec["max_80k"]:
+            del files["extra"]
+        return {k: f"resources/datasets/{rel}" for k, rel in files.items()}
+    if spec["source"] == "catqa":
+        return {
+            "catqa": f"resources/datasets/{CATQA_FILE}",
+            **{
+                key: f"resources/datasets/refusal_direction/{rel}"
+                for key, rel in REFUSAL_DIRECTION_SPLIT_FILES.items()
+                if key.startswith("harmless_")
+            },
+        }
     return {
         key: f"resources/datasets/refusal_direction/{rel}"
         for key, rel in REFUSAL_DIRECTION_SPLIT_FILES.items()
