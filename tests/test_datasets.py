@@ -48,7 +48,20 @@ JSONL_OK = (b'{"Category": "Illegal Activity", "Subcategory": "Drugs", "Question
             b'{"Category": "Hate/Harass/Violence", "Subcategory": "Threats", "Question": "q2"}\n')
 
 
-@pytest.mark.parametrize("fmt, payload, n", [("csv_prompt_category", CSV_OK, 2), ("jsonl_catqa", JSONL_OK, 2)])
+def _mmlu_parquet() -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"question": "2+2?", "subject": "math", "choices": ["3", "4"], "answer": 1}]),
+                   buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, payload, n", [("csv_prompt_category", CSV_OK, 2), ("jsonl_catqa", JSONL_OK, 2),
+                                             ("parquet_mmlu", _mmlu_parquet(), 1)])
 def test_commit_pinned_file_downloads_from_its_url_and_logs_its_sha256(tmp_path, fmt, payload, n, caplog):
     served = tmp_path / "served.bin"
     served.write_bytes(payload)
@@ -70,6 +83,7 @@ def test_commit_pinned_file_downloads_from_its_url_and_logs_its_sha256(tmp_path,
         ("csv_prompt_category", b"prompt,category\n\xff\xfe,x\n", "not a UTF-8 CSV"),
         ("jsonl_catqa", b'{"Category": "a", "Subcategory": "b"}\n', "line 1 lacks"),
         ("jsonl_catqa", b'[{"Category": "a"}', "line 1 is not JSON"),
+        ("parquet_arc", b"PAR1 but not really", "not a parquet file"),
     ],
 )
 def test_malformed_catqa_or_or_bench_leaves_nothing(tmp_path, fmt, payload, message):

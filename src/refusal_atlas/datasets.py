@@ -17,9 +17,12 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from .io import atomic_path
@@ -135,16 +138,78 @@ def read_or_bench(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def check_jsonl_catqa(path: Path, expected_items: int | None = None) -> int:
-    return _check_count(path, len(read_catqa(path)), expected_items)
+@dataclass(frozen=True)
+class ChoiceItem:
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int  # index into choices
 
 
-def check_csv_prompt_category(path: Path, expected_items: int | None = None) -> int:
-    return _check_count(path, len(read_or_bench(path)), expected_items)
+def _table(path: str | Path, columns: Sequence[str]) -> list[dict]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{Path(path).name}: not a parquet file ({e})") from e
+    missing = set(columns) - set(table.column_names)
+    if missing:
+        raise DatasetError(f"{Path(path).name}: missing columns {sorted(missing)}")
+    return table.select(list(columns)).to_pylist()
 
 
-FORMAT_CHECKS = {"json_instructions": check_json_instructions, "jsonl_catqa": check_jsonl_catqa,
-                 "csv_prompt_category": check_csv_prompt_category}
+def read_arc(path: str | Path) -> list[ChoiceItem]:
+    """``allenai/ai2_arc`` parquet: ``id, question, choices {text, label}, answerKey`` (labels A-E or 1-5)."""
+    items = []
+    for r in _table(path, ["id", "question", "choices", "answerKey"]):
+        labels = [str(x) for x in r["choices"]["label"]]
+        if r["answerKey"] not in labels:
+            raise DatasetError(f"{path}: {r['id']}: answerKey {r['answerKey']!r} is not among {labels}")
+        items.append(ChoiceItem(r["id"], r["question"], tuple(r["choices"]["text"]), labels.index(r["answerKey"])))
+    return items
+
+
+def read_mmlu(path: str | Path) -> list[ChoiceItem]:
+    """``cais/mmlu`` parquet: ``question, subject, choices [4], answer`` (0-3); ids are subject:row."""
+    items = []
+    for i, r in enumerate(_table(path, ["question", "subject", "choices", "answer"])):
+        if not 0 <= int(r["answer"]) < len(r["choices"]):
+            raise DatasetError(f"{path}: row {i}: answer {r['answer']} outside its {len(r['choices'])} choices")
+        items.append(ChoiceItem(f"{r['subject']}:{i}", r["question"], tuple(r["choices"]), int(r["answer"])))
+    return items
+
+
+def read_gsm8k(path: str | Path) -> list[tuple[str, str]]:
+    """``openai/gsm8k`` parquet: ``question, answer``; returns (question, the number after ``####``)."""
+    out = []
+    for i, r in enumerate(_table(path, ["question", "answer"])):
+        ref = normalise_number(r["answer"].rsplit("####", 1)[-1]) if "####" in r["answer"] else None
+        if ref is None:
+            raise DatasetError(f"{path}: row {i}: no '#### <number>' in the reference answer")
+        out.append((r["question"], ref))
+    return out
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalise_number(text: str) -> str | None:
+    """The last number in ``text`` without thousands separators or a trailing ``.0``; None if none."""
+    found = _NUMBER.findall(text.replace("$", ""))
+    if not found:
+        return None
+    value = found[-1].replace(",", "").rstrip(".")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def _counted(reader):
+    return lambda path, expected_items=None: _check_count(path, len(reader(path)), expected_items)
+
+
+FORMAT_CHECKS = {"json_instructions": check_json_instructions, "jsonl_catqa": _counted(read_catqa),
+                 "csv_prompt_category": _counted(read_or_bench), "parquet_arc": _counted(read_arc),
+                 "parquet_mmlu": _counted(read_mmlu), "parquet_gsm8k": _counted(read_gsm8k)}
 
 
 def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None = None, timeout: float = 60) -> Path:

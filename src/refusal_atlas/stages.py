@@ -7,6 +7,7 @@ name here, so any stage's code is found from its rule name alone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -22,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import attribution, datasets, direction, features, jailbreak, prompts, saes, steering
+from . import attribution, capability_evals, datasets, direction, features, jailbreak, prompts, saes, steering
 from . import capabilities as capabilities_lib
 from .activations import last_token_resid_post
 from .conditions import Condition, parse_condition
@@ -598,7 +599,26 @@ def capabilities(model_dir: str, spec: Mapping, method: str, inputs: Mapping, ba
         out[key] = {"mean": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
         log.info("%s %s: %s nats/token", method, key, r)
     out["sources"] = {"responses": "base generations on harmless test prompts", "text": "sae_corpus held-out"}
+    readers = {"arc_challenge": datasets.read_arc, "mmlu": datasets.read_mmlu, "gsm8k": datasets.read_gsm8k}
+    for name in cfg["benchmarks"]:
+        items = readers[name](inputs[name])
+        items = [items[i] for i in _seeded_order(len(items), name)[: cfg["benchmark_max_items"][name] or None]]
+        if name == "gsm8k":
+            correct = capability_evals.gsm8k(model, tok, items, max_new_tokens=cfg["gsm8k_max_new_tokens"],
+                                             system_prompt=spec["system_prompt"], **kw)
+        else:
+            correct = capability_evals.multiple_choice(model, tok, items, system_prompt=spec["system_prompt"],
+                                                       desc=name, **kw)
+        r = bootstrap_rate(correct, **boot)
+        out[name] = {"mean": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
+        out["sources"][name] = f"{Path(inputs[name]).name}, zero-shot accuracy"
+        log.info("%s %s: accuracy %s", method, name, r)
     write_json(out, output)
+
+
+def _seeded_order(n: int, key: str) -> list[int]:
+    """A fixed shuffle of ``range(n)``, the same for every condition, so their items match."""
+    return sorted(range(n), key=lambda i: hashlib.sha256(f"{key}:{i}".encode()).digest())
 
 
 # ---------------------------------------------------------------------------- hyperparameter search

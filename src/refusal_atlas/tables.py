@@ -165,9 +165,10 @@ def capabilities_table(files: Sequence[str], model: str, output: str) -> None:
     rows = []
     for path in files:
         d = json.loads(Path(path).read_text())
-        for key in ("response_ce", "text_ce"):
-            rows.append({"model": model, "method": d["method"], **_condition_columns(d["method"]), "measure": key,
-                         **d[key]})
+        for key in ("response_ce", "text_ce", "arc_challenge", "mmlu", "gsm8k"):
+            if key in d:  # the benchmarks only where capabilities.benchmarks lists them
+                rows.append({"model": model, "method": d["method"], **_condition_columns(d["method"]), "measure": key,
+                             **d[key]})
     df = pd.DataFrame(rows)
     base = df[df.method == "base"].set_index("measure")["mean"]
     df["delta_vs_base"] = df["mean"] - df.measure.map(base) if len(base) else np.nan

@@ -10,6 +10,7 @@ from refusal_atlas.config import (
     check_config,
     for_model,
     category_promptset,
+    CAPABILITY_BENCHMARK_FILES,
     CATQA_FILE,
     dashboard_protocol,
     feature_promptset,
@@ -236,6 +237,10 @@ def capabilities_inputs(wildcards):
             for p in ev["promptsets"]
         ],
         "corpus": f"results/saes/{wildcards.model}/corpus/sequences.parquet",
+        **{
+            name: f"resources/datasets/{CAPABILITY_BENCHMARK_FILES[name]}"
+            for name in config["capabilities"]["benchmarks"]
+        },
         **intervention_inputs(wildcards),
     }
 
