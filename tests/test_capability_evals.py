@@ -130,3 +130,38 @@ def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_di
     for k in ("arc_challenge", "mmlu", "gsm8k", "response_ce"):
         assert d[k]["ci_low"] <= d[k]["mean"] <= d[k]["ci_high"]
     assert stages._seeded_order(12, "mmlu") == stages._seeded_order(12, "mmlu") != list(range(12))
+
+
+def test_orderings_follow_the_answer_and_accuracy_counts_each():
+    item = ChoiceItem("q", "Which?", ("a", "b", "c", "d"), 2)
+    perms = ce.orderings(item)
+    assert len(perms) == 24 and len({p.choices for p in perms}) == 24
+    assert all(p.choices[p.answer] == "c" for p in perms)
+
+
+def test_ordering_accuracy_and_robust_items(tiny, tmp_path):
+    """Accuracy over orderings equals the per-ordering letter scores; a question is robust only
+    when every ordering is right; WMDP's parquet (MMLU's without subject) is read."""
+    from refusal_atlas import stages
+
+    model, tok = tiny
+    items = [ChoiceItem(str(i), f"Question number {i}?", ("red", "green", "blue"), i % 3) for i in range(4)]
+    acc = ce.ordering_accuracy(model, tok, items, batch_size=5)
+    for it, a in zip(items, acc):
+        assert a == pytest.approx(ce.multiple_choice(model, tok, ce.orderings(it), batch_size=3).mean())
+    robust = ce.robust_items(model, tok, items, batch_size=5)
+    assert [it.id for it in robust] == [it.id for it, a in zip(items, acc) if a == 1.0]
+    # a question with one option is right under its only ordering: the screen keeps it
+    assert ce.robust_items(model, tok, [ChoiceItem("x", "Only?", ("yes",), 0)]) != []
+
+    (tmp_path / "wmdp-bio").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"question": it.question, "choices": list(it.choices), "answer": it.answer}
+                                         for it in items]), tmp_path / "wmdp-bio/test.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": it.question, "subject": "s", "choices": list(it.choices),
+                                          "answer": it.answer} for it in items]), tmp_path / "mmlu.parquet")
+    cfg = {"batch_size": 5, "multiple_choice": {"max_items": 3}}
+    sets = stages._robust_mc_sets(model, tok, cfg, {"wmdp_bio": str(tmp_path / "wmdp-bio/test.parquet"),
+                                                    "mmlu": str(tmp_path / "mmlu.parquet")}, None)
+    kept = {it.question for it in robust}
+    assert {it.question for it in sets["forget"]} <= kept and {it.question for it in sets["retain"]} <= kept
+    assert all(it.id.startswith("wmdp-bio:") for it in sets["forget"])

@@ -14,6 +14,7 @@ Each item yields a 0/1, so accuracies come with n and a bootstrap interval downs
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,3 +71,27 @@ def gsm8k(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Seq
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        intervention=intervention, system_prompt=system_prompt, desc="GSM8K")
     return np.array([normalise_number(a) == ref for a, (_, ref) in zip(answers, items)], dtype=bool)
+
+
+def orderings(item: ChoiceItem) -> list[ChoiceItem]:
+    """The item under every ordering of its options (n! of them), the answer index following."""
+    out = []
+    for perm in itertools.permutations(range(len(item.choices))):
+        out.append(ChoiceItem(item.id, item.question, tuple(item.choices[j] for j in perm), perm.index(item.answer)))
+    return out
+
+
+def ordering_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[ChoiceItem],
+                      **kw) -> np.ndarray:
+    """Per item, the fraction of its option orderings answered correctly (SAEBench's unlearning
+    evaluation, after Muhamed et al. 2025 §4: an answer that depends on the order is no knowledge)."""
+    expanded = [o for it in items for o in orderings(it)]
+    correct = multiple_choice(model, tokenizer, expanded, **kw)
+    bounds = np.cumsum([0] + [len(orderings(it)) for it in items])
+    return np.array([correct[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def robust_items(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[ChoiceItem],
+                 **kw) -> list[ChoiceItem]:
+    """The items the model answers correctly under every ordering of their options."""
+    return [it for it, acc in zip(items, ordering_accuracy(model, tokenizer, items, **kw)) if acc == 1.0]

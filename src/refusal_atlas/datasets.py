@@ -178,6 +178,16 @@ def read_mmlu(path: str | Path) -> list[ChoiceItem]:
     return items
 
 
+def read_wmdp(path: str | Path) -> list[ChoiceItem]:
+    """``cais/wmdp`` parquet: ``question, choices [4], answer`` (0-3); ids are the file stem:row."""
+    items = []
+    for i, r in enumerate(_table(path, ["question", "choices", "answer"])):
+        if not 0 <= int(r["answer"]) < len(r["choices"]):
+            raise DatasetError(f"{path}: row {i}: answer {r['answer']} outside its {len(r['choices'])} choices")
+        items.append(ChoiceItem(f"{Path(path).parent.name}:{i}", r["question"], tuple(r["choices"]), int(r["answer"])))
+    return items
+
+
 def read_gsm8k(path: str | Path) -> list[tuple[str, str]]:
     """``openai/gsm8k`` parquet: ``question, answer``; returns (question, the number after ``####``)."""
     out = []
@@ -209,7 +219,8 @@ def _counted(reader):
 
 FORMAT_CHECKS = {"json_instructions": check_json_instructions, "jsonl_catqa": _counted(read_catqa),
                  "csv_prompt_category": _counted(read_or_bench), "parquet_arc": _counted(read_arc),
-                 "parquet_mmlu": _counted(read_mmlu), "parquet_gsm8k": _counted(read_gsm8k)}
+                 "parquet_mmlu": _counted(read_mmlu), "parquet_gsm8k": _counted(read_gsm8k),
+                 "parquet_wmdp": _counted(read_wmdp)}
 
 
 def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None = None, timeout: float = 60) -> Path:

@@ -923,11 +923,29 @@ def guardrail_select(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], for
     write_parquet(pd.concat(rows, ignore_index=True), output)
 
 
+def _robust_mc_sets(model, tok, cfg: Mapping, mc_inputs: Mapping[str, str], system_prompt: str | None) -> dict:
+    """``{"forget": items, "retain": items}``: the first ``max_items`` of a fixed shuffle of each
+    benchmark that the unmodified model answers correctly under every option ordering."""
+    readers = {"wmdp_bio": datasets.read_wmdp, "wmdp_cyber": datasets.read_wmdp, "mmlu": datasets.read_mmlu}
+    out = {"forget": [], "retain": []}
+    for name, path in mc_inputs.items():
+        items = readers[name](path)
+        items = [items[i] for i in _seeded_order(len(items), name)[: cfg["multiple_choice"]["max_items"] or None]]
+        robust = capability_evals.robust_items(model, tok, items, batch_size=cfg["batch_size"],
+                                               system_prompt=system_prompt, desc=f"{name}: every ordering")
+        log.info("%s: %d of %d questions right under every ordering", name, len(robust), len(items))
+        out["retain" if name == "mmlu" else "forget"] += robust
+    return out
+
+
 def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forget: str, retain: str, selection: str,
-                   cfg: Mapping, boot: Mapping, caption: str, output: str, score_out: str, figure_stem: str) -> None:
+                   cfg: Mapping, boot: Mapping, caption: str, output: str, score_out: str, figure_stem: str,
+                   mc_inputs: Mapping[str, str] | None = None) -> None:
     """Dynamic gate vs SAEBench's static clamp on held-out forget and retain passages, scored by
     the loss-based measure of a model too small for multiple choice: next-token top-1 accuracy
-    relative to the unmodified model (and CE), and Muhamed et al.'s score."""
+    relative to the unmodified model (and CE), and Muhamed et al.'s score. With ``mc_inputs``
+    (WMDP forget sets and MMLU), also the paper's measure: accuracy over every option ordering of
+    the questions the unmodified model gets right under all of them, and the score from it."""
     from . import guardrails as gr
     from . import plots
     from .jailbreak import relative_drop
@@ -942,6 +960,7 @@ def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forge
                       device=next(model.parameters()).device)
     base = {"forget": gr.token_scores(model, tok, batches(f_eval)), "retain": gr.token_scores(model, tok, batches(r_eval))}
     texts = {"forget": f_eval, "retain": r_eval}
+    mc = _robust_mc_sets(model, tok, cfg, mc_inputs, spec["system_prompt"]) if mc_inputs else None
     rows = []
     for config, sel in chosen.groupby("config", sort=False):
         feats = torch.tensor(sel.feature.to_numpy())
@@ -963,6 +982,13 @@ def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forge
                                 f"{part}_abs_accuracy": float(scores.accuracy.mean()),
                                 f"{part}_ce_delta": float((scores.ce - base[part].ce).mean()),
                                 f"{part}_gated": gated[part] if mode == "dynamic" else 1.0})
+                    if mc is not None and mc[part]:
+                        acc = capability_evals.ordering_accuracy(model, tok, mc[part], intervention=gr.bind(guard, tok),
+                                                                 batch_size=cfg["batch_size"],
+                                                                 system_prompt=spec["system_prompt"], desc=part)
+                        r = bootstrap_mean(acc, **boot)
+                        row.update({f"{part}_mc_accuracy": r.rate, f"{part}_mc_ci_low": r.ci_low,
+                                    f"{part}_mc_ci_high": r.ci_high, f"{part}_mc_n": r.n})
                 log.info("%s: forget %.3f, retain %.3f", row["config"], row["forget_accuracy"], row["retain_accuracy"])
                 rows.append(row)
     table = pd.DataFrame(rows)
@@ -970,6 +996,12 @@ def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forge
     scores["base_accuracy"] = {p: float(b.accuracy.mean()) for p, b in base.items()}
     scores["n_eval"] = {p: len(t) for p, t in texts.items()}
     scores["retain_min"] = cfg["retain_min"]
+    if mc is not None and {"forget_mc_accuracy", "retain_mc_accuracy"} <= set(table.columns):
+        # the paper's score, on multiple choice: the unmodified model is right on every kept question
+        as_mc = table.assign(forget_accuracy=table.forget_mc_accuracy, retain_accuracy=table.retain_mc_accuracy)
+        scores["multiple_choice"] = {mode: gr.trade_off_score(as_mc[as_mc["mode"] == mode], cfg["retain_min"])
+                                     for mode in ("dynamic", "static")}
+        scores["multiple_choice"]["n_robust"] = {p: len(v) for p, v in mc.items()}
     log.info("unlearning scores: %s", scores)
     write_table(table, output)
     write_json(scores, score_out)

@@ -10,7 +10,7 @@ from refusal_atlas.config import (
     check_config,
     for_model,
     category_promptset,
-    CAPABILITY_BENCHMARK_FILES,
+    BENCHMARK_FILES,
     CATQA_FILE,
     dashboard_protocol,
     feature_promptset,
@@ -238,11 +238,18 @@ def capabilities_inputs(wildcards):
         ],
         "corpus": f"results/saes/{wildcards.model}/corpus/sequences.parquet",
         **{
-            name: f"resources/datasets/{CAPABILITY_BENCHMARK_FILES[name]}"
+            name: f"resources/datasets/{BENCHMARK_FILES[name]}"
             for name in config["capabilities"]["benchmarks"]
         },
         **intervention_inputs(wildcards),
     }
+
+
+def guardrail_mc_inputs(wildcards):
+    """WMDP forget sets and MMLU as retain, where the unlearning is scored by multiple choice."""
+    forget = config["guardrails"]["unlearning"]["multiple_choice"]["forget"]
+    names = [*forget, "mmlu"] if forget else []
+    return {n: f"resources/datasets/{BENCHMARK_FILES[n]}" for n in names}
 
 
 def sae_layers(model):

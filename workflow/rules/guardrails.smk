@@ -32,6 +32,7 @@ rule guardrail_select:
 
 rule guardrail_eval:
     input:
+        unpack(guardrail_mc_inputs),
         model=final_model_dir,
         saes=lambda w: [
             f"results/saes/{w.model}/layer_{l}" for l in sae_layers(w.model)

@@ -14,4 +14,5 @@ with stages.logged(snakemake.log[0], snakemake.threads):
         snakemake.output.table,
         snakemake.output.score,
         snakemake.output.png.removesuffix(".png"),
+        {k: snakemake.input[k] for k in ("wmdp_bio", "wmdp_cyber", "mmlu") if k in snakemake.input.keys()},
     )
