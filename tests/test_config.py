@@ -170,3 +170,17 @@ def test_every_promptset_key_belongs_to_a_source():
     assert set().union(*PROMPTSET_SOURCE_KEYS.values()) == keys
     assert set(PROMPTSET_SOURCE_KEYS) == set(
         schema["properties"]["promptsets"]["additionalProperties"]["properties"]["source"]["enum"])
+
+
+def test_circuits_may_take_their_own_promptset():
+    from refusal_atlas.config import category_promptset, circuit_promptset
+
+    cfg = validated(copy.deepcopy(DEFAULT))
+    assert circuit_promptset(cfg) == category_promptset(cfg)
+    cfg["promptsets"]["orb"] = {"source": "or_bench"}
+    cfg["categories"]["circuits"]["promptset"] = "orb"
+    check_config(cfg)
+    assert circuit_promptset(cfg) == "orb" != category_promptset(cfg)
+    cfg["categories"]["circuits"]["promptset"] = "nope"
+    with pytest.raises(ConfigError, match="categories.circuits.promptset: unknown promptset 'nope'"):
+        check_config(cfg)

@@ -94,10 +94,10 @@ def test_one_config_sweeps_both_models_with_their_own_settings(tmp_path):
     counts = Counter(rule for rule, _, _ in jobs)
     assert counts["pretrained_sae"] == 26 + 32 and counts["steer_generate"] == 42 and counts["feature_attribution"] == 4
     # the data and the judge check are shared, not planned twice; the harm-category study reads
-    # OR-Bench (its three pinned files), a sixth promptset
-    assert counts["judge_preflight"] == 1 and counts["build_promptsets"] == 6
-    # refusal_direction splits, 3 benchmarks, alpaca, OR-Bench, ARC-Challenge, MMLU, GSM8K, WMDP bio/cyber
-    assert counts["download_dataset"] == 6 + 3 + 1 + 3 + 3 + 2
+    # CatQA (features, clamps) and OR-Bench (circuits; its three pinned files)
+    assert counts["judge_preflight"] == 1 and counts["build_promptsets"] == 7
+    # refusal_direction splits, 3 benchmarks, alpaca, CatQA, OR-Bench, ARC-Challenge, MMLU, GSM8K, WMDP bio/cyber
+    assert counts["download_dataset"] == 6 + 3 + 1 + 1 + 3 + 3 + 2
     by_model = {}
     for rule, res, _ in jobs:
         if rule == "feature_attribution":

@@ -165,6 +165,10 @@ def category_promptset(config: Mapping) -> str:
     return config["categories"]["promptset"] or feature_promptset(config)
 
 
+def circuit_promptset(config: Mapping) -> str:
+    return config["categories"]["circuits"]["promptset"] or category_promptset(config)
+
+
 def _check_categories(config: Mapping) -> None:
     cat, feats = config["categories"], config["features"]
     if not cat["enabled"]:
@@ -172,6 +176,9 @@ def _check_categories(config: Mapping) -> None:
     name = category_promptset(config)
     if name not in config["promptsets"]:
         raise ConfigError(f"categories.promptset: unknown promptset {name!r}; defined: {sorted(config['promptsets'])}")
+    if circuit_promptset(config) not in config["promptsets"]:
+        raise ConfigError(f"categories.circuits.promptset: unknown promptset {circuit_promptset(config)!r}; "
+                          f"defined: {sorted(config['promptsets'])}")
     if name not in config["activations"]["promptsets"]:
         raise ConfigError(f"categories.promptset {name!r} needs cached activations: add it to activations.promptsets")
     if cat["fit_split"] == cat["eval_split"]:

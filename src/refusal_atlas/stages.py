@@ -1326,7 +1326,7 @@ def _circuit_groups(df: pd.DataFrame, cats: Sequence[str], split: str, cap: int 
     return _subset_each(rows, ["group", "category"], cap, seed)
 
 
-def circuits(model_dir: str, spec: Mapping, promptset: str, category_summary: str, direction_summary: str,
+def circuits(model_dir: str, spec: Mapping, promptset: str, category_summary: str | None, direction_summary: str,
              sae_dirs: Sequence[str], cfg: Mapping, boot: Mapping, outputs: Mapping[str, str], caption: str) -> None:
     """Per-prompt node and edge scores (circuits.py), each category's circuit for toxic and safe
     prompts as a graph file, and faithfulness/completeness curves on held-out prompts."""
@@ -1336,10 +1336,12 @@ def circuits(model_dir: str, spec: Mapping, promptset: str, category_summary: st
     from . import modularity, plots
 
     cc = cfg["circuits"]
-    cats = json.loads(Path(category_summary).read_text())["categories"]
+    df = pd.read_parquet(promptset)
+    # F*_cat's categories where the circuits share its promptset; else every category of their own
+    cats = (json.loads(Path(category_summary).read_text())["categories"] if category_summary
+            else _category_prompts(df, cfg["fit_split"], cfg["min_prompts"], None))
     info = json.loads(Path(direction_summary).read_text())
     refusal_ids = info["refusal_token_ids"]
-    df = pd.read_parquet(promptset)
     fit = _circuit_groups(df, cats, cfg["fit_split"], cc["max_prompts"], cfg["seed"], cc["safe_variant"])
     ev = _circuit_groups(df, cats, cfg["eval_split"], cc["eval_max_prompts"], cfg["seed"], cc["safe_variant"])
     model, tok = _load(model_dir, spec)

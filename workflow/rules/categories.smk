@@ -92,8 +92,7 @@ rule category_steering:
 
 rule circuits:
     input:
-        unpack(category_inputs),
-        categories="results/categories/{model}/features.json",
+        unpack(circuit_inputs),
     output:
         scores="results/categories/{model}/circuit_scores.safetensors",
         index="results/categories/{model}/circuit_prompts.parquet",
@@ -136,6 +135,7 @@ rule circuits:
             w.model,
             "faithfulness and completeness of category circuits (mean ablation, errors kept; "
             "metric: refusal log-odds at the last prompt token)",
+            circuit_promptset(config),
         ),
     script:
         "../scripts/circuits.py"
@@ -201,7 +201,9 @@ rule modularity:
         cfg=lambda w: category_params(w.model),
         caption=lambda w: category_caption(
             w.model,
-            "similarity of category circuits (toxic: plain harmful prompts; safe: harmless twins)",
+            "similarity of category circuits (toxic: plain harmful prompts; safe: harmless "
+            f"{config['categories']['circuits']['safe_variant']}s)",
+            circuit_promptset(config),
         ),
     script:
         "../scripts/modularity.py"

@@ -10,6 +10,7 @@ from refusal_atlas.config import (
     check_config,
     for_model,
     category_promptset,
+    circuit_promptset,
     BENCHMARK_FILES,
     CATQA_FILE,
     dashboard_protocol,
@@ -488,6 +489,21 @@ def category_inputs(wildcards):
     return inputs
 
 
+def circuit_inputs(wildcards):
+    """The circuits' promptset; the categories of F*_cat where it is the same promptset."""
+    model = wildcards.model
+    ps = circuit_promptset(config)
+    inputs = {
+        "model": final_model_dir(wildcards),
+        "promptset": f"results/promptsets/{ps}.parquet",
+        "direction": f"results/directions/{model}.json",
+        "saes": [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)],
+    }
+    if ps == category_promptset(config):
+        inputs["categories"] = f"results/categories/{model}/features.json"
+    return inputs
+
+
 def category_steering_inputs(wildcards):
     inputs = {
         **category_inputs(wildcards),
@@ -498,9 +514,9 @@ def category_steering_inputs(wildcards):
     return inputs
 
 
-def category_caption(model, what):
+def category_caption(model, what, promptset=None):
     cfg = category_params(model)
     return (
-        f"{model}: {what}; {category_promptset(config)} categories, fit on "
+        f"{model}: {what}; {promptset or category_promptset(config)} categories, fit on "
         f"{cfg['fit_split']}, scored on {cfg['eval_split']}"
     )

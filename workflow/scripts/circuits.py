@@ -5,7 +5,7 @@ with stages.logged(snakemake.log[0], snakemake.threads):
         snakemake.input.model,
         snakemake.params.spec,
         snakemake.input.promptset,
-        snakemake.input.categories,
+        snakemake.input.get("categories"),
         snakemake.input.direction,
         snakemake.input.saes,
         snakemake.params.cfg,
