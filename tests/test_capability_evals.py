@@ -165,3 +165,22 @@ def test_ordering_accuracy_and_robust_items(tiny, tmp_path):
     kept = {it.question for it in robust}
     assert {it.question for it in sets["forget"]} <= kept and {it.question for it in sets["retain"]} <= kept
     assert all(it.id.startswith("wmdp-bio:") for it in sets["forget"])
+
+
+def test_the_trade_off_figure_gains_a_multiple_choice_panel(tmp_path):
+    import matplotlib.image as mpimg
+    import pandas as pd
+
+    from refusal_atlas import plots
+
+    row = {"mode": "dynamic", "config": "q90-n5-c50-dynamic"}
+    for part in ("forget", "retain"):
+        row.update({f"{part}_accuracy": 0.9, f"{part}_ci_low": 0.8, f"{part}_ci_high": 0.95, f"{part}_n": 10})
+    loss_only = pd.DataFrame([row, {**row, "mode": "static"}])
+    with_mc = loss_only.assign(**{f"{p}_mc_{k}": v for p in ("forget", "retain")
+                                  for k, v in (("accuracy", 0.5), ("ci_low", 0.4), ("ci_high", 0.6), ("n", 7))})
+    plots.guardrail_figure(loss_only, {"retain_min": 0.99}, "model, data", str(tmp_path / "a"))
+    plots.guardrail_figure(with_mc, {"retain_min": 0.99, "multiple_choice": {}}, "model, data", str(tmp_path / "b"))
+    width = {s: mpimg.imread(tmp_path / f"{s}.png").shape[1] for s in ("a", "b")}
+    assert width["b"] > 1.8 * width["a"]  # a second panel, side by side
+    assert "n=7 questions" in (tmp_path / "b.svg").read_text()

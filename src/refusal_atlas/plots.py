@@ -111,21 +111,28 @@ def probe_figure(table: pd.DataFrame, caption: str, stem: str) -> None:
 
 
 def guardrail_figure(table: pd.DataFrame, scores: dict, caption: str, stem: str) -> None:
-    """Forget vs retain accuracy (relative to the unmodified model) of every config, gated and static."""
+    """Forget vs retain accuracy of every config, gated and static: on passages (relative to the
+    unmodified model) and, where scored, on multiple choice (WMDP vs MMLU, every option ordering)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    for mode, marker in (("dynamic", "o"), ("static", "s")):
-        t = table[table["mode"] == mode]
-        xerr = np.nan_to_num(np.abs(np.vstack([t.retain_accuracy - t.retain_ci_low, t.retain_ci_high - t.retain_accuracy])))
-        yerr = np.nan_to_num(np.abs(np.vstack([t.forget_accuracy - t.forget_ci_low, t.forget_ci_high - t.forget_accuracy])))
-        s = scores.get(mode, {}).get("score")
-        ax.errorbar(t.retain_accuracy, t.forget_accuracy, xerr=xerr, yerr=yerr, fmt=marker, capsize=2, alpha=0.8,
-                    label=f"{mode} (score {s:.2f})" if s == s and s is not None else f"{mode} (no config keeps retain)")
-    ax.axvline(scores.get("retain_min", 0.99), color="k", ls=":", lw=0.8)
-    ax.set_xlabel(f"retain accuracy, relative (n={table.retain_n.iloc[0] if len(table) else 0} passages)")
-    ax.set_ylabel(f"forget accuracy, relative (n={table.forget_n.iloc[0] if len(table) else 0} passages)")
-    ax.legend(fontsize=8)
-    ax.set_title(caption, fontsize=8)
+    panels = [("", scores, "relative", "passages")]
+    if "forget_mc_accuracy" in table.columns:
+        panels.append(("_mc", scores.get("multiple_choice", {}), "multiple choice", "questions"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, (sfx, sc, what, unit) in zip(axes[0], panels):
+        for mode, marker in (("dynamic", "o"), ("static", "s")):
+            t = table[table["mode"] == mode]
+            x, y = t[f"retain{sfx}_accuracy"], t[f"forget{sfx}_accuracy"]
+            xerr = np.nan_to_num(np.abs(np.vstack([x - t[f"retain{sfx}_ci_low"], t[f"retain{sfx}_ci_high"] - x])))
+            yerr = np.nan_to_num(np.abs(np.vstack([y - t[f"forget{sfx}_ci_low"], t[f"forget{sfx}_ci_high"] - y])))
+            s = sc.get(mode, {}).get("score")
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, capsize=2, alpha=0.8,
+                        label=f"{mode} (score {s:.2f})" if s == s and s is not None else f"{mode} (no config keeps retain)")
+        ax.axvline(scores.get("retain_min", 0.99), color="k", ls=":", lw=0.8)
+        n = {p: table[f"{p}{sfx}_n"].iloc[0] if len(table) else 0 for p in ("retain", "forget")}
+        ax.set_xlabel(f"retain accuracy, {what} (n={n['retain']} {unit})")
+        ax.set_ylabel(f"forget accuracy, {what} (n={n['forget']} {unit})")
+        ax.legend(fontsize=8)
+    fig.suptitle(caption, fontsize=8)
     save_figure(fig, stem)
     plt.close(fig)
 
