@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 SIMILARITIES = ("jaccard", "weighted_jaccard", "edge_jaccard", "importance_r")
 
@@ -178,19 +179,33 @@ def permutation_test(scores: Scores, groups: np.ndarray, cfg: PermutationConfig,
         perm = rng.permutation(groups)
         for k, v in mean_similarity(scores, perm, cfg.n_nodes, cfg.n_edges, kinds, cfg.threshold).items():
             null[k].append(v)
-    boot = {k: [] for k in kinds}
     index = {g: np.flatnonzero(groups == g) for g in sorted(set(groups))}
-    for _ in range(cfg.n_bootstrap):
-        rows = np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in index.values()])
+
+    def resampled(*ixs):
+        rows = np.concatenate(ixs)
         sub = Scores(scores.layers, scores.node_ids, {l: v[rows] for l, v in scores.nodes.items()}, scores.edge_ids,
                      {p: v[rows] for p, v in scores.edges.items()})
-        for k, v in mean_similarity(sub, groups[rows], cfg.n_nodes, cfg.n_edges, kinds, cfg.threshold).items():
-            boot[k].append(v)
-    lo, hi = (1 - cfg.confidence) / 2, 1 - (1 - cfg.confidence) / 2
+        sims = mean_similarity(sub, groups[rows], cfg.n_nodes, cfg.n_edges, kinds, cfg.threshold)
+        return np.array([sims[k] for k in kinds])
+
+    ci = {k: (float("nan"), float("nan")) for k in kinds}
+    se, bias = dict.fromkeys(kinds, float("nan")), dict.fromkeys(kinds, float("nan"))
+    if cfg.n_bootstrap:
+        res = stats.bootstrap(tuple(index.values()), resampled, n_resamples=cfg.n_bootstrap, vectorized=False,
+                              confidence_level=cfg.confidence, method="percentile", random_state=rng)
+        z = stats.norm.ppf(1 - (1 - cfg.confidence) / 2)
+        for i, k in enumerate(kinds):
+            dist = res.bootstrap_distribution[i][np.isfinite(res.bootstrap_distribution[i])]
+            if dist.size > 1 and np.isfinite(observed[k]):
+                # Rediscovering on a resample with repeated prompts finds noisier, less alike
+                # circuits, so the resamples sit below the observed value; a percentile (or BCa)
+                # interval would then miss it. The interval is observed ± z·SE, and the bias is
+                # reported beside it.
+                se[k], bias[k] = float(dist.std(ddof=1)), float(dist.mean() - observed[k])
+                ci[k] = (observed[k] - z * se[k], observed[k] + z * se[k])
     rows = []
     for k in kinds:
         nul = np.array([v for v in null[k] if np.isfinite(v)])
-        bs = np.array([v for v in boot[k] if np.isfinite(v)])
         obs = observed[k]
         sd = float(nul.std(ddof=1)) if nul.size > 1 else float("nan")
         rows.append({
@@ -200,9 +215,8 @@ def permutation_test(scores: Scores, groups: np.ndarray, cfg: PermutationConfig,
             "ratio": obs / nul.mean() if nul.size and nul.mean() != 0 else float("nan"),
             "p_value": float((1 + np.sum(nul <= obs)) / (1 + nul.size)) if nul.size and np.isfinite(obs)
             else float("nan"),
-            "ci_low": float(np.quantile(bs, lo)) if bs.size else float("nan"),
-            "ci_high": float(np.quantile(bs, hi)) if bs.size else float("nan"),
-            "n_permutations": int(nul.size), "n_bootstrap": int(bs.size), "n_prompts": int(len(groups)),
+            "ci_low": ci[k][0], "ci_high": ci[k][1], "bootstrap_se": se[k], "bootstrap_bias": bias[k],
+            "n_permutations": int(nul.size), "n_bootstrap": int(cfg.n_bootstrap), "n_prompts": int(len(groups)),
             "n_groups": len(index), "n_nodes": cfg.n_nodes, "n_edges": cfg.n_edges,
         })
     return pd.DataFrame(rows)
