@@ -27,7 +27,6 @@ from .interventions import Intervention
 from .modeling import last_token_logits
 
 LETTERS = "ABCDEFGH"
-BENCHMARKS = ("arc_challenge", "mmlu", "gsm8k")
 
 
 def choice_prompt(item: ChoiceItem) -> str:
@@ -85,9 +84,9 @@ def ordering_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                       **kw) -> np.ndarray:
     """Per item, the fraction of its option orderings answered correctly (SAEBench's unlearning
     evaluation, after Muhamed et al. 2025 §4: an answer that depends on the order is no knowledge)."""
-    expanded = [o for it in items for o in orderings(it)]
-    correct = multiple_choice(model, tokenizer, expanded, **kw)
-    bounds = np.cumsum([0] + [len(orderings(it)) for it in items])
+    per_item = [orderings(it) for it in items]
+    correct = multiple_choice(model, tokenizer, [o for os_ in per_item for o in os_], **kw)
+    bounds = np.cumsum([0] + [len(os_) for os_ in per_item])
     return np.array([correct[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
 
 

@@ -109,8 +109,8 @@ def category_directions(acts, index: pd.DataFrame, categories: Sequence[str], sp
         harm = rows[(rows.label == "harmful") & (rows.variant == "plain") & (rows.category == c)]
         safe = rows[(rows.label == "harmless") & rows.variant.isin(["plain", "twin"])]
         if harmless in ("twins", "bait"):
-            own = rows[(rows.label == "harmless") & (rows.category == c)]
-            safe = own[own.variant == harmless.removesuffix("s")]
+            variant = {"twins": "twin", "bait": "bait"}[harmless]
+            safe = rows[(rows.label == "harmless") & (rows.category == c) & (rows.variant == variant)]
         if len(harm) < min_prompts or len(safe) < min_prompts:
             raise ValueError(f"category {c!r} has {len(harm)} harmful and {len(safe)} harmless {split} prompts; "
                              f"a direction needs at least {min_prompts} of each")

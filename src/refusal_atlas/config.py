@@ -99,10 +99,10 @@ PROMPTSET_SOURCE_KEYS = {
     "or_bench": {"source", "split_fractions", "max_80k", "seed"},
 }
 BENCHMARK_FILES = {"arc_challenge": "arc/ARC-Challenge/test-00000-of-00001.parquet",
-                              "mmlu": "mmlu/all/test-00000-of-00001.parquet",
-                              "gsm8k": "gsm8k/main/test-00000-of-00001.parquet",
-                              "wmdp_bio": "wmdp/wmdp-bio/test-00000-of-00001.parquet",
-                              "wmdp_cyber": "wmdp/wmdp-cyber/test-00000-of-00001.parquet"}
+                   "mmlu": "mmlu/all/test-00000-of-00001.parquet",
+                   "gsm8k": "gsm8k/main/test-00000-of-00001.parquet",
+                   "wmdp_bio": "wmdp/wmdp-bio/test-00000-of-00001.parquet",
+                   "wmdp_cyber": "wmdp/wmdp-cyber/test-00000-of-00001.parquet"}
 CATQA_FILE = "catqa/data/catqa_english.json"
 OR_BENCH_FILES = {"toxic": "or_bench/or-bench-toxic.csv", "hard": "or_bench/or-bench-hard-1k.csv",
                   "extra": "or_bench/or-bench-80k.csv"}

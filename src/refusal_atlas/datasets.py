@@ -168,24 +168,24 @@ def read_arc(path: str | Path) -> list[ChoiceItem]:
     return items
 
 
-def read_mmlu(path: str | Path) -> list[ChoiceItem]:
-    """``cais/mmlu`` parquet: ``question, subject, choices [4], answer`` (0-3); ids are subject:row."""
+def _choice_items(path: str | Path, columns: Sequence[str], id_of) -> list[ChoiceItem]:
+    """Rows of ``question, choices, answer`` (an index), each checked against its number of choices."""
     items = []
-    for i, r in enumerate(_table(path, ["question", "subject", "choices", "answer"])):
+    for i, r in enumerate(_table(path, columns)):
         if not 0 <= int(r["answer"]) < len(r["choices"]):
             raise DatasetError(f"{path}: row {i}: answer {r['answer']} outside its {len(r['choices'])} choices")
-        items.append(ChoiceItem(f"{r['subject']}:{i}", r["question"], tuple(r["choices"]), int(r["answer"])))
+        items.append(ChoiceItem(id_of(i, r), r["question"], tuple(r["choices"]), int(r["answer"])))
     return items
+
+
+def read_mmlu(path: str | Path) -> list[ChoiceItem]:
+    """``cais/mmlu`` parquet: ``question, subject, choices [4], answer`` (0-3); ids are subject:row."""
+    return _choice_items(path, ["question", "subject", "choices", "answer"], lambda i, r: f"{r['subject']}:{i}")
 
 
 def read_wmdp(path: str | Path) -> list[ChoiceItem]:
-    """``cais/wmdp`` parquet: ``question, choices [4], answer`` (0-3); ids are the file stem:row."""
-    items = []
-    for i, r in enumerate(_table(path, ["question", "choices", "answer"])):
-        if not 0 <= int(r["answer"]) < len(r["choices"]):
-            raise DatasetError(f"{path}: row {i}: answer {r['answer']} outside its {len(r['choices'])} choices")
-        items.append(ChoiceItem(f"{Path(path).parent.name}:{i}", r["question"], tuple(r["choices"]), int(r["answer"])))
-    return items
+    """``cais/wmdp`` parquet: ``question, choices [4], answer`` (0-3); ids are the file's folder:row."""
+    return _choice_items(path, ["question", "choices", "answer"], lambda i, r: f"{Path(path).parent.name}:{i}")
 
 
 def read_gsm8k(path: str | Path) -> list[tuple[str, str]]:
@@ -217,6 +217,9 @@ def _counted(reader):
     return lambda path, expected_items=None: _check_count(path, len(reader(path)), expected_items)
 
 
+CAPABILITY_BENCHMARKS = ("arc_challenge", "mmlu", "gsm8k")
+BENCHMARK_READERS = {"arc_challenge": read_arc, "mmlu": read_mmlu, "gsm8k": read_gsm8k, "wmdp_bio": read_wmdp,
+                     "wmdp_cyber": read_wmdp}
 FORMAT_CHECKS = {"json_instructions": check_json_instructions, "jsonl_catqa": _counted(read_catqa),
                  "csv_prompt_category": _counted(read_or_bench), "parquet_arc": _counted(read_arc),
                  "parquet_mmlu": _counted(read_mmlu), "parquet_gsm8k": _counted(read_gsm8k),

@@ -248,21 +248,18 @@ def or_bench_promptset(toxic: str | Path, hard: str | Path, extra: str | Path | 
     """
     rows = []
 
-    def add(items, tag, label, variant):
-        for i, x in enumerate(items):
+    def add(indexed, tag, label, variant):
+        for i, x in indexed:
             pid = f"orb-{tag}-{i:05d}"
             rows.append((pid, x["prompt"], category_slug(x["category"]), label, f"or-bench-{tag}",
                          assign_split(pid, fractions, seed), variant, pid))
 
-    add(read_or_bench(toxic), "toxic", "harmful", "plain")
+    add(enumerate(read_or_bench(toxic)), "toxic", "harmful", "plain")
     hard_items = read_or_bench(hard)
-    add(hard_items, "hard-1k", "harmless", "bait")
+    add(enumerate(hard_items), "hard-1k", "harmless", "bait")
     if extra is not None and max_extra > 0:
         seen = {x["prompt"] for x in hard_items}
         pool = [(i, x) for i, x in enumerate(read_or_bench(extra)) if x["prompt"] not in seen]
         random.Random(f"{seed}:or-bench-80k").shuffle(pool)
-        for i, x in sorted(pool[:max_extra], key=lambda t: t[0]):
-            pid = f"orb-80k-{i:05d}"
-            rows.append((pid, x["prompt"], category_slug(x["category"]), "harmless", "or-bench-80k",
-                         assign_split(pid, fractions, seed), "bait", pid))
+        add(sorted(pool[:max_extra], key=lambda t: t[0]), "80k", "harmless", "bait")
     return pd.DataFrame(rows, columns=COLUMNS)

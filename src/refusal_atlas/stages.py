@@ -599,10 +599,8 @@ def capabilities(model_dir: str, spec: Mapping, method: str, inputs: Mapping, ba
         out[key] = {"mean": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
         log.info("%s %s: %s nats/token", method, key, r)
     out["sources"] = {"responses": "base generations on harmless test prompts", "text": "sae_corpus held-out"}
-    readers = {"arc_challenge": datasets.read_arc, "mmlu": datasets.read_mmlu, "gsm8k": datasets.read_gsm8k}
     for name in cfg["benchmarks"]:
-        items = readers[name](inputs[name])
-        items = [items[i] for i in _seeded_order(len(items), name)[: cfg["benchmark_max_items"][name] or None]]
+        items = _benchmark_sample(name, inputs[name], cfg["benchmark_max_items"][name])
         if name == "gsm8k":
             correct = capability_evals.gsm8k(model, tok, items, max_new_tokens=cfg["gsm8k_max_new_tokens"],
                                              system_prompt=spec["system_prompt"], **kw)
@@ -619,6 +617,12 @@ def capabilities(model_dir: str, spec: Mapping, method: str, inputs: Mapping, ba
 def _seeded_order(n: int, key: str) -> list[int]:
     """A fixed shuffle of ``range(n)``, the same for every condition, so their items match."""
     return sorted(range(n), key=lambda i: hashlib.sha256(f"{key}:{i}".encode()).digest())
+
+
+def _benchmark_sample(name: str, path: str, max_items: int | None) -> list:
+    """The first ``max_items`` items of a benchmark file in its fixed shuffle (None: all)."""
+    items = datasets.BENCHMARK_READERS[name](path)
+    return [items[i] for i in _seeded_order(len(items), name)[: max_items or None]]
 
 
 # ---------------------------------------------------------------------------- hyperparameter search
@@ -926,11 +930,9 @@ def guardrail_select(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], for
 def _robust_mc_sets(model, tok, cfg: Mapping, mc_inputs: Mapping[str, str], system_prompt: str | None) -> dict:
     """``{"forget": items, "retain": items}``: the first ``max_items`` of a fixed shuffle of each
     benchmark that the unmodified model answers correctly under every option ordering."""
-    readers = {"wmdp_bio": datasets.read_wmdp, "wmdp_cyber": datasets.read_wmdp, "mmlu": datasets.read_mmlu}
     out = {"forget": [], "retain": []}
     for name, path in mc_inputs.items():
-        items = readers[name](path)
-        items = [items[i] for i in _seeded_order(len(items), name)[: cfg["multiple_choice"]["max_items"] or None]]
+        items = _benchmark_sample(name, path, cfg["multiple_choice"]["max_items"])
         robust = capability_evals.robust_items(model, tok, items, batch_size=cfg["batch_size"],
                                                system_prompt=system_prompt, desc=f"{name}: every ordering")
         log.info("%s: %d of %d questions right under every ordering", name, len(robust), len(items))

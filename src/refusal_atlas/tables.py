@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import conditions
+from .datasets import CAPABILITY_BENCHMARKS
 from .io import write_parquet, write_table
 from .judges import substring_refusals
 from .plots import save_figure
@@ -165,7 +166,7 @@ def capabilities_table(files: Sequence[str], model: str, output: str) -> None:
     rows = []
     for path in files:
         d = json.loads(Path(path).read_text())
-        for key in ("response_ce", "text_ce", "arc_challenge", "mmlu", "gsm8k"):
+        for key in ("response_ce", "text_ce", *CAPABILITY_BENCHMARKS):
             if key in d:  # the benchmarks only where capabilities.benchmarks lists them
                 rows.append({"model": model, "method": d["method"], **_condition_columns(d["method"]), "measure": key,
                              **d[key]})

@@ -491,16 +491,12 @@ def category_inputs(wildcards):
 
 def circuit_inputs(wildcards):
     """The circuits' promptset; the categories of F*_cat where it is the same promptset."""
-    model = wildcards.model
     ps = circuit_promptset(config)
-    inputs = {
-        "model": final_model_dir(wildcards),
-        "promptset": f"results/promptsets/{ps}.parquet",
-        "direction": f"results/directions/{model}.json",
-        "saes": [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)],
-    }
+    shared = ("model", "direction", "saes")
+    inputs = {k: v for k, v in category_inputs(wildcards).items() if k in shared}
+    inputs["promptset"] = f"results/promptsets/{ps}.parquet"
     if ps == category_promptset(config):
-        inputs["categories"] = f"results/categories/{model}/features.json"
+        inputs["categories"] = f"results/categories/{wildcards.model}/features.json"
     return inputs
 
 
