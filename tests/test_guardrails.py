@@ -9,6 +9,7 @@ from refusal_atlas.generation import chat_batches, generate
 from refusal_atlas.guardrails import (
     DynamicSAEGuard,
     GatedAddition,
+    behavioural_direction,
     bind,
     calibrate_tau,
     feature_statistics,
@@ -147,3 +148,24 @@ def test_gated_addition_acts_on_opened_prompts_only(tiny):
     base = generate(model, tok, texts, max_new_tokens=5, batch_size=3)
     steered = generate(model, tok, texts, max_new_tokens=5, batch_size=3, intervention=add, prompt_ids=ids)
     assert steered[0] == base[0] and steered[2] == base[2] and steered[1] != base[1]
+
+
+def test_behavioural_direction_is_refused_minus_answered_per_layer():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(12, 3, 8, generator=g)
+    refused = np.array([True, False, False] * 4)
+    r = behavioural_direction(acts, refused, min_refusals=4)
+    expected = acts[torch.tensor(refused)].mean(0) - acts[torch.tensor(~refused)].mean(0)
+    assert r.shape == (3, 8) and torch.allclose(r, expected)
+    # a constant shift added to the refused prompts alone is what the direction recovers
+    shift = torch.randn(3, 8, generator=g)
+    assert torch.allclose(behavioural_direction(acts + torch.tensor(refused)[:, None, None] * shift, refused, 4),
+                          expected + shift, atol=1e-5)
+
+
+@pytest.mark.parametrize("refused", [[True] * 3 + [False] * 9, [True] * 12])
+def test_behavioural_direction_needs_refusals_and_answers(refused):
+    with pytest.raises(ValueError, match="refused"):
+        behavioural_direction(torch.zeros(12, 2, 4), refused, min_refusals=4)
+    with pytest.raises(ValueError, match="verdicts"):
+        behavioural_direction(torch.zeros(5, 2, 4), refused, min_refusals=1)

@@ -215,7 +215,13 @@ def test_outputs_follow_the_contracts(run):
     assert (unlearn[unlearn["mode"] == "static"].forget_gated == 1).all()
     for weights in ("tuned", "base"):  # the organism and the untuned model it was tuned from
         guard = pd.read_csv(work / f"results/guardrails/tiny/refusal_{weights}.csv")
-        assert set(guard.condition) == {"base", "guard-set", "guard-add", "always-set", "always-add"}
+        conditions = {"base", "guard-set", "guard-add", "always-set", "always-add"}
+        # the untuned weights get their own behavioural r, unless they refuse too little to fit one
+        log = (work / f"logs/refusal_guardrail/tiny.{weights}.log").read_text()
+        assert ("own direction: the weights refuse" in log) == (weights == "base")
+        if weights == "base" and "no own direction" not in log:
+            conditions |= {"guard-add-own", "always-add-own"}
+        assert set(guard.condition) == conditions
         assert set(guard.variant) == {"plain", "twin", "bait"} and (guard.n > 0).all()
         assert (guard[guard.condition == "base"].added_refusal == 0).all()
         assert (work / f"results/guardrails/tiny/refusal_{weights}.png").exists()

@@ -50,6 +50,7 @@ def check_config(config: Mapping) -> None:
         "evaluation.promptsets": config["evaluation"]["promptsets"],
         "direction.promptset": [config["direction"]["promptset"]],
         "features.promptsets": config["features"]["promptsets"],
+        "guardrails.refusal.own_direction.promptsets": config["guardrails"]["refusal"]["own_direction"]["promptsets"],
     }
     for key, names in refs.items():
         unknown = [n for n in names if n not in promptsets]

@@ -219,6 +219,25 @@ class GatedAddition(Intervention):
         return [block.register_forward_pre_hook(pre, with_kwargs=True)]
 
 
+def behavioural_direction(acts: torch.Tensor, refused: Sequence[bool], min_refusals: int = 5) -> torch.Tensor:
+    """Per layer, the mean activation of the prompts the weights refuse minus that of the prompts
+    they answer: Arditi et al.'s diff-of-means (2024, Eq. 1) with the weights' own behaviour as the
+    label instead of the prompt's.
+
+    For weights that seldom refuse, harmful-minus-harmless is a harmfulness direction that
+    induces no refusal when added; this one is fitted on the few refusals they do give.
+    ``acts`` is ``[n, n_layers, d_model]`` (last prompt token), ``refused`` the judge's verdicts.
+    """
+    mask = torch.as_tensor(np.asarray(refused, dtype=bool))
+    if len(mask) != len(acts):
+        raise ValueError(f"{len(acts)} activations but {len(mask)} verdicts")
+    n_refused = int(mask.sum())
+    if n_refused < min_refusals or n_refused == len(mask):
+        raise ValueError(f"a behavioural direction needs at least {min_refusals} refused and one answered prompt; "
+                         f"got {n_refused} refused of {len(mask)}")
+    return acts[mask].float().mean(0) - acts[~mask].float().mean(0)
+
+
 def gated_feature_set(features: FeatureSet, open_ids: Sequence[str], all_ids: Sequence[str]) -> FeatureSet:
     """A global feature set as a two-row local set: row 1 (the set) for prompts the gate opened
     on, row 0 (nothing) for the rest, so :class:`FeatureClamp` acts on opened prompts only."""

@@ -1012,9 +1012,12 @@ def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forge
 
 def refusal_guardrail(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], promptset: str, features_path: str,
                       direction_summary: str, cfg: Mapping, substrings: Sequence[str], boot: Mapping, caption: str,
-                      output: str, gate_out: str, figure_stem: str) -> None:
+                      output: str, gate_out: str, figure_stem: str, own_pool: Sequence[str] = ()) -> None:
     """The dynamic gate as a refusal guardrail: harm latents open it, refusal is then induced
-    (set clamp of F*, or r added) on the prompts it opened on only; against always-on steering."""
+    (set clamp of F*, or r added) on the prompts it opened on only; against always-on steering.
+
+    With ``own_pool`` (promptsets, for weights the studied r was not fitted on: the untuned
+    model), the weights' own behavioural refusal direction is added too (``*-add-own``)."""
     from . import guardrails as gr
     from . import plots
 
@@ -1055,6 +1058,11 @@ def refusal_guardrail(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], pr
         "always-set": steering.FeatureClamp(sae_map, fs, mode="set", value=cfg["set_value"]),
         "always-add": DirectionAddition(r, l_star, cfg["add_coeff"]),
     }
+    own = _own_direction(model, tok, own_pool, cfg, spec, substrings) if own_pool else None
+    if own is not None:
+        coeff = cfg["own_direction"]["coeff"]
+        conditions["guard-add-own"] = gr.GatedAddition(own[l_star], l_star, coeff, opened)
+        conditions["always-add-own"] = DirectionAddition(own[l_star], l_star, coeff)
     rows, gens = [], []
     for name, intervention in conditions.items():
         out = generate(model, tok, list(test.instruction), max_new_tokens=cfg["max_new_tokens"],
@@ -1073,6 +1081,32 @@ def refusal_guardrail(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], pr
     write_table(result, output)
     write_parquet(pd.concat(gens, ignore_index=True).assign(layer=layer, tau=tau), gate_out)
     plots.refusal_guardrail_figure(result, caption, figure_stem)
+
+
+def _own_direction(model, tok, pool: Sequence[str], cfg: Mapping, spec: Mapping,
+                   substrings: Sequence[str]) -> torch.Tensor | None:
+    """The weights' behavioural refusal direction (guardrails.behavioural_direction) on the
+    harmful ``fit_split`` prompts of ``pool``, judged by substrings on greedy answers; None, with
+    a warning, when they refuse too few of them to fit one."""
+    from . import guardrails as gr
+
+    own = cfg["own_direction"]
+    frames = [pd.read_parquet(p) for p in pool]
+    harmful = pd.concat([f[(f.split == cfg["fit_split"]) & (f.label == "harmful")] for f in frames],
+                        ignore_index=True)
+    harmful = _subset(harmful, own["max_prompts"], own["seed"])
+    prompts_ = list(harmful.instruction)
+    answers = generate(model, tok, prompts_, max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"],
+                       system_prompt=spec["system_prompt"], desc="own direction")
+    refused = substring_refusals(answers, substrings)
+    log.info("own direction: the weights refuse %d of %d harmful %s prompts", sum(refused), len(refused),
+             cfg["fit_split"])
+    if not own["min_refusals"] <= sum(refused) < len(refused):
+        log.warning("no own direction: it needs at least %d refused and one answered prompt", own["min_refusals"])
+        return None
+    acts = last_token_resid_post(model, tok, prompts_, batch_size=cfg["batch_size"],
+                                 system_prompt=spec["system_prompt"])
+    return gr.behavioural_direction(acts, refused, own["min_refusals"])
 
 
 # ---------------------------------------------------------------------------- dashboards

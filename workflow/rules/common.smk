@@ -353,12 +353,16 @@ def guardrail_weights(model):
     return [w for w in weights if w == "tuned" or model_spec(model)["refusal_tune"]]
 
 
-def refusal_guardrail_params(model):
+def refusal_guardrail_params(model, weights):
     cfg = {**config["guardrails"]["refusal"]}
     cfg["k_star"] = cfg["k_star"] or model_section(model, "features")["k_star"]
     cfg["protocol"] = cfg["protocol"] or probe_protocol(MODEL_CONFIGS[model])
     if cfg["add_coeff"] is None:
         cfg["add_coeff"] = model_section(model, "steering")["add_coeff"]
+    own = {**cfg.pop("own_direction")}
+    if weights == "base" and own["promptsets"]:
+        own["coeff"] = cfg["add_coeff"] if own["coeff"] is None else own["coeff"]
+        cfg["own_direction"] = own
     cfg.pop("weights")
     return cfg
 
@@ -380,17 +384,29 @@ def refusal_guardrail_inputs(wildcards):
         "promptset": f"results/promptsets/{ps}.parquet",
         "features": f"results/features/{wildcards.model}/{fp}/{cfg['selector']}.parquet",
         "direction": f"results/directions/{wildcards.model}.json",
+        # the studied r was fitted on the tuned weights; the untuned ones get their own too
+        "own_pool": (
+            [
+                f"results/promptsets/{p}.parquet"
+                for p in cfg["own_direction"]["promptsets"]
+            ]
+            if wildcards.weights == "base"
+            else []
+        ),
     }
 
 
 def refusal_guardrail_caption(model, weights):
-    cfg = refusal_guardrail_params(model)
+    cfg = refusal_guardrail_params(model, weights)
     which = "untuned weights" if weights == "base" else "studied weights"
+    own = (
+        f", own r c={cfg['own_direction']['coeff']:g}" if "own_direction" in cfg else ""
+    )
     return (
         f"{model} ({which}): {cfg['promptset'] or probe_promptset(config)} "
         f"{cfg['eval_split']} prompts; refusal by substrings ({cfg['max_new_tokens']} "
         f"greedy tokens); gate q={cfg['q']:g} n={cfg['n']}; set v={cfg['set_value']:g}, "
-        f"add c={cfg['add_coeff']:g}; 95% bootstrap CIs"
+        f"add c={cfg['add_coeff']:g}{own}; 95% bootstrap CIs"
     )
 
 

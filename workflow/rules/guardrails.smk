@@ -125,7 +125,7 @@ rule refusal_guardrail:
         gpu=gpus("refusal_guardrail"),
     params:
         spec=lambda w: model_params(w.model),
-        cfg=lambda w: refusal_guardrail_params(w.model),
+        cfg=lambda w: refusal_guardrail_params(w.model, w.weights),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
         caption=lambda w: refusal_guardrail_caption(w.model, w.weights),

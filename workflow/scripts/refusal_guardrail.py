@@ -15,4 +15,5 @@ with stages.logged(snakemake.log[0], snakemake.threads):
         snakemake.output.table,
         snakemake.output.generations,
         snakemake.output.png.removesuffix(".png"),
+        snakemake.input.own_pool,
     )
