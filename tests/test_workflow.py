@@ -224,6 +224,8 @@ def test_outputs_follow_the_contracts(run):
         assert set(guard.condition) == conditions
         assert set(guard.variant) == {"plain", "twin", "bait"} and (guard.n > 0).all()
         assert (guard[guard.condition == "base"].added_refusal == 0).all()
+        assert (guard.added_ci_low <= guard.added_refusal + 1e-9).all()
+        assert (guard.added_refusal <= guard.added_ci_high + 1e-9).all()
         assert (work / f"results/guardrails/tiny/refusal_{weights}.png").exists()
     for fig in ("mechanism", "probes"):
         assert (work / f"results/probes/tiny/{fig}.png").stat().st_size > 0

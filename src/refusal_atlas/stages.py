@@ -1064,20 +1064,22 @@ def refusal_guardrail(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], pr
         conditions["guard-add-own"] = gr.GatedAddition(own[l_star], l_star, coeff, opened)
         conditions["always-add-own"] = DirectionAddition(own[l_star], l_star, coeff)
     rows, gens = [], []
+    base_refused = None  # conditions start with "base": added refusal is paired on its prompts
     for name, intervention in conditions.items():
         out = generate(model, tok, list(test.instruction), max_new_tokens=cfg["max_new_tokens"],
                        batch_size=cfg["batch_size"], intervention=intervention, system_prompt=spec["system_prompt"],
                        desc=name, prompt_ids=ids)
-        refused = substring_refusals(out, substrings)
-        gens.append(test[["id", "variant", "label", "opened"]].assign(condition=name, generation=out, refused=refused))
-        for variant, g in test.assign(refused=refused).groupby("variant"):
+        refused = np.asarray(substring_refusals(out, substrings), dtype=float)
+        base_refused = refused if base_refused is None else base_refused
+        gens.append(test[["id", "variant", "label", "opened"]].assign(condition=name, generation=out, refused=refused > 0))
+        for variant, g in test.assign(refused=refused, added=refused - base_refused).groupby("variant"):
             rate = bootstrap_rate(g.refused.to_numpy(), **boot)
+            added = bootstrap_mean(g.added.to_numpy(), **boot)
             rows.append({"condition": name, "variant": variant, "label": g.label.iloc[0], "refusal_rate": rate.rate,
                          "ci_low": rate.ci_low, "ci_high": rate.ci_high, "n": rate.n,
-                         "gate_open_rate": float(g.opened.mean())})
+                         "gate_open_rate": float(g.opened.mean()), "added_refusal": added.rate,
+                         "added_ci_low": added.ci_low, "added_ci_high": added.ci_high})
     result = pd.DataFrame(rows)
-    base = result[result.condition == "base"].set_index("variant").refusal_rate
-    result["added_refusal"] = result.refusal_rate - result.variant.map(base)
     write_table(result, output)
     write_parquet(pd.concat(gens, ignore_index=True).assign(layer=layer, tau=tau), gate_out)
     plots.refusal_guardrail_figure(result, caption, figure_stem)
