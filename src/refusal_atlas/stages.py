@@ -1063,25 +1063,29 @@ def refusal_guardrail(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], pr
         coeff = cfg["own_direction"]["coeff"]
         conditions["guard-add-own"] = gr.GatedAddition(own[l_star], l_star, coeff, opened)
         conditions["always-add-own"] = DirectionAddition(own[l_star], l_star, coeff)
-    rows, gens = [], []
-    base_refused = None  # conditions start with "base": added refusal is paired on its prompts
+    gens = []
     for name, intervention in conditions.items():
         out = generate(model, tok, list(test.instruction), max_new_tokens=cfg["max_new_tokens"],
                        batch_size=cfg["batch_size"], intervention=intervention, system_prompt=spec["system_prompt"],
                        desc=name, prompt_ids=ids)
-        refused = np.asarray(substring_refusals(out, substrings), dtype=float)
-        base_refused = refused if base_refused is None else base_refused
-        gens.append(test[["id", "variant", "label", "opened"]].assign(condition=name, generation=out, refused=refused > 0))
-        for variant, g in test.assign(refused=refused, added=refused - base_refused).groupby("variant"):
-            rate = bootstrap_rate(g.refused.to_numpy(), **boot)
-            added = bootstrap_mean(g.added.to_numpy(), **boot)
-            rows.append({"condition": name, "variant": variant, "label": g.label.iloc[0], "refusal_rate": rate.rate,
-                         "ci_low": rate.ci_low, "ci_high": rate.ci_high, "n": rate.n,
-                         "gate_open_rate": float(g.opened.mean()), "added_refusal": added.rate,
-                         "added_ci_low": added.ci_low, "added_ci_high": added.ci_high})
+        refused = substring_refusals(out, substrings)
+        gens.append(test[["id", "variant", "label", "opened"]].assign(condition=name, generation=out, refused=refused))
+    gens = pd.concat(gens, ignore_index=True)
+    # Added refusal is paired: each prompt under a condition minus the same prompt under base.
+    base = gens[gens.condition == "base"].set_index("id").refused.astype(float)
+    gens_added = gens.assign(added=gens.refused.astype(float) - gens.id.map(base))
+    rows = []
+    in_order = pd.Categorical(gens_added.condition, categories=list(conditions))  # the figure's bar order
+    for (name, variant), g in gens_added.groupby([in_order, gens_added.variant], observed=True):
+        rate = bootstrap_rate(g.refused.to_numpy(), **boot)
+        added = bootstrap_mean(g.added.to_numpy(), **boot)
+        rows.append({"condition": name, "variant": variant, "label": g.label.iloc[0], "refusal_rate": rate.rate,
+                     "ci_low": rate.ci_low, "ci_high": rate.ci_high, "n": rate.n,
+                     "gate_open_rate": float(g.opened.mean()), "added_refusal": added.rate,
+                     "added_ci_low": added.ci_low, "added_ci_high": added.ci_high})
     result = pd.DataFrame(rows)
     write_table(result, output)
-    write_parquet(pd.concat(gens, ignore_index=True).assign(layer=layer, tau=tau), gate_out)
+    write_parquet(gens.assign(layer=layer, tau=tau), gate_out)
     plots.refusal_guardrail_figure(result, caption, figure_stem)
 
 
