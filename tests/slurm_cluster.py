@@ -26,6 +26,7 @@ NVIDIA_MAJOR = 195
 # snakemake-executor-plugin-slurm-jobstep drops SLURM_CONF before its inner `srun`, which then
 # only finds the compiled-in default path: the test cluster's config is linked there while it runs.
 DEFAULT_CONF = Path("/etc/slurm/slurm.conf")
+CLUSTER_NAME = "refusal-atlas-test"
 
 
 def missing_requirements() -> str | None:
@@ -35,9 +36,38 @@ def missing_requirements() -> str | None:
     missing = [b for b in (*DAEMONS, "sbatch", "squeue", "scontrol") if shutil.which(b) is None]
     if missing:
         return f"not installed: {', '.join(missing)} (apt-get install slurm-wlm slurm-client munge)"
+    if _stale_test_link():
+        # A test run killed before its teardown (SIGKILL, a machine restart) leaves the link
+        # behind; it is ours and dead, so it must not block every later run on this machine.
+        DEFAULT_CONF.unlink()
     if DEFAULT_CONF.exists() or DEFAULT_CONF.is_symlink():
         return f"{DEFAULT_CONF} exists: this machine has a SLURM configuration of its own, left untouched"
     return None
+
+
+def _pid_alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _stale_test_link() -> bool:
+    """Whether DEFAULT_CONF is a link a killed test left: to nothing, or to a test cluster's
+    config whose slurmctld is gone. Anything else (a real file, a live cluster) is not ours."""
+    if not DEFAULT_CONF.is_symlink():
+        return False
+    target = DEFAULT_CONF.resolve()
+    if not target.exists():
+        return True
+    try:
+        text = target.read_text()
+    except OSError:
+        return False
+    if f"ClusterName={CLUSTER_NAME}\n" not in text:
+        return False
+    return not _pid_alive(target.parent / "slurmctld.pid")
 
 
 def _free_port() -> int:
@@ -91,7 +121,7 @@ def _write_config(c: Cluster, port_ctld: int, port_d: int) -> Path:
     gres.write_text("".join(f"Name=gpu File={d}\n" for d in devices))
     conf = c.root / "slurm.conf"
     conf.write_text(
-        f"""ClusterName=refusal-atlas-test
+        f"""ClusterName={CLUSTER_NAME}
 SlurmctldHost=localhost
 SlurmctldPort={port_ctld}
 SlurmdPort={port_d}
