@@ -27,6 +27,7 @@ NVIDIA_MAJOR = 195
 # only finds the compiled-in default path: the test cluster's config is linked there while it runs.
 DEFAULT_CONF = Path("/etc/slurm/slurm.conf")
 CLUSTER_NAME = "refusal-atlas-test"
+CTLD = "slurmctld"
 
 
 def missing_requirements() -> str | None:
@@ -45,12 +46,13 @@ def missing_requirements() -> str | None:
     return None
 
 
-def _pid_alive(pid_file: Path) -> bool:
+def _slurmctld_alive(pid_file: Path) -> bool:
+    """Whether the pid in ``pid_file`` is a running slurmctld (a restart may reuse the pid)."""
     try:
-        os.kill(int(pid_file.read_text().strip()), 0)
+        comm = Path(f"/proc/{int(pid_file.read_text().strip())}/comm").read_text().strip()
     except (OSError, ValueError):
         return False
-    return True
+    return comm == CTLD
 
 
 def _stale_test_link() -> bool:
@@ -67,7 +69,7 @@ def _stale_test_link() -> bool:
         return False
     if f"ClusterName={CLUSTER_NAME}\n" not in text:
         return False
-    return not _pid_alive(target.parent / "slurmctld.pid")
+    return not _slurmctld_alive(target.parent / "slurmctld.pid")
 
 
 def _free_port() -> int:

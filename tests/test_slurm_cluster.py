@@ -45,10 +45,19 @@ def test_a_link_to_a_dead_test_cluster_is_cleared(default_conf, tmp_path):
     assert not default_conf.is_symlink()
 
 
-def test_a_live_test_cluster_is_left_alone(default_conf, tmp_path):
+def test_a_live_test_cluster_is_left_alone(default_conf, tmp_path, monkeypatch):
     default_conf.symlink_to(_test_cluster_conf(tmp_path / "slurm0", os.getpid()))
+    # This process stands in for slurmctld: its name is what /proc reports for it.
+    monkeypatch.setattr(slurm_cluster, "CTLD", open("/proc/self/comm").read().strip())
     assert "exists" in missing_requirements()
     assert default_conf.is_symlink()
+
+
+def test_a_reused_pid_is_not_a_live_cluster(default_conf, tmp_path):
+    # After a restart the dead slurmctld's pid may belong to any process, here this one.
+    default_conf.symlink_to(_test_cluster_conf(tmp_path / "slurm0", os.getpid()))
+    assert missing_requirements() is None
+    assert not default_conf.is_symlink()
 
 
 def test_a_sites_own_config_is_left_alone(default_conf, tmp_path):
