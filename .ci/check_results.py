@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from snakemake.utils import update_config
 
 config = yaml.safe_load(Path("config/config.yaml").read_text())
-# CI merges .ci/embedded-ci.yaml over the config (.ci/run); only its protocols were run.
-ci_config = yaml.safe_load(Path(".ci/embedded-ci.yaml").read_text())
-protocols = ci_config.get("features", {}).get("protocols", config["features"]["protocols"])
+# The config CI ran: .ci/run merges .ci/embedded-ci.yaml over it with --configfile.
+update_config(config, yaml.safe_load(Path(".ci/embedded-ci.yaml").read_text()))
 failed = []
 for model, spec in config["models"].items():
     if spec.get("refusal_tune"):
@@ -56,7 +56,7 @@ for model, spec in config["models"].items():
               f"L0 {row.l0:.1f}, dead {row.dead_fraction:.3f}, trained in {row.train_seconds} s")
         if not row.meets_targets:
             failed.append(f"{model} SAE layer {row.layer} quality")
-    for protocol in protocols:
+    for protocol in config["features"]["protocols"]:
         info = json.loads(Path(f"results/features/{model}/bundled/attribution.{protocol}.json").read_text())
         print(f"{model} LA-IG {protocol}: {info['seconds_per_prompt']:.2f} s/prompt, n={info['n']}, "
               f"metric clean {info['metric']['clean_mean']:.2f} -> patch {info['metric']['patch_mean']:.2f}")
