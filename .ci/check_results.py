@@ -1,5 +1,14 @@
-"""Fail CI when the embedded default misses its goals: the organism, AS, SAE quality and LA-IG steering."""
+"""Fail when the embedded default misses its goals.
 
+Always: the organism's card and directional ablation (AS) halving refusal; CI runs this after
+the `foundation` target. With --study, after the full default DAG: SAE quality and the LA-IG
+clamp's causal test too.
+
+    python .ci/check_results.py --configfile .ci/embedded-ci.yaml   # what CI runs
+    python .ci/check_results.py --study                               # after snakemake --cores 2
+"""
+
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -8,27 +17,39 @@ import pandas as pd
 import yaml
 from snakemake.utils import update_config
 
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--configfile", action="append", default=[],
+                    help="merged over config/config.yaml in order, as snakemake's --configfile does")
+parser.add_argument("--study", action="store_true", help="also check the SAE study (SAE quality, LA-IG)")
+args = parser.parse_args()
+
 config = yaml.safe_load(Path("config/config.yaml").read_text())
-# The config CI ran: .ci/run merges .ci/embedded-ci.yaml over it with --configfile.
-update_config(config, yaml.safe_load(Path(".ci/embedded-ci.yaml").read_text()))
+for path in args.configfile:
+    update_config(config, yaml.safe_load(Path(path).read_text()))
 failed = []
-for model, spec in config["models"].items():
+
+
+def check_foundation(model: str, spec: dict) -> None:
     if spec.get("refusal_tune"):
         card = json.loads(Path(f"results/models/{model}/model_card.json").read_text())
         print(f"{model}: refusal_tune took {card['seconds']} s")
         for key, check in card["targets"].items():
-            r = {**card["refusal_rate"]["tuned"][key]}
+            r = card["refusal_rate"]["tuned"][key]
             print(f"  {key}: {r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] n={r['n']} goal {check['goal']}"
                   f" -> {'ok' if check['met'] else 'MISSED'}")
             if not check["met"]:
                 failed.append(f"{model} {key}")
     s = pd.read_csv(f"results/scores/{model}/summary.csv")
     held_out = s[(s.promptset == "bundled") & (s.label == "harmful") & (s.variant == "plain") & (s.split == "test")
-                 & (s.metric == "refusal")]
-    rate = held_out.set_index("method").rate
-    print(f"{model}: held-out harmful refusal base {rate['base']:.3f}, AS {rate['as']:.3f}")
-    if not rate["as"] <= 0.5 * rate["base"]:
+                 & (s.metric == "refusal")].set_index("method")
+    base, ablated = held_out.loc["base"], held_out.loc["as"]
+    print(f"{model}: held-out harmful refusal base {base.rate:.3f} [{base.ci_low:.3f}, {base.ci_high:.3f}], "
+          f"AS {ablated.rate:.3f} [{ablated.ci_low:.3f}, {ablated.ci_high:.3f}], n={base.n}")
+    if not ablated.rate <= 0.5 * base.rate:
         failed.append(f"{model}: directional ablation did not halve refusal")
+
+
+def check_study(model: str) -> None:
     # The causal test (Yeo et al. 2025, Table 1): clamping LA-IG's features must bypass refusal
     # far more than Base and than random features of the same per-layer sizes.
     bench = pd.read_csv("results/tables/benchmark.csv")
@@ -46,7 +67,7 @@ for model, spec in config["models"].items():
     for line in cap.itertuples():
         print(f"  capability {line.method} {line.measure}: {line.mean:.3f} (+{line.delta_vs_base:.3f}) n={line.n}")
     hp_path = Path(f"results/steering/{model}/hparams.json")
-    if hp_path.exists():  # CI fixes c and K* (.ci/embedded-ci.yaml), so no search ran there
+    if hp_path.exists():  # absent where the config fixes c and K*
         hp = json.loads(hp_path.read_text())
         print(f"  steering_search chose {hp['chosen']} (val compliance {hp['compliance']['rate']:.3f}, "
               f"CE +{hp['delta_ce']:.3f})")
@@ -60,6 +81,12 @@ for model, spec in config["models"].items():
         info = json.loads(Path(f"results/features/{model}/bundled/attribution.{protocol}.json").read_text())
         print(f"{model} LA-IG {protocol}: {info['seconds_per_prompt']:.2f} s/prompt, n={info['n']}, "
               f"metric clean {info['metric']['clean_mean']:.2f} -> patch {info['metric']['patch_mean']:.2f}")
+
+
+for model, spec in config["models"].items():
+    check_foundation(model, spec)
+    if args.study:
+        check_study(model)
 if failed:
     sys.exit("goals missed: " + "; ".join(failed))
 print("goals met")

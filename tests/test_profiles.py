@@ -142,3 +142,20 @@ def test_cluster_profiles_plan_the_embedded_default(tmp_path, profile):
     jobs = plan(tmp_path, "--profile", f"profiles/{profile}", "--configfile", str(ROOT / "config/config.yaml"))
     # the embedded model computes on the CPU: no job asks the cluster for a GPU
     assert jobs and all(int(res.get("gpu", 0)) == 0 for _, res, _ in jobs)
+
+
+def test_ci_runs_the_foundation_of_the_embedded_default_and_nothing_of_the_sae_study(tmp_path):
+    default = str(ROOT / "config/config.yaml")
+    jobs = plan(tmp_path, "foundation", "--configfile", default, str(ROOT / ".ci/embedded-ci.yaml"))
+    counts = Counter(rule for rule, _, _ in jobs)
+    # the organism, its direction, and Base and AS on both evaluation promptsets
+    assert counts["refusal_tune"] == 1 and counts["base_refusal"] == 1 and counts["refusal_direction"] == 1
+    assert counts["cache_activations"] == 1 and counts["baselines_table"] == 1
+    assert counts["steer_generate"] == 2 * 2 and counts["judge"] == 4
+    assert counts["organism_figure"] == 1 and counts["direction_figure"] == 1
+    assert not {"sae_corpus", "train_sae", "sae_quality", "feature_attribution", "capabilities"} & set(counts)
+    # the full default plans all of it, the foundation included
+    (tmp_path / "full").mkdir()
+    full = Counter(rule for rule, _, _ in plan(tmp_path / "full", "--configfile", default))
+    assert all(full[rule] >= n for rule, n in counts.items() if rule != "foundation")
+    assert full["train_sae"] == 5 and full["feature_attribution"] == 2

@@ -276,25 +276,33 @@ def feature_attribution_inputs(wildcards):
     }
 
 
-def all_targets():
+def foundation_targets():
+    """The organism, activations, refusal direction and baselines: what CI runs for real."""
     targets = []
     for model, spec in config["models"].items():
         if spec["refusal_tune"]:
             targets.append(f"results/models/{model}/model_card.json")
             targets.append(f"results/figures/{model}/organism.png")
         targets.append(f"results/figures/{model}/direction.png")
-        targets.append(f"results/figures/{model}/sae_quality.png")
-        if config["categories"]["enabled"]:
-            targets.append(f"results/categories/{model}/verdict.json")
-            targets.append(f"results/categories/{model}/faithfulness.csv")
-        if config["dashboards"]["enabled"]:
-            targets.append(f"results/dashboards/{model}/features.csv")
         targets += [
             f"results/activations/{model}/{p}.safetensors"
             for p in config["activations"]["promptsets"]
         ]
         targets.append(f"results/directions/{model}.json")
         targets.append(f"results/scores/{model}/summary.csv")
+    targets.append("results/tables/baselines.csv")
+    return targets
+
+
+def all_targets():
+    targets = foundation_targets()
+    for model in config["models"]:
+        targets.append(f"results/figures/{model}/sae_quality.png")
+        if config["categories"]["enabled"]:
+            targets.append(f"results/categories/{model}/verdict.json")
+            targets.append(f"results/categories/{model}/faithfulness.csv")
+        if config["dashboards"]["enabled"]:
+            targets.append(f"results/dashboards/{model}/features.csv")
         targets.append(f"results/saes/{model}/quality.csv")
         targets.append(f"results/tables/features_{model}.csv")
         targets.append(f"results/tables/capabilities_{model}.csv")
@@ -307,7 +315,6 @@ def all_targets():
                 f"results/guardrails/{model}/refusal_{w}.csv"
                 for w in guardrail_weights(model)
             ]
-    targets.append("results/tables/baselines.csv")
     methods = config["evaluation"]["methods"]
     if any(parse_condition(m).kind == "clamp" or m == "as" for m in methods):
         targets.append("results/tables/benchmark.csv")
