@@ -47,37 +47,6 @@ def _load(model_dir: str, spec: Mapping):
     )
 
 
-# ---------------------------------------------------------------------------- data
-def download_dataset(manifest: str, key: str, dest: str, mirror: str | None, timeout: float) -> None:
-    entries = datasets.load_manifest(manifest)
-    if key not in entries:
-        raise datasets.DatasetError(f"{key!r} is not in the dataset manifest {manifest}")
-    datasets.download(entries[key], dest, mirror=mirror, timeout=timeout)
-
-
-def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> None:
-    if spec["source"] == "bundled":
-        suffixes = prompts.read_suffixes(inputs["suffixes"]) if inputs.get("suffixes") else ()
-        df = prompts.bundled_promptset(Path(inputs["pairs"]).parent, spec["split_fractions"], spec["seed"], suffixes)
-    elif spec["source"] == "wildjailbreak":
-        df = prompts.wildjailbreak_promptset(inputs["train"], inputs.get("eval"), spec["split_fractions"],
-                                             spec["max_per_type"], spec["seed"])
-    elif spec["source"] == "catqa":
-        harmless = {k: v for k, v in inputs.items() if k.startswith("harmless_")}
-        df = prompts.catqa_promptset(inputs["catqa"], harmless, spec["split_fractions"], spec["max_per_split"],
-                                     spec["seed"])
-    elif spec["source"] == "or_bench":
-        df = prompts.or_bench_promptset(inputs["toxic"], inputs["hard"], inputs.get("extra"), spec["split_fractions"],
-                                        spec["max_80k"], spec["seed"])
-    elif spec["source"] == "benchmark":
-        df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec.get("max_prompts", 100))
-    else:
-        df = prompts.refusal_direction_promptset(inputs, spec["max_per_split"], spec["seed"])
-    counts = df.groupby(["split", "label", "variant"]).size()
-    log.info("prompt set counts:\n%s", counts.to_string())
-    write_parquet(df, output)
-
-
 # ---------------------------------------------------------------------------- model
 def prepare_model(spec: Mapping, output: str) -> None:
     _prepare_model(dict(spec), output)
@@ -365,13 +334,6 @@ def sae_quality(model_dir: str, spec: Mapping, sae_dir: str, layer: int, acts_pa
     log.info("%s", q)
     write_json({**asdict(q), "d_sae": sae.cfg.d_sae, "train_seconds": sae.cfg.metadata.train_seconds,
                 "sae": sae_dir}, output)
-
-
-def sae_quality_table(files: Sequence[str], model: str, targets: Mapping[str, float], output: str) -> None:
-    df = pd.DataFrame([json.loads(Path(p).read_text()) for p in files]).assign(model=model)
-    df["meets_targets"] = (df.explained_variance >= targets["explained_variance_min"]) & (
-        df.ce_recovered >= targets["ce_recovered_min"])
-    write_table(df, output)
 
 
 # ---------------------------------------------------------------------------- features
@@ -1183,31 +1145,6 @@ def feature_dashboards(model: str, sae_source: str, model_dir: str, spec: Mappin
     write_parquet(contexts, outputs["contexts"])
     write_parquet(effect_rows, outputs["effects"])
     write_table(pd.DataFrame(index_rows), outputs["table"])
-
-
-# ---------------------------------------------------------------------------- figures
-def organism_figure(card: str, caption: str, stem: str) -> None:
-    from . import plots
-
-    plots.organism_figure(json.loads(Path(card).read_text()), caption, stem)
-
-
-def direction_figure(layers: str, summary: str, caption: str, stem: str, kl_max: float | None) -> None:
-    from . import plots
-
-    n = json.loads(Path(summary).read_text())
-    caption = (f"{caption}; r fitted on {n['n_train']['harmful']}+{n['n_train']['harmless']} train prompts, "
-               f"scored on {n['n_val']['harmful']}+{n['n_val']['harmless']} val (harmful+harmless)")
-    plots.direction_figure(pd.read_parquet(layers), caption, stem, kl_max)
-
-
-def sae_quality_figure(table: str, targets: Mapping[str, float], caption: str, stem: str) -> None:
-    from . import plots
-
-    q = pd.read_csv(table)
-    lo, hi = int(q.n_tokens.min()), int(q.n_tokens.max())
-    caption = f"{caption}; n = {lo if lo == hi else f'{lo}–{hi}'} tokens per layer"
-    plots.sae_quality_figure(q, dict(targets), caption, stem)
 
 
 # ---------------------------------------------------------------------------- categories

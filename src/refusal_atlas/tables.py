@@ -1,4 +1,5 @@
-"""The workflow's light stages: gathering, judging by substrings, rates and the result tables.
+"""The workflow's light stages: downloads, prompt sets, gathering, judging by substrings, rates,
+the result tables and the stage figures.
 
 Like :mod:`refusal_atlas.stages`, one function per rule of the same name; these need neither
 torch nor an SAE library, so their many small jobs start in about a second.
@@ -7,19 +8,22 @@ torch nor an SAE library, so their many small jobs start in about a second.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import conditions
+from . import conditions, datasets, plots, prompts
 from .datasets import CAPABILITY_BENCHMARKS
 from .io import write_parquet, write_table
 from .judges import substring_refusals
 from .plots import save_figure
 from .logs import logged  # noqa: F401  (every script enters its stage through it)
 from .stats import bootstrap_rate
+
+log = logging.getLogger("refusal_atlas")
 
 
 # ---------------------------------------------------------------------------- generations
@@ -174,3 +178,61 @@ def capabilities_table(files: Sequence[str], model: str, output: str) -> None:
     base = df[df.method == "base"].set_index("measure")["mean"]
     df["delta_vs_base"] = df["mean"] - df.measure.map(base) if len(base) else np.nan
     write_table(df, output)
+
+
+# ---------------------------------------------------------------------------- data
+def download_dataset(manifest: str, key: str, dest: str, mirror: str | None, timeout: float) -> None:
+    entries = datasets.load_manifest(manifest)
+    if key not in entries:
+        raise datasets.DatasetError(f"{key!r} is not in the dataset manifest {manifest}")
+    datasets.download(entries[key], dest, mirror=mirror, timeout=timeout)
+
+
+def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> None:
+    if spec["source"] == "bundled":
+        suffixes = prompts.read_suffixes(inputs["suffixes"]) if inputs.get("suffixes") else ()
+        df = prompts.bundled_promptset(Path(inputs["pairs"]).parent, spec["split_fractions"], spec["seed"], suffixes)
+    elif spec["source"] == "wildjailbreak":
+        df = prompts.wildjailbreak_promptset(inputs["train"], inputs.get("eval"), spec["split_fractions"],
+                                             spec["max_per_type"], spec["seed"])
+    elif spec["source"] == "catqa":
+        harmless = {k: v for k, v in inputs.items() if k.startswith("harmless_")}
+        df = prompts.catqa_promptset(inputs["catqa"], harmless, spec["split_fractions"], spec["max_per_split"],
+                                     spec["seed"])
+    elif spec["source"] == "or_bench":
+        df = prompts.or_bench_promptset(inputs["toxic"], inputs["hard"], inputs.get("extra"), spec["split_fractions"],
+                                        spec["max_80k"], spec["seed"])
+    elif spec["source"] == "benchmark":
+        df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec.get("max_prompts", 100))
+    else:
+        df = prompts.refusal_direction_promptset(inputs, spec["max_per_split"], spec["seed"])
+    counts = df.groupby(["split", "label", "variant"]).size()
+    log.info("prompt set counts:\n%s", counts.to_string())
+    write_parquet(df, output)
+
+
+# ---------------------------------------------------------------------------- SAE quality
+def sae_quality_table(files: Sequence[str], model: str, targets: Mapping[str, float], output: str) -> None:
+    df = pd.DataFrame([json.loads(Path(p).read_text()) for p in files]).assign(model=model)
+    df["meets_targets"] = (df.explained_variance >= targets["explained_variance_min"]) & (
+        df.ce_recovered >= targets["ce_recovered_min"])
+    write_table(df, output)
+
+
+# ---------------------------------------------------------------------------- figures
+def organism_figure(card: str, caption: str, stem: str) -> None:
+    plots.organism_figure(json.loads(Path(card).read_text()), caption, stem)
+
+
+def direction_figure(layers: str, summary: str, caption: str, stem: str, kl_max: float | None) -> None:
+    n = json.loads(Path(summary).read_text())
+    caption = (f"{caption}; r fitted on {n['n_train']['harmful']}+{n['n_train']['harmless']} train prompts, "
+               f"scored on {n['n_val']['harmful']}+{n['n_val']['harmless']} val (harmful+harmless)")
+    plots.direction_figure(pd.read_parquet(layers), caption, stem, kl_max)
+
+
+def sae_quality_figure(table: str, targets: Mapping[str, float], caption: str, stem: str) -> None:
+    q = pd.read_csv(table)
+    lo, hi = int(q.n_tokens.min()), int(q.n_tokens.max())
+    caption = f"{caption}; n = {lo if lo == hi else f'{lo}–{hi}'} tokens per layer"
+    plots.sae_quality_figure(q, dict(targets), caption, stem)

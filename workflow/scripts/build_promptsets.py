@@ -1,6 +1,6 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.build_promptsets(
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.build_promptsets(
         snakemake.params.spec, dict(snakemake.input.items()), snakemake.output[0]
     )

@@ -1,7 +1,7 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.direction_figure(
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.direction_figure(
         snakemake.input.layers,
         snakemake.input.summary,
         snakemake.params.caption,

@@ -1,7 +1,7 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.download_dataset(
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.download_dataset(
         snakemake.params.manifest,
         snakemake.params.key,
         snakemake.output[0],

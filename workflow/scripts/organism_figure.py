@@ -1,4 +1,4 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.organism_figure(snakemake.input[0], snakemake.params.caption, snakemake.output.png.removesuffix(".png"))
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.organism_figure(snakemake.input[0], snakemake.params.caption, snakemake.output.png.removesuffix(".png"))

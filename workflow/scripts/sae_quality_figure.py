@@ -1,6 +1,6 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.sae_quality_figure(
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.sae_quality_figure(
         snakemake.input[0], snakemake.params.targets, snakemake.params.caption, snakemake.output.png.removesuffix(".png")
     )

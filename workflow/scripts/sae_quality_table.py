@@ -1,7 +1,7 @@
-from refusal_atlas import stages
+from refusal_atlas import tables
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.sae_quality_table(
+with tables.logged(snakemake.log[0], snakemake.threads):
+    tables.sae_quality_table(
         list(snakemake.input),
         snakemake.wildcards.model,
         snakemake.params.targets,
