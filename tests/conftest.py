@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 
@@ -16,6 +17,18 @@ from refusal_atlas.synthetic import chat_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on CI's two cores, beside the SLURM jobs: more torch threads would only contend.
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The .test DAG through SLURM (tests/test_workflow.py) is the longest test and spends much of
+    # its time waiting on the executor's status polls. It goes first, so that under the README's
+    # `-n 2 --dist loadfile` one worker runs it from the start and the other runs every other file.
+    items.sort(key=lambda item: "cluster" not in item.fixturenames)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -51,7 +51,7 @@ def test_catqa_and_or_bench_promptsets_build_through_the_rules(tmp_path):
     work = tmp_path / "work"
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(path),
-         "--replace-workflow-config", "--directory", str(work), "--cores", "1",
+         "--replace-workflow-config", "--directory", str(work), "--cores", "2",
          "results/promptsets/orb.parquet", "results/promptsets/cq.parquet"],
         capture_output=True, text=True, timeout=600,
     )

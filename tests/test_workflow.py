@@ -40,19 +40,21 @@ def snakemake(workdir, config, *extra):
     )
 
 
-def snakemake_slurm(cluster, workdir, config, *extra):
+def slurm_command(cluster, workdir, config, *extra):
     """The user's command, `--profile profiles/slurm`, with the test cluster's site settings."""
     partitions = workdir / "partitions.yaml"
     partitions.write_text(yaml.safe_dump({"partitions": {cluster.partition: {
         "max_gpu": cluster.gpus, "max_mem_mb": cluster.mem_mb, "max_cpus_per_task": cluster.cpus}}}))
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(config),
-         "--directory", str(workdir), "--profile", str(ROOT / "profiles/slurm"),
-         # no accounting database here: poll with squeue, charge no account
-         "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1",
-         "--slurm-partition-config", str(partitions), "--slurm-keep-successful-logs", "--local-cores", "2", *extra],
-        capture_output=True, text=True, env=cluster.env,
-    )
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(config),
+            "--directory", str(workdir), "--profile", str(ROOT / "profiles/slurm"),
+            # no accounting database here: poll with squeue, charge no account
+            "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1",
+            "--slurm-partition-config", str(partitions), "--slurm-keep-successful-logs", "--local-cores", "2", *extra]
+
+
+def snakemake_slurm(cluster, workdir, config, *extra):
+    return subprocess.run(slurm_command(cluster, workdir, config, *extra), capture_output=True, text=True,
+                          env=cluster.env)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,27 @@ def tiny_config(work, tiny_model_dir, mirror_url, **models_extra):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, mirror_url, cluster):
+def failing_run(tmp_path_factory, mirror_url, cluster):
+    """A run whose one job fails, started on the cluster beside the DAG: it spends most of its
+    time waiting on the executor's status polls, which would otherwise add to the suite's time."""
+    if cluster is None:
+        yield None
+        return
+    work = tmp_path_factory.mktemp("failing")
+    not_a_model = work / "not-a-model"
+    not_a_model.mkdir()
+    path = tiny_config(work, not_a_model, mirror_url)
+    with open(work / "stdout", "w") as out, open(work / "stderr", "w") as err:
+        proc = subprocess.Popen(slurm_command(cluster, work, path, "results/models/tiny/base"), stdout=out,
+                                stderr=err, text=True, env=cluster.env)
+    yield work, not_a_model, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, mirror_url, cluster, failing_run):
     work = tmp_path_factory.mktemp("work")
     if cluster is None:
         path = tiny_config(work, tiny_model_dir, mirror_url)
@@ -89,7 +111,8 @@ def run(tmp_path_factory, tiny_model_dir, mirror_url, cluster):
     path = tiny_config(work, tiny_model_dir, mirror_url, gpus=1)
     res = snakemake_slurm(cluster, work, path)
     assert res.returncode == 0, res.stderr[-8000:] + cluster.log("slurmctld")[-3000:]
-    return work, path, cluster.jobs()
+    # the failing run beside it has jobs of its own on the cluster
+    return work, path, [j for j in cluster.jobs() if j.get("WorkDir") == str(work)]
 
 
 def test_outputs_follow_the_contracts(run):
@@ -460,16 +483,14 @@ def test_slurm_jobs_asked_for_gpus_by_rule(run):
     assert "download_dataset" not in by_rule and "benchmark_table" not in by_rule
 
 
-def test_a_failing_slurm_job_fails_the_run_and_shows_its_log(cluster, tmp_path, mirror_url):
-    if cluster is None:
+def test_a_failing_slurm_job_fails_the_run_and_shows_its_log(failing_run):
+    if failing_run is None:
         pytest.skip("no SLURM cluster here (CI always has one)")
-    not_a_model = tmp_path / "not-a-model"
-    not_a_model.mkdir()
-    path = tiny_config(tmp_path, not_a_model, mirror_url)
-    res = snakemake_slurm(cluster, tmp_path, path, "results/models/tiny/base")
-    out = res.stdout + res.stderr
-    assert res.returncode != 0
+    work, not_a_model, proc = failing_run
+    returncode = proc.wait(timeout=600)
+    out = (work / "stdout").read_text() + (work / "stderr").read_text()
+    assert returncode != 0
     assert "Error in rule prepare_model" in out
     # --show-failed-logs prints the rule's own log, with the reason
     assert "config.json" in out and str(not_a_model) in out, out[-3000:]
-    assert not (tmp_path / "results/models/tiny/base").exists()
+    assert not (work / "results/models/tiny/base").exists()
