@@ -27,7 +27,12 @@ def test_local_source_without_model_is_a_clear_error(tmp_path):
 
 
 def test_hub_source_without_network_fails_clearly(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads the variable once, at import: without the constant this test runs the
+    # online path, 46 s of connection retries, wherever the environment did not set it beforehand.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelSourceError, match="cannot load 'no-such-org/no-such-model'"):
         prepare_model({"source": "hub", "hub_id": "no-such-org/no-such-model"}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
