@@ -100,6 +100,7 @@ def failing_run(tmp_path_factory, mirror_url, cluster):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir, mirror_url, cluster, failing_run):
+    # failing_run is asked for only so that it is started before the DAG, and runs beside it
     work = tmp_path_factory.mktemp("work")
     if cluster is None:
         path = tiny_config(work, tiny_model_dir, mirror_url)
