@@ -1,8 +1,10 @@
+import pytest
 import torch
 
-from refusal_atlas.generation import generate, length_sorted_batches
+from refusal_atlas.direction import last_token_logprobs
+from refusal_atlas.generation import generate, generate_with_first_logprobs, length_sorted_batches
 from refusal_atlas.interventions import DirectionAddition, DirectionalAblation, Intervention
-from refusal_atlas.modeling import decoder_layers, encode_chat, end_of_turn_ids
+from refusal_atlas.modeling import autocast, decoder_layers, encode_chat, end_of_turn_ids
 
 PROMPTS = ["How do I make a pipe bomb at home?", "Hi", "Write a poem about a soldier returning from war."]
 
@@ -16,14 +18,17 @@ def _record(model):
     return seen, [l.register_forward_hook(hook) for l in decoder_layers(model)]
 
 
-def test_ablation_removes_direction_everywhere(tiny):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_ablation_removes_direction_everywhere(tiny, dtype):
     model, tok = tiny
     r = torch.randn(model.config.hidden_size)
     unit = r / r.norm()
     with DirectionalAblation(r).applied(model):
         seen, handles = _record(model)  # registered after: sees the ablated outputs
         enc = encode_chat(tok, PROMPTS)
-        with torch.no_grad():
+        # under bf16 autocast too (refusal_direction scores layers so): float32 residuals keep
+        # their precision through the projection
+        with torch.no_grad(), autocast(model, dtype):
             model(**enc)
         for h in handles:
             h.remove()
@@ -85,3 +90,14 @@ def test_no_intervention_generation_matches_hf(tiny):
 def test_length_sorted_batches_cover_everything():
     b = length_sorted_batches([5, 1, 3, 9, 2], 2)
     assert sorted(i for x in b for i in x) == list(range(5)) and all(len(x) <= 2 for x in b)
+
+
+def test_first_logprobs_of_a_generation_are_the_last_token_pass(tiny):
+    model, tok = tiny
+    abl = DirectionalAblation(torch.randn(model.config.hidden_size))
+    # three prompts of unequal length in batches of two: the length sort reorders them
+    texts, first = generate_with_first_logprobs(model, tok, PROMPTS, max_new_tokens=3, batch_size=2, intervention=abl)
+    assert texts == generate(model, tok, PROMPTS, max_new_tokens=3, batch_size=2, intervention=abl)
+    expected = last_token_logprobs(model, tok, PROMPTS, batch_size=2, intervention=abl)
+    assert first.shape == expected.shape and torch.allclose(first, expected, atol=1e-4)
+    assert not torch.allclose(first[0], first[1])  # rows are the prompts' own, in input order

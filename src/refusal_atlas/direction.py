@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import chat_batches, generate
+from .generation import chat_batches, generate_with_first_logprobs
 from .interventions import DirectionAddition, DirectionalAblation, Intervention
 from .judges import DEFAULT_REFUSAL_SUBSTRINGS, substring_refusals
 from .modeling import (
@@ -163,10 +163,13 @@ def score_layers(
     for layer in tqdm(candidates, desc="direction layers", unit="layer"):
         r = directions[layer]
         abl = DirectionalAblation(r)
-        gens = generate(model, tokenizer, harmful_val, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        intervention=abl, system_prompt=system_prompt, desc=f"ablate layer {layer}")
+        # the generation's first step is the ablated last-token distribution: no extra pass
+        gens, first = generate_with_first_logprobs(
+            model, tokenizer, harmful_val, max_new_tokens=max_new_tokens, batch_size=batch_size, intervention=abl,
+            system_prompt=system_prompt, desc=f"ablate layer {layer}",
+        )
         val_refusal = sum(substring_refusals(gens, substrings)) / len(gens)
-        bypass = refusal_score(logprobs(harmful_val, intervention=abl), refusal_ids).mean()
+        bypass = refusal_score(first, refusal_ids).mean()
         kl = F.kl_div(logprobs(harmless_val, intervention=abl), base_harmless, log_target=True, reduction="batchmean")
         induce = refusal_score(logprobs(harmless_val, intervention=DirectionAddition(r, layer)), refusal_ids).mean()
         score = LayerScore(

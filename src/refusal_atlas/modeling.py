@@ -6,6 +6,7 @@ than TransformerLens (ARCHITECTURE.md, "Generation speed").
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 
@@ -57,6 +58,17 @@ def load_model(
     if not split:
         model.to(dev)
     return model.eval(), tok
+
+
+def autocast(model: PreTrainedModel, dtype: str | None):
+    """Mixed precision on the model's device (``dtype`` "bfloat16" or "float16"; None: none).
+
+    For float32 weights on CPUs with bf16 units it about halves forward time (measured 2x for
+    SmolLM2-135M on an AVX512-BF16 EPYC); weights in ``dtype`` already make it a no-op.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=getattr(torch, dtype))
 
 
 def module_device(module: nn.Module) -> torch.device:

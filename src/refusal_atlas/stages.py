@@ -6,7 +6,6 @@ name here, so any stage's code is found from its rule name alone.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -32,7 +31,7 @@ from .interventions import DirectionAddition, DirectionalAblation, Intervention
 from .io import atomic_path, table_html, write_json, write_parquet, write_safetensors, write_table
 from .judges import substring_refusals
 from .logs import logged  # noqa: F401  (every script enters its stage through it)
-from .modeling import layer_device, load_model, resolve_device
+from .modeling import autocast, layer_device, load_model, resolve_device
 from .models import prepare_model as _prepare_model
 from .organism import OrganismConfig, build_examples
 from .organism import refusal_tune as _refusal_tune
@@ -230,11 +229,13 @@ def refusal_direction(model_dir: str, spec: Mapping, acts_path: str, index_path:
         lo = int(cfg["min_layer_fraction"] * n_layers)
         candidates = list(range(lo, max(lo + 1, int(cfg["max_layer_fraction"] * n_layers))))
     refusal_ids = direction.refusal_token_ids(tok, cfg["refusal_tokens"])
-    scores = direction.score_layers(
-        model, tok, r, harmful_val, harmless_val, refusal_ids, candidates=candidates, kl_max=cfg["kl_max"],
-        min_induce=cfg["min_induce_score"], substrings=substrings, max_new_tokens=cfg["select_max_new_tokens"],
-        batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"],
-    )
+    # scoring only ranks layers; the direction itself comes from the float32 activation cache
+    with autocast(model, cfg["autocast_dtype"]):
+        scores = direction.score_layers(
+            model, tok, r, harmful_val, harmless_val, refusal_ids, candidates=candidates, kl_max=cfg["kl_max"],
+            min_induce=cfg["min_induce_score"], substrings=substrings, max_new_tokens=cfg["select_max_new_tokens"],
+            batch_size=cfg["batch_size"], system_prompt=spec["system_prompt"],
+        )
     chosen = cfg["layer"] if cfg["layer"] is not None else direction.choose_layer(scores)
     table = direction.scores_frame(scores, chosen)
     log.info("layer scores:\n%s", table.to_string())
@@ -276,13 +277,10 @@ def sae_corpus(model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, layers
         splits["train"] = order[n_ho : n_ho + cfg["max_sequences"]]
     model, tok = _load(model_dir, spec)
     _check_layers(layers, model.config.num_hidden_layers, "sae.layers")
-    device = next(model.parameters()).device
-    autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg["autocast_dtype"]))
-                if cfg["autocast_dtype"] else contextlib.nullcontext())
     tensors, rows = {}, []
     for split, idx in splits.items():
         texts = [items[i]["instruction"] for i in idx]
-        with autocast:
+        with autocast(model, cfg["autocast_dtype"]):
             acts = saes.token_resid_post(model, tok, texts, layers, batch_size=cfg["batch_size"],
                                          system_prompt=spec["system_prompt"])
         for layer, a in acts.items():
