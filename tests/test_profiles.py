@@ -23,22 +23,31 @@ GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direc
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def plan(workdir, *args):
-    """(rule, resources) of every planned job, from `snakemake -n` in an empty directory."""
+def planned_blocks(workdir, *args):
+    """(rule, job block) of every planned job, from `snakemake -n` in an empty directory."""
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(workdir),
          *args],
         capture_output=True, text=True, cwd=ROOT, env=OFFLINE, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    jobs = []
+    blocks = []
     for block in re.split(r"\n\s*\n", res.stdout):
         head = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        if head:
+            blocks.append((head.group(1), block))
+    return blocks
+
+
+def plan(workdir, *args):
+    """(rule, resources, threads) of every planned job."""
+    jobs = []
+    for rule, block in planned_blocks(workdir, *args):
         found = re.search(r"^\s+resources: (.*)$", block, re.M)
-        if head and found:
+        if found:
             resources = dict(kv.split("=", 1) for kv in found.group(1).split(", "))
             threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
-            jobs.append((head.group(1), resources, int(threads.group(1)) if threads else 1))
+            jobs.append((rule, resources, int(threads.group(1)) if threads else 1))
     return jobs
 
 
@@ -142,6 +151,21 @@ def test_cluster_profiles_plan_the_embedded_default(tmp_path, profile):
     jobs = plan(tmp_path, "--profile", f"profiles/{profile}", "--configfile", str(ROOT / "config/config.yaml"))
     # the embedded model computes on the CPU: no job asks the cluster for a GPU
     assert jobs and all(int(res.get("gpu", 0)) == 0 for _, res, _ in jobs)
+
+
+def test_local_and_transductive_conditions_are_evaluated_on_the_feature_promptset_only(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    methods, feature_set = cfg["evaluation"]["methods"], cfg["features"]["promptsets"][0]
+    assert len(cfg["evaluation"]["promptsets"]) > 1 and any("-local-" in m for m in methods)
+    evaluated = {}
+    for rule, block in planned_blocks(tmp_path, "--configfile", str(ROOT / "config/config.yaml")):
+        if rule == "steer_generate":
+            promptset, method = re.search(r"wildcards: model=[^,]+, promptset=([^,]+), method=([^,]+),", block).groups()
+            evaluated.setdefault(promptset, set()).add(method)
+    assert set(evaluated) == set(cfg["evaluation"]["promptsets"])
+    assert evaluated.pop(feature_set) == set(methods)
+    for promptset, got in evaluated.items():
+        assert got == {m for m in methods if "-local-" not in m and "transductive" not in m}, promptset
 
 
 def test_ci_runs_the_foundation_of_the_embedded_default_and_nothing_of_the_sae_study(tmp_path):

@@ -145,8 +145,7 @@ def test_outputs_follow_the_contracts(run):
     cfg = yaml.safe_load((ROOT / ".test/config/config.yaml").read_text())
     methods = cfg["evaluation"]["methods"]
     summary = pd.read_csv(work / "results/scores/tiny/summary.csv")
-    assert set(summary.method) == set(methods) and set(summary.promptset) == {"bundled", "refusal_direction"}
-    assert set(summary[summary.method.str.contains("-local-|transductive")].promptset) == {"bundled"}
+    assert set(summary.method) == set(methods) and set(summary.promptset) == {"bundled"}
     assert (summary.n > 0).all() and ((summary.ci_low <= summary.rate) & (summary.rate <= summary.ci_high)).all()
     gens = pd.read_parquet(work / "results/generations/tiny/bundled/as.parquet")
     assert (gens.split == "test").all() and gens.generation.notna().all() and set(gens.label) == {"harmful"}
