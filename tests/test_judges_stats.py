@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from refusal_atlas.judges import substring_refusals
-from refusal_atlas.tables import summarize_scores
 from refusal_atlas.stats import bootstrap_rate
+from refusal_atlas.tables import summarize_scores
 
 
 def test_substring_judge():
