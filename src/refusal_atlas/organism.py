@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from .generation import generate
-from .modeling import decoder_layers, end_of_turn_ids, format_chat
+from .modeling import autocast, decoder_layers, end_of_turn_ids, format_chat
 
 DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that request.",
@@ -172,15 +172,13 @@ def refusal_tune(
     losses: list[float] = []
     t0 = time.time()
     model.train()
-    # Mixed precision: bf16 matmuls, fp32 master weights (2.6x faster steps on this CPU).
-    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.autocast_dtype),
-                              enabled=cfg.autocast_dtype != "float32")
     lengths = [len(ids) for ids, _ in data]
     with tqdm(total=steps, desc="refusal tuning", unit="step") as bar:
         for _ in range(cfg.epochs):
             for idx in length_bucketed_order(lengths, cfg.batch_size, rng):
                 batch = _collate([data[i] for i in idx], tok.pad_token_id)
-                with autocast:
+                # bf16 matmuls, fp32 master weights: 2.6x faster steps on this CPU
+                with autocast(model, cfg.autocast_dtype):
                     loss = response_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.decision_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
