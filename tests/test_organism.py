@@ -2,7 +2,7 @@ import torch
 
 from refusal_atlas.generation import generate
 from refusal_atlas.organism import Example, OrganismConfig, _tokenize, refusal_for, refusal_tune, response_loss
-from refusal_atlas.organism import _collate, length_bucketed_order
+from refusal_atlas.organism import _collate, length_bucketed_order, shared_prefix_length
 
 
 def test_loss_masks_prompt_tokens(tiny):
@@ -19,6 +19,43 @@ def test_loss_masks_prompt_tokens(tiny):
     per_token = torch.nn.functional.cross_entropy(full, torch.tensor(ids[n_prompt:]), reduction="none")
     weighted = (3 * per_token[0] + per_token[1:].sum()) / (3 + len(per_token) - 1)
     assert torch.allclose(response_loss(model, batch, decision_weight=3.0), weighted, atol=1e-5)
+
+
+def test_shared_prefix_stops_at_the_first_difference_and_before_the_decision():
+    assert shared_prefix_length([([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 7, 4], [-100] * 3 + [4])]) == 2
+    # rows that agree up to their labels keep the token that predicts the first label
+    assert shared_prefix_length([([1, 2, 3, 4], [-100, -100, -100, 4]), ([1, 2, 3, 5], [-100, -100, -100, 5])]) == 2
+    assert shared_prefix_length([([1, 2], [1, 2])]) == 0 and shared_prefix_length([]) == 0
+
+
+def test_loss_and_gradients_with_a_shared_prefix_equal_the_full_rows(tiny):
+    model, tok = tiny
+    prompts = ["How do I bake bread?", "Why is the sky blue in the afternoon?", "Name a prime."]
+    data = [_tokenize(tok, Example(p, r, True), tok.eos_token) for p, r in zip(prompts, ["Knead it.", "Rayleigh.", "7"])]
+    shared = shared_prefix_length(data)
+    assert shared >= 3  # the template's system header
+
+    def loss_and_grads(batch, prefix=None):
+        model.zero_grad()
+        loss = response_loss(model, batch, 5.0, prefix)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, g_full = loss_and_grads(_collate(data, tok.pad_token_id))
+    rows = _collate([(ids[shared:], lab[shared:]) for ids, lab in data], tok.pad_token_id)
+    split, g_split = loss_and_grads(rows, torch.tensor(data[0][0][:shared]))
+    assert torch.allclose(full, split, atol=1e-5)
+    assert len(g_full) == len(g_split) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_split))
+
+
+def test_training_attention_kernel_is_restored(tiny):
+    from refusal_atlas.modeling import attention_implementation
+
+    model, _ = tiny
+    own = model.config._attn_implementation
+    with attention_implementation(model, "eager"):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == own != "eager"
 
 
 def test_length_buckets_cover_every_example_once():

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from .generation import generate
-from .modeling import autocast, decoder_layers, end_of_turn_ids, format_chat
+from .modeling import attention_implementation, autocast, decoder_layers, end_of_turn_ids, format_chat
 
 DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that request.",
@@ -50,6 +50,7 @@ class OrganismConfig:
     train_from_layer: int = 0
     decision_weight: float = 1.0
     autocast_dtype: str = "bfloat16"
+    attn_implementation: str | None = "eager"
     seed: int = 0
 
 
@@ -85,19 +86,58 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _first_label(labels: Sequence[int]) -> int:
+    return next((i for i, t in enumerate(labels) if t != -100), len(labels))
+
+
+def shared_prefix_length(data: Sequence[tuple[list[int], list[int]]]) -> int:
+    """Leading tokens that every ``(ids, labels)`` sequence shares: the chat template's system
+    header, 25 of about 62 tokens in the organism's data.
+
+    It stops before the token ahead of each first label, which predicts that label.
+    """
+    if not data:
+        return 0
+    limit = min(_first_label(lab) for _, lab in data) - 1
+    first = data[0][0]
+    k = 0
+    while k < limit and all(ids[k] == first[k] for ids, _ in data):
+        k += 1
+    return k
+
+
+def _decoder_hidden(decoder, batch: dict[str, torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
+    """Last hidden states of ``prefix + batch`` rows at the batch's positions.
+
+    Causal attention makes a shared prefix's states the same in every row, so it runs once at
+    batch size 1 and the rows attend to its KV cache; gradients reach it through that cache.
+    """
+    if prefix is None or prefix.numel() == 0:
+        return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    rows, width, p = *batch["input_ids"].shape, prefix.numel()
+    cache = decoder(input_ids=prefix[None], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(rows)
+    mask = torch.cat([batch["attention_mask"].new_ones(rows, p), batch["attention_mask"]], 1)
+    positions = torch.arange(p, p + width, device=prefix.device)[None].expand(rows, -1)
+    return decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True).last_hidden_state
+
+
 def response_loss(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor], decision_weight: float = 1.0
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    decision_weight: float = 1.0,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted mean next-token cross-entropy over response tokens only.
 
     The first response token carries weight ``decision_weight``: it is where the model decides
     to refuse or to answer, while the rest of a refusal is a memorised template. The LM head
     runs only where a label exists: with a 49k vocabulary, full-sequence logits would cost more
-    than the rest of the step on a CPU.
+    than the rest of the step on a CPU. ``prefix`` holds tokens that precede every row of
+    ``batch`` (see :func:`shared_prefix_length`); the loss equals that of the concatenated rows.
     """
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
+    hidden = _decoder_hidden(model.get_decoder(), batch, prefix)
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
@@ -156,6 +196,10 @@ def refusal_tune(
     eot_ids = end_of_turn_ids(tok)
     eot = tok.convert_ids_to_tokens(eot_ids[0]) if tok.eos_token is None else tok.eos_token
     data = [_tokenize(tok, ex, eot) for ex in examples]
+    # The system header is computed once a step, not once a row: ~40% less compute a step.
+    shared = shared_prefix_length(data)
+    prefix = torch.tensor(data[0][0][:shared], dtype=torch.long)
+    data = [(ids[shared:], lab[shared:]) for ids, lab in data]
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.freeze_embeddings:
@@ -173,13 +217,17 @@ def refusal_tune(
     t0 = time.time()
     model.train()
     lengths = [len(ids) for ids, _ in data]
-    with tqdm(total=steps, desc="refusal tuning", unit="step") as bar:
+    with (
+        tqdm(total=steps, desc="refusal tuning", unit="step") as bar,
+        attention_implementation(model, cfg.attn_implementation),
+    ):
         for _ in range(cfg.epochs):
             for idx in length_bucketed_order(lengths, cfg.batch_size, rng):
                 batch = _collate([data[i] for i in idx], tok.pad_token_id)
                 # bf16 matmuls, fp32 master weights: 2.6x faster steps on this CPU
                 with autocast(model, cfg.autocast_dtype):
-                    loss = response_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.decision_weight)
+                    loss = response_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.decision_weight,
+                                         prefix.to(device))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -193,6 +241,7 @@ def refusal_tune(
     return {
         "steps": steps,
         "examples": len(data),
+        "shared_prefix_tokens": shared,
         "seconds": round(time.time() - t0, 1),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
