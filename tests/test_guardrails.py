@@ -64,6 +64,19 @@ def test_a_closed_gate_leaves_the_model_bit_identical(guard_setup):
     assert not shut.opened.any()
 
 
+def test_the_gate_counts_the_chat_header_in_generation(guard_setup):
+    model, tok, sae = guard_setup
+    feats = torch.tensor([1, 4, 9, 20])
+    tau = float(np.median(firing_fractions(model, tok, DynamicSAEGuard(sae, 2, feats), chat_batches(tok, TEXTS, 8))))
+    runs = []
+    for share in (True, False):  # a guard opts out of the shared header: it counts whole sequences
+        guard = DynamicSAEGuard(sae, 2, feats, tau=tau, value=-50.0)
+        runs.append((generate(model, tok, TEXTS, max_new_tokens=3, batch_size=8, intervention=bind(guard, tok),
+                              share_prefix=share), guard.fractions))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-6)
+
+
 def test_the_gate_never_fires_on_a_sequence_below_tau(guard_setup):
     model, tok, sae = guard_setup
     feats = torch.tensor([1, 4, 9, 20])

@@ -101,3 +101,20 @@ def test_first_logprobs_of_a_generation_are_the_last_token_pass(tiny):
     expected = last_token_logprobs(model, tok, PROMPTS, batch_size=2, intervention=abl)
     assert first.shape == expected.shape and torch.allclose(first, expected, atol=1e-4)
     assert not torch.allclose(first[0], first[1])  # rows are the prompts' own, in input order
+
+
+def test_generation_from_the_shared_header_cache_equals_a_full_prefill(tiny):
+    model, tok = tiny
+    prompts = [*PROMPTS, "Yo", "A much longer prompt about gardening in spring, with several clauses and commas."]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    for intervention in (None, DirectionalAblation(torch.randn(model.config.hidden_size))):
+        widths.clear()
+        texts, first = generate_with_first_logprobs(model, tok, prompts, max_new_tokens=4, batch_size=2,
+                                                    intervention=intervention)
+        assert widths[0][0] == 1 and widths[0][1] >= 4  # "<|im_start|>user\n" ran once, at batch size 1
+        full_texts, full_first = generate_with_first_logprobs(model, tok, prompts, max_new_tokens=4, batch_size=2,
+                                                              intervention=intervention, share_prefix=False)
+        assert texts == full_texts and torch.allclose(first, full_first, atol=1e-5)
+    hook.remove()

@@ -100,6 +100,8 @@ class DynamicSAEGuard(Intervention):
     fractions: np.ndarray = field(default_factory=lambda: np.zeros(0))
     opened: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
+    shares_prefix = False  # the gate counts firing over each whole sequence, from its prefill
+
     def __post_init__(self) -> None:
         self.features = torch.as_tensor(self.features, dtype=torch.long)
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -159,6 +161,8 @@ class DynamicSAEGuard(Intervention):
 class _BoundGuard(Intervention):
     """A guard bound to its tokenizer, usable wherever an :class:`Intervention` is."""
 
+    shares_prefix = False
+
     def __init__(self, guard: DynamicSAEGuard, tokenizer):
         self.guard, self.tokenizer = guard, tokenizer
 
@@ -197,6 +201,8 @@ class GatedAddition(Intervention):
     coeff: float
     open_ids: frozenset[str]
     _mask: torch.Tensor | None = None
+    shares_prefix = False  # rows differ
+
 
     @contextmanager
     def rows(self, prompt_ids: Sequence[str]):

@@ -43,6 +43,12 @@ class Intervention:
     def handles(self, model: PreTrainedModel) -> list[torch.utils.hooks.RemovableHandle]:
         return []
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether generation may run the prompts' common prefix once, at batch size 1: true where
+        the hooks map each position alone, the same way in every row and every forward pass."""
+        return True
+
     @contextmanager
     def rows(self, prompt_ids: Sequence[str]) -> Iterator[None]:
         """Tell a per-prompt intervention which prompts the next batch holds (no-op here)."""

@@ -131,6 +131,17 @@ def format_chat(
     return out
 
 
+def common_prefix_length(rows: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all ``rows`` share, at most ``limit``: with a chat template, its
+    system header (24 tokens for SmolLM2), which causal attention lets a batch compute once."""
+    if not rows:
+        return 0
+    first, k = rows[0], 0
+    while k < limit and all(len(r) > k and r[k] == first[k] for r in rows):
+        k += 1
+    return k
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     instructions: Sequence[str],

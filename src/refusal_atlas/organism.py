@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from .generation import generate
-from .modeling import attention_implementation, autocast, decoder_layers, end_of_turn_ids, format_chat
+from .modeling import attention_implementation, autocast, common_prefix_length, decoder_layers, end_of_turn_ids
+from .modeling import format_chat
 
 DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that request.",
@@ -91,19 +92,11 @@ def _first_label(labels: Sequence[int]) -> int:
 
 
 def shared_prefix_length(data: Sequence[tuple[list[int], list[int]]]) -> int:
-    """Leading tokens that every ``(ids, labels)`` sequence shares: the chat template's system
-    header, 25 of about 62 tokens in the organism's data.
-
-    It stops before the token ahead of each first label, which predicts that label.
-    """
+    """Leading tokens that every ``(ids, labels)`` sequence shares, stopping before the token
+    ahead of each first label, which predicts that label."""
     if not data:
         return 0
-    limit = min(_first_label(lab) for _, lab in data) - 1
-    first = data[0][0]
-    k = 0
-    while k < limit and all(ids[k] == first[k] for ids, _ in data):
-        k += 1
-    return k
+    return common_prefix_length([ids for ids, _ in data], min(_first_label(lab) for _, lab in data) - 1)
 
 
 def _decoder_hidden(decoder, batch: dict[str, torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:

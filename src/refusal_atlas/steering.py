@@ -138,6 +138,10 @@ class FeatureClamp(Intervention):
                         for l, sae in self.saes.items()}
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
+    @property
+    def shares_prefix(self) -> bool:
+        return self.features.row_of is None  # a local set differs by row
+
     @contextmanager
     def rows(self, prompt_ids: Sequence[str]) -> Iterator[None]:
         self._rows = self.features.rows_for(prompt_ids)
