@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .interventions import Intervention
 from .modeling import common_prefix_length, encode_chat, end_of_turn_ids, format_chat
@@ -77,16 +77,16 @@ def generate_with_first_logprobs(
     return texts, logprobs
 
 
-def _shared_prefix(model: PreTrainedModel, rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, object] | None:
+def _shared_prefix(model: PreTrainedModel, rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, Cache] | None:
     """The tokens all ``rows`` start with (each keeps one to prefill) and their KV cache."""
     n = common_prefix_length(rows, min(len(r) for r in rows) - 1)
     if n == 0:
         return None
     prefix = torch.tensor([rows[0][:n]], device=device)
-    return prefix, model(input_ids=prefix, use_cache=True).past_key_values
+    return prefix, model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
 
 
-def _prefix_batch(tokenizer, rows: Sequence[Sequence[int]], prefix, device) -> dict:
+def _prefix_batch(tokenizer, rows: Sequence[Sequence[int]], prefix: tuple[torch.Tensor, Cache] | None, device) -> dict:
     """Left-padded ``rows``; with a shared prefix, ``[prefix | pads | rest]`` and its cache. Pads
     may sit inside a row because generation numbers positions by the mask's cumulative sum."""
     if tokenizer.padding_side != "left":

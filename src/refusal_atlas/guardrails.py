@@ -203,7 +203,6 @@ class GatedAddition(Intervention):
     _mask: torch.Tensor | None = None
     shares_prefix = False  # rows differ
 
-
     @contextmanager
     def rows(self, prompt_ids: Sequence[str]):
         self._mask = torch.tensor([p in self.open_ids for p in prompt_ids])

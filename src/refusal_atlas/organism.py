@@ -189,7 +189,7 @@ def refusal_tune(
     eot_ids = end_of_turn_ids(tok)
     eot = tok.convert_ids_to_tokens(eot_ids[0]) if tok.eos_token is None else tok.eos_token
     data = [_tokenize(tok, ex, eot) for ex in examples]
-    # The system header is computed once a step, not once a row: ~40% less compute a step.
+    # The system header (24 of ~62 tokens here) is computed once a step, not once a row.
     shared = shared_prefix_length(data)
     prefix = torch.tensor(data[0][0][:shared], dtype=torch.long)
     data = [(ids[shared:], lab[shared:]) for ids, lab in data]
