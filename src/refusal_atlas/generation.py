@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .interventions import Intervention
-from .modeling import common_prefix_length, encode_chat, end_of_turn_ids, format_chat
+from .modeling import attend_to_prefix, common_prefix_length, encode_chat, end_of_turn_ids, format_chat
+from .modeling import require_left_padding
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -89,18 +90,14 @@ def _shared_prefix(model: PreTrainedModel, rows: Sequence[Sequence[int]], device
 def _prefix_batch(tokenizer, rows: Sequence[Sequence[int]], prefix: tuple[torch.Tensor, Cache] | None, device) -> dict:
     """Left-padded ``rows``; with a shared prefix, ``[prefix | pads | rest]`` and its cache. Pads
     may sit inside a row because generation numbers positions by the mask's cumulative sum."""
-    if tokenizer.padding_side != "left":
-        raise ValueError("refusal-atlas reads the last prompt token at position -1: pad on the left")
     n = 0 if prefix is None else prefix[0].shape[1]
     enc = tokenizer.pad({"input_ids": [list(r[n:]) for r in rows]}, padding=True, return_tensors="pt")
     enc = {k: v.to(device) for k, v in enc.items()}
     if prefix is None:
         return enc
-    cache = copy.deepcopy(prefix[1])
-    cache.batch_repeat_interleave(len(rows))
+    cache = copy.deepcopy(prefix[1])  # generation extends the cache in place
     return {"input_ids": torch.cat([prefix[0].expand(len(rows), -1), enc["input_ids"]], 1),
-            "attention_mask": torch.cat([enc["attention_mask"].new_ones(len(rows), n), enc["attention_mask"]], 1),
-            "past_key_values": cache}
+            "attention_mask": attend_to_prefix(cache, enc["attention_mask"]), "past_key_values": cache}
 
 
 def _generate(model, tokenizer, instructions, *, max_new_tokens, batch_size=16, intervention=None, system_prompt=None,
@@ -111,6 +108,7 @@ def _generate(model, tokenizer, instructions, *, max_new_tokens, batch_size=16, 
     out: list[str | None] = [None] * len(instructions)
     firsts: torch.Tensor | None = None
     device = next(model.parameters()).device
+    require_left_padding(tokenizer)
     ids = [tokenizer(t, add_special_tokens=False).input_ids
            for t in format_chat(tokenizer, instructions, system_prompt)]
     with intervention.applied(model), tqdm(total=len(instructions), desc=desc, unit="prompt") as bar:

@@ -161,10 +161,12 @@ class DynamicSAEGuard(Intervention):
 class _BoundGuard(Intervention):
     """A guard bound to its tokenizer, usable wherever an :class:`Intervention` is."""
 
-    shares_prefix = False
-
     def __init__(self, guard: DynamicSAEGuard, tokenizer):
         self.guard, self.tokenizer = guard, tokenizer
+
+    @property
+    def shares_prefix(self) -> bool:
+        return self.guard.shares_prefix
 
     @contextmanager
     def applied(self, model):

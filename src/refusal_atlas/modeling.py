@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 # Tokens that end an assistant turn in the chat templates of the models we support. Stopping
 # on <eos> alone is the reference's Gemma bug: Gemma ends its turn with <end_of_turn>.
@@ -142,6 +142,19 @@ def common_prefix_length(rows: Sequence[Sequence[int]], limit: int) -> int:
     return k
 
 
+def attend_to_prefix(cache: Cache, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Repeat a batch-1 prefix KV ``cache`` in place for each row of ``attention_mask``; returns the
+    mask with the prefix's positions in front, so every row attends to the one prefix."""
+    rows = attention_mask.shape[0]
+    cache.batch_repeat_interleave(rows)
+    return torch.cat([attention_mask.new_ones(rows, cache.get_seq_length()), attention_mask], 1)
+
+
+def require_left_padding(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.padding_side != "left":
+        raise ValueError("refusal-atlas reads the last prompt token at position -1: pad on the left")
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     instructions: Sequence[str],
@@ -149,8 +162,7 @@ def encode_chat(
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Left-padded batch, so position -1 is every prompt's last token."""
-    if tokenizer.padding_side != "left":
-        raise ValueError("refusal-atlas reads the last prompt token at position -1: pad on the left")
+    require_left_padding(tokenizer)
     enc = tokenizer(
         format_chat(tokenizer, instructions, system_prompt),
         return_tensors="pt",

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from .generation import generate
-from .modeling import attention_implementation, autocast, common_prefix_length, decoder_layers, end_of_turn_ids
-from .modeling import format_chat
+from .modeling import attend_to_prefix, attention_implementation, autocast, common_prefix_length, decoder_layers
+from .modeling import end_of_turn_ids, format_chat
 
 DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that request.",
@@ -109,8 +109,7 @@ def _decoder_hidden(decoder, batch: dict[str, torch.Tensor], prefix: torch.Tenso
         return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     rows, width, p = *batch["input_ids"].shape, prefix.numel()
     cache = decoder(input_ids=prefix[None], use_cache=True).past_key_values
-    cache.batch_repeat_interleave(rows)
-    mask = torch.cat([batch["attention_mask"].new_ones(rows, p), batch["attention_mask"]], 1)
+    mask = attend_to_prefix(cache, batch["attention_mask"])
     positions = torch.arange(p, p + width, device=prefix.device)[None].expand(rows, -1)
     return decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True).last_hidden_state
@@ -191,7 +190,8 @@ def refusal_tune(
     data = [_tokenize(tok, ex, eot) for ex in examples]
     # The system header (24 of ~62 tokens here) is computed once a step, not once a row.
     shared = shared_prefix_length(data)
-    prefix = torch.tensor(data[0][0][:shared], dtype=torch.long)
+    device = next(model.parameters()).device
+    prefix = torch.tensor(data[0][0][:shared], dtype=torch.long, device=device)
     data = [(ids[shared:], lab[shared:]) for ids, lab in data]
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -205,7 +205,6 @@ def refusal_tune(
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, steps)
-    device = next(model.parameters()).device
     losses: list[float] = []
     t0 = time.time()
     model.train()
@@ -220,7 +219,7 @@ def refusal_tune(
                 # bf16 matmuls, fp32 master weights: 2.6x faster steps on this CPU
                 with autocast(model, cfg.autocast_dtype):
                     loss = response_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.decision_weight,
-                                         prefix.to(device))
+                                         prefix)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
