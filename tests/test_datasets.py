@@ -91,9 +91,11 @@ def test_malformed_catqa_or_or_bench_leaves_nothing(tmp_path, fmt, payload, mess
     served.write_bytes(payload)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DatasetError, match=message) as err:
         download(DatasetFile("c", "f", served.as_uri(), None, fmt, "MIT"), out / "f")
     assert list(out.iterdir()) == []
+    # the error names the dataset, not the temporary file it was checked in
+    assert "c/f" in str(err.value) and ".tmp" not in str(err.value)
 
 
 def test_download_through_local_http_mirror(tmp_path, mirror_url):
@@ -171,3 +173,17 @@ def test_gated_file_needs_token_and_never_logs_it(tmp_path, monkeypatch, mirror_
         download(entry, tmp_path / "x.json", mirror=mirror_url)
     assert (tmp_path / "x.json").exists()
     assert "fetching" in caplog.text and "s3cret-value" not in caplog.text
+
+
+def test_a_dataset_changed_after_download_is_caught_when_read(tmp_path, mirror_url):
+    from refusal_atlas.datasets import verify_local
+
+    key = "refusal_direction/splits/harmful_val.json"
+    dest = tmp_path / "resources" / "datasets" / key
+    download(load_manifest(MANIFEST)[key], dest, mirror=mirror_url)
+    other = tmp_path / "results" / "x.parquet"
+    assert verify_local([str(dest), str(other)], MANIFEST) == 1
+    data = json.loads(dest.read_text())
+    dest.write_text(json.dumps(data[:-1]))  # one prompt fewer, still valid JSON
+    with pytest.raises(DatasetError, match="does not match the manifest.*delete it and rerun"):
+        verify_local([str(dest)], MANIFEST)

@@ -44,3 +44,30 @@ def test_json_outputs_are_strict_json_with_null_for_nan(tmp_path):
     text = (tmp_path / "s.json").read_text()
     assert "NaN" not in text
     assert json.loads(text) == {"score": None, "rates": [0.5, None], "n": 3}
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775),
+                                                         (0o077, 0o600, 0o700)])
+def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_json({"n": 1}, tmp_path / "a.json")
+        with atomic_path(tmp_path / "model", is_dir=True) as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "w.bin").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.json") == file_mode
+    assert mode(tmp_path / "model") == dir_mode and mode(tmp_path / "model" / "sub") == dir_mode
+    assert mode(tmp_path / "model" / "sub" / "w.bin") == file_mode
+
+
+def test_table_cells_are_escaped():
+    from refusal_atlas.io import table_html
+
+    page = table_html(pd.DataFrame({"generation": ["<script>alert(1)</script> & co"]}), "t", "t.csv")
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in page

@@ -25,7 +25,7 @@ from slurm_cluster import missing_requirements, slurm_cluster
 pytestmark = pytest.mark.workflow
 
 # Every rule that runs a model; the others are CPU rules or local rules (workflow/Snakefile).
-GPU_RULES = {"base_refusal", "refusal_tune", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
+GPU_RULES = {"base_refusal", "refusal_tune", "organism_card", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
              "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
              "adversarial_responses", "jailbreak_mechanism", "guardrail_select", "guardrail_eval",
              "refusal_guardrail", "feature_dashboards", "category_features", "category_steering",
@@ -494,3 +494,29 @@ def test_a_failing_slurm_job_fails_the_run_and_shows_its_log(failing_run):
     # --show-failed-logs prints the rule's own log, with the reason
     assert "config.json" in out and str(not_a_model) in out, out[-3000:]
     assert not (work / "results/models/tiny/base").exists()
+
+
+def test_every_rule_reads_every_params_key_it_is_passed(run):
+    """A key in a rule's params reruns the rule when edited, so one its stage never reads reruns it
+    for nothing (and hides which settings a result depends on). The logs record each job's params."""
+    from refusal_atlas.code_version import stage_reads
+
+    work, _, _ = run
+    checked, unread = set(), {}
+    for log_file in sorted((work / "logs").rglob("*.log")):
+        line = next((l for l in log_file.read_text().splitlines() if " params {" in l), None)
+        rule = log_file.relative_to(work / "logs").parts[0]
+        script = ROOT / "workflow/scripts" / f"{rule}.py"
+        if line is None or not script.exists():
+            continue
+        params = json.loads(line.split(" params ", 1)[1])
+        reads = stage_reads(script)
+        for name, value in params.items():
+            if isinstance(value, dict):
+                missing = sorted(set(value) - reads)
+                if missing:
+                    unread.setdefault(f"{rule}.{name}", missing)
+        checked.add(rule)
+    assert {"refusal_tune", "organism_card", "feature_attribution", "steer_generate", "judge"} <= checked
+    assert len(checked) >= 30, sorted(checked)
+    assert not unread, unread

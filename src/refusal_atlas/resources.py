@@ -21,6 +21,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_STAGES = (
     "base_refusal",
     "refusal_tune",
+    "organism_card",
     "cache_activations",
     "refusal_direction",
     "sae_corpus",
@@ -125,7 +126,7 @@ def stage_memory(stage: str, spec: Mapping, config: Mapping) -> float:
         return weights + _saes_bytes(shape, sae, n_sae, b) + batch * seq * (shape.d_model * n_sae * b + sae["d_sae"] * 4)
     if stage == "sae_quality":
         return weights + _saes_bytes(shape, sae, 1, b) + _kv_cache_bytes(shape, 16, seq, b)
-    if stage in ("base_refusal", "refusal_direction", "cache_activations", "sae_corpus"):
+    if stage in ("base_refusal", "organism_card", "refusal_direction", "cache_activations", "sae_corpus"):
         return weights + _kv_cache_bytes(shape, 64, seq, b)
     raise ValueError(f"{stage!r} is not a GPU stage (one of {', '.join(GPU_STAGES)})")
 

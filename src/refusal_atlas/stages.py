@@ -132,11 +132,12 @@ def base_refusal(base_dir: str, promptsets: Mapping[str, str], spec: Mapping, or
     write_json(rates, output)
 
 
-def refusal_tune(
-    model_name: str, base_dir: str, base_rates: str, promptsets: Mapping[str, str],
-    promptset_sources: Mapping[str, str], spec: Mapping, organism: Mapping, substrings: Sequence[str],
-    boot: Mapping, out_dir: str, card: str,
-) -> None:
+def refusal_tune(base_dir: str, promptsets: Mapping[str, str], spec: Mapping, organism: Mapping,
+                 out_dir: str) -> None:
+    """Tune the base model into the refusal organism; ``training.json`` in ``out_dir`` records how.
+
+    Only training keys reach it, so a judging or statistics edit reruns the card, not this.
+    """
     t0 = time.time()
     cfg = _organism_config(organism)
     model, tok = _load(base_dir, spec)
@@ -148,30 +149,42 @@ def refusal_tune(
              len(harmless), sum(r for _, r in harmless))
     examples = build_examples(model, tok, harmful, harmless, cfg)
     train_log = _refusal_tune(model, tok, examples, cfg)
-    after = _organism_rates(model, tok, promptsets, spec, organism, substrings, boot, desc="tuned")
-    checks = check_targets(after, promptset_sources, organism["targets"])
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps({
+            "method": "supervised refusal tuning with self-distillation on harmless prompts",
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+            "n_harmless_examples": sum(r for _, r in harmless),
+            "config": dict(organism),
+            **{k: v for k, v in train_log.items() if k != "losses"},
+            "loss_curve": train_log["losses"],
+            "seconds": round(time.time() - t0, 1),
+        }, indent=2) + "\n")
+
+
+def organism_card(model_name: str, base_dir: str, tuned_dir: str, base_rates: str, promptsets: Mapping[str, str],
+                  promptset_sources: Mapping[str, str], spec: Mapping, organism: Mapping, substrings: Sequence[str],
+                  boot: Mapping, card: str) -> None:
+    """The organism's card: refusal before and after tuning on held-out prompts, against its goals."""
+    t0 = time.time()
+    model, tok = _load(tuned_dir, spec)
+    after = _organism_rates(model, tok, promptsets, spec, organism, substrings, boot, desc="tuned")
+    checks = check_targets(after, promptset_sources, organism["targets"])
+    training = json.loads((Path(tuned_dir) / "training.json").read_text())
     write_json(
         {
             "model": model_name,
             "base_model": json.loads((Path(base_dir) / "provenance.json").read_text()),
-            "method": "supervised refusal tuning with self-distillation on harmless prompts",
-            "training": {
-                "n_harmful": len(harmful),
-                "n_harmless": len(harmless),
-                "n_harmless_examples": sum(r for _, r in harmless),
-                "config": {k: v for k, v in organism.items() if k != "targets"},
-                **{k: v for k, v in train_log.items() if k != "losses"},
-                "loss_curve": train_log["losses"],
-            },
+            "method": training.pop("method"),
+            "training": training,
             "judge": {"name": "substring", "substrings": list(substrings),
                       "max_new_tokens": organism["eval_max_new_tokens"], "split": "test"},
             "refusal_rate": {"base": json.loads(Path(base_rates).read_text()), "tuned": after},
             "targets": checks,
             "meets_targets": all(c["met"] for c in checks.values()),
-            "seconds": round(time.time() - t0, 1),
+            "seconds": round(time.time() - t0 + training["seconds"], 1),
         },
         card,
     )
@@ -1358,7 +1371,7 @@ def circuits(model_dir: str, spec: Mapping, promptset: str, category_summary: st
         for (group, cat) in sorted(set(keys)):
             rows = np.flatnonzero([k == (group, cat) for k in keys])
             circuit = modularity.discover(scores, rows, cc["n_nodes"], cc["n_edges"], cc["node_threshold"])
-            g = nx.DiGraph(model=spec.get("path") or model_dir, category=cat, group=group, n_prompts=len(rows),
+            g = nx.DiGraph(model=model_dir, category=cat, group=group, n_prompts=len(rows),
                            metric="refusal log-odds at the last prompt token", ablation="mean")
             for (l, i), ie in circuit.nodes.items():
                 g.add_node(f"L{l}/{'err' if i < 0 else i}", layer=l, latent=i, error=i < 0, ie=ie)

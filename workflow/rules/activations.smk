@@ -20,7 +20,8 @@ rule cache_activations:
         runtime=60,
         gpu=gpus("cache_activations"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("cache_activations"),
+        spec=lambda w: load_params(w.model),
         batch_size=config["activations"]["batch_size"],
     script:
         "../scripts/cache_activations.py"

@@ -18,7 +18,8 @@ rule capabilities:
         runtime=60,
         gpu=gpus("capabilities"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("capabilities"),
+        spec=lambda w: load_params(w.model),
         cfg=config["capabilities"],
         steering=steering_params,
         boot=config["bootstrap"],
@@ -51,5 +52,7 @@ rule capabilities_table:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        code=library_code("capabilities_table"),
     script:
         "../scripts/capabilities_table.py"

@@ -28,7 +28,8 @@ rule category_features:
         runtime=240,
         gpu=gpus("category_features"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("category_features"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: category_params(w.model),
     script:
         "../scripts/category_features.py"
@@ -77,7 +78,8 @@ rule category_steering:
         runtime=240,
         gpu=gpus("category_steering"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("category_steering"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: category_params(w.model),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
@@ -128,7 +130,8 @@ rule circuits:
         runtime=480,
         gpu=gpus("circuits"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("circuits"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: category_params(w.model),
         boot=config["bootstrap"],
         caption=lambda w: category_caption(
@@ -198,6 +201,7 @@ rule modularity:
         mem_mb=4000,
         runtime=120,
     params:
+        code=library_code("modularity"),
         cfg=lambda w: category_params(w.model),
         caption=lambda w: category_caption(
             w.model,

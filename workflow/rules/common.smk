@@ -2,12 +2,18 @@
 import re
 from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
 from refusal_atlas.conditions import needs_search, parse_condition
 from refusal_atlas.resources import stage_gpus
+from refusal_atlas.code_version import code_version
+from refusal_atlas.datasets import load_manifest
 from refusal_atlas.config import (
     check_config,
+    check_models,
+    check_schema,
+    model_facts,
     for_model,
     category_promptset,
     circuit_promptset,
@@ -22,15 +28,6 @@ from refusal_atlas.config import (
     REFUSAL_DIRECTION_SPLIT_FILES,
 )
 
-# Defaults are filled in here, and an invalid config stops the run before any job starts.
-validate(config, schema="../schemas/config.schema.yaml")
-# A model's overrides must make a valid config too.
-MODEL_CONFIGS = {m: for_model(config, m) for m in config["models"]}
-for model_config in MODEL_CONFIGS.values():
-    validate(model_config, schema="../schemas/config.schema.yaml")
-check_config(config)
-
-
 # Files that ship with the workflow resolve against the repository, so --directory works.
 REPO = Path(workflow.basedir).parent
 
@@ -39,6 +36,32 @@ def repo_path(path):
     """A relative path that exists in the working directory wins; otherwise the repository's."""
     path = Path(path)
     return path if path.is_absolute() or path.exists() else REPO / path
+
+
+SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+
+# An invalid config stops the run before any job starts, in a few lines that name the key;
+# snakemake's validate then fills in the defaults.
+check_schema(config, SCHEMA)
+validate(config, schema="../schemas/config.schema.yaml")
+# A model's overrides must make a valid config too.
+MODEL_CONFIGS = {m: for_model(config, m) for m in config["models"]}
+for m, model_config in MODEL_CONFIGS.items():
+    check_schema(model_config, SCHEMA, f" once models.{m}.overrides are merged in")
+    validate(model_config, schema="../schemas/config.schema.yaml")
+check_config(config)
+check_models(
+    config,
+    set(load_manifest(repo_path(config["datasets"]["manifest"]))),
+    {m: model_facts(m, spec) for m, spec in config["models"].items()},
+)
+
+
+def library_code(rule):
+    """The hash of the library code a rule's script runs (refusal_atlas.code_version): a
+    params entry, so that editing that code reruns the rule and editing other code does not.
+    """
+    return code_version(REPO / "workflow/scripts" / f"{rule}.py")
 
 
 wildcard_constraints:
@@ -58,16 +81,35 @@ def model_section(model, name):
     return MODEL_CONFIGS[model][name]
 
 
-# Keys that only schedule a model's jobs, or that reach stages through their own params:
-# editing them must not rerun the stages that load the model.
-SCHEDULING_KEYS = ("sae", "gpus", "mem_mb", "shape", "overrides")
+# What prepare_model reads to fetch the weights, and what every later stage reads to load them:
+# editing SAEs, GPU counts or the model's shape must rerun neither.
+SOURCE_KEYS = (
+    "source",
+    "gguf_package",
+    "gguf_file",
+    "path",
+    "hub_id",
+    "revision",
+    "dtype",
+    "trust_remote_code",
+)
+LOAD_KEYS = ("dtype", "device", "trust_remote_code", "system_prompt")
 
 
 def model_params(model):
-    """The model's spec without its SAE block and scheduling keys: editing SAEs must not
-    retrain the organism, nor asking for another GPU count rerun anything.
-    """
-    return {k: v for k, v in model_spec(model).items() if k not in SCHEDULING_KEYS}
+    """The keys of a model's spec that decide which weights prepare_model writes."""
+    return {k: v for k, v in model_spec(model).items() if k in SOURCE_KEYS}
+
+
+def load_params(model):
+    """The keys of a model's spec that decide how a stage loads the prepared weights."""
+    return {k: model_spec(model)[k] for k in LOAD_KEYS}
+
+
+def section_keys(model, name, *keys):
+    """Only the keys of a section that a stage reads, so that editing the others reruns nothing."""
+    section = model_section(model, name)
+    return {k: section[k] for k in keys}
 
 
 def gpus(stage):
@@ -81,17 +123,26 @@ def final_model_dir(wildcards):
     return f"results/models/{wildcards.model}/{stage}"
 
 
-def organism_promptset_files():
-    names = set(config["organism"]["train_promptsets"]) | set(
-        config["organism"]["eval_promptsets"]
-    )
-    return [f"results/promptsets/{p}.parquet" for p in sorted(names)]
+def organism_promptset_files(key):
+    """The prompt sets of organism.train_promptsets or organism.eval_promptsets."""
+    return [f"results/promptsets/{p}.parquet" for p in config["organism"][key]]
 
 
-def organism_eval_params():
-    """The organism keys that shape its evaluation, so training knobs do not rerun it."""
+# The organism keys that shape its evaluation; the rest shape training.
+ORGANISM_EVAL_KEYS = ("eval_promptsets", "eval_max_new_tokens", "targets")
+
+
+def organism_eval_params(targets=False):
+    """The organism keys that shape its evaluation (the goals only for the card), so training
+    knobs do not rerun it."""
     keys = ("eval_promptsets", "eval_max_new_tokens", "generation_batch_size")
+    keys += ("targets",) if targets else ()
     return {k: config["organism"][k] for k in keys}
+
+
+def organism_train_params():
+    """Every organism key but the evaluation's: statistics and judging never retrain it."""
+    return {k: v for k, v in config["organism"].items() if k not in ORGANISM_EVAL_KEYS}
 
 
 def promptset_inputs(wildcards):
@@ -304,6 +355,8 @@ def all_targets():
         if config["dashboards"]["enabled"]:
             targets.append(f"results/dashboards/{model}/features.csv")
         targets.append(f"results/saes/{model}/quality.csv")
+        # an interrupted train_sae must be rebuilt by `all` itself, not only when a reader asks
+        targets += [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)]
         targets.append(f"results/tables/features_{model}.csv")
         targets.append(f"results/tables/capabilities_{model}.csv")
         if config["probes"]["enabled"]:

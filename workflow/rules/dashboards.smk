@@ -34,7 +34,8 @@ rule feature_dashboards:
         runtime=120,
         gpu=gpus("feature_dashboards"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("feature_dashboards"),
+        spec=lambda w: load_params(w.model),
         sae_source=lambda w: model_spec(w.model)["sae"]["source"],
         cfg=lambda w: dashboard_params(w.model),
         boot=config["bootstrap"],

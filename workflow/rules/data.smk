@@ -18,6 +18,7 @@ rule download_dataset:
         mem_mb=1000,
         runtime=30,
     params:
+        code=library_code("download_dataset"),
         key=lambda w: f"{w.collection}/{w.path}",
         manifest=str(repo_path(config["datasets"]["manifest"])),
     script:
@@ -40,6 +41,7 @@ rule build_promptsets:
         mem_mb=2000,
         runtime=10,
     params:
+        code=library_code("build_promptsets"),
         spec=lambda w: promptset_params(w.promptset),
     script:
         "../scripts/build_promptsets.py"

@@ -22,7 +22,8 @@ rule refusal_direction:
         runtime=60,
         gpu=gpus("refusal_direction"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("refusal_direction"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: model_section(w.model, "direction"),
         substrings=config["judges"]["substring"]["substrings"],
     script:

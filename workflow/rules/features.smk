@@ -21,9 +21,19 @@ rule feature_attribution:
         runtime=240,
         gpu=gpus("feature_attribution"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("feature_attribution"),
+        spec=lambda w: load_params(w.model),
         layers=lambda w: sae_layers(w.model),
-        cfg=lambda w: model_section(w.model, "features"),
+        cfg=lambda w: section_keys(
+            w.model,
+            "features",
+            "fit_split",
+            "eval_split",
+            "max_prompts",
+            "ig_steps",
+            "la_bz",
+            "stats_batch_size",
+        ),
     script:
         "../scripts/feature_attribution.py"
 
@@ -51,8 +61,9 @@ rule select_features:
         mem_mb=4000,
         runtime=10,
     params:
+        code=library_code("select_features"),
         protocols=config["features"]["protocols"],
-        cfg=lambda w: model_section(w.model, "features"),
+        cfg=lambda w: section_keys(w.model, "features", "k0", "k_star"),
     script:
         "../scripts/select_features.py"
 
@@ -90,5 +101,7 @@ rule features_table:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=library_code("features_table"),
     script:
         "../scripts/features_table.py"

@@ -30,6 +30,7 @@ rule organism_figure:
         mem_mb=2000,
         runtime=10,
     params:
+        code=library_code("organism_figure"),
         caption=lambda w: organism_caption(w.model),
     script:
         "../scripts/organism_figure.py"
@@ -63,6 +64,7 @@ rule direction_figure:
         mem_mb=2000,
         runtime=10,
     params:
+        code=library_code("direction_figure"),
         caption=lambda w: direction_caption(w.model),
         kl_max=lambda w: model_section(w.model, "direction")["kl_max"],
     script:
@@ -96,6 +98,7 @@ rule sae_quality_figure:
         mem_mb=2000,
         runtime=10,
     params:
+        code=library_code("sae_quality_figure"),
         targets=lambda w: model_spec(w.model)["sae"]["quality_targets"],
         caption=lambda w: sae_quality_caption(w.model),
     script:

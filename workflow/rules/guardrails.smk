@@ -24,7 +24,8 @@ rule guardrail_select:
         runtime=60,
         gpu=gpus("guardrail_select"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("guardrail_select"),
+        spec=lambda w: load_params(w.model),
         cfg=config["guardrails"]["unlearning"],
     script:
         "../scripts/guardrail_select.py"
@@ -73,7 +74,8 @@ rule guardrail_eval:
         runtime=120,
         gpu=gpus("guardrail_eval"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("guardrail_eval"),
+        spec=lambda w: load_params(w.model),
         cfg=config["guardrails"]["unlearning"],
         boot=config["bootstrap"],
         caption=lambda w: (
@@ -124,7 +126,8 @@ rule refusal_guardrail:
         runtime=120,
         gpu=gpus("refusal_guardrail"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("refusal_guardrail"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: refusal_guardrail_params(w.model, w.weights),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],

@@ -15,6 +15,7 @@ rule prepare_model:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
         runtime=60,
     params:
+        code=library_code("prepare_model"),
         spec=lambda w: model_params(w.model),
     script:
         "../scripts/prepare_model.py"
@@ -23,7 +24,7 @@ rule prepare_model:
 rule base_refusal:
     input:
         base="results/models/{model}/base",
-        promptsets=organism_promptset_files(),
+        promptsets=organism_promptset_files("eval_promptsets"),
     output:
         "results/models/{model}/base_refusal.json",
     log:
@@ -38,7 +39,8 @@ rule base_refusal:
         runtime=60,
         gpu=gpus("base_refusal"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("base_refusal"),
+        spec=lambda w: load_params(w.model),
         organism=organism_eval_params(),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
@@ -49,11 +51,9 @@ rule base_refusal:
 rule refusal_tune:
     input:
         base="results/models/{model}/base",
-        base_rates="results/models/{model}/base_refusal.json",
-        promptsets=organism_promptset_files(),
+        promptsets=organism_promptset_files("train_promptsets"),
     output:
-        model=directory("results/models/{model}/tuned"),
-        card="results/models/{model}/model_card.json",
+        directory("results/models/{model}/tuned"),
     log:
         "logs/refusal_tune/{model}.log",
     benchmark:
@@ -66,9 +66,42 @@ rule refusal_tune:
         runtime=120,
         gpu=gpus("refusal_tune"),
     params:
-        spec=lambda w: model_params(w.model),
-        organism=config["organism"],
+        code=library_code("refusal_tune"),
+        spec=lambda w: load_params(w.model),
+        organism=organism_train_params(),
+    script:
+        "../scripts/refusal_tune.py"
+
+
+# The card evaluates the saved organism: judging and statistics keys rerun this, never training.
+rule organism_card:
+    input:
+        base="results/models/{model}/base",
+        tuned="results/models/{model}/tuned",
+        base_rates="results/models/{model}/base_refusal.json",
+        promptsets=organism_promptset_files("eval_promptsets"),
+    output:
+        "results/models/{model}/model_card.json",
+    log:
+        "logs/organism_card/{model}.log",
+    benchmark:
+        "benchmarks/organism_card/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: model_spec(w.model)["mem_mb"],
+        runtime=60,
+        gpu=gpus("organism_card"),
+    params:
+        code=library_code("organism_card"),
+        spec=lambda w: load_params(w.model),
+        organism=organism_eval_params(targets=True),
+        sources={
+            p: config["promptsets"][p]["source"]
+            for p in config["organism"]["eval_promptsets"]
+        },
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
     script:
-        "../scripts/refusal_tune.py"
+        "../scripts/organism_card.py"

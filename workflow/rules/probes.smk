@@ -19,7 +19,8 @@ rule adversarial_responses:
         runtime=120,
         gpu=gpus("adversarial_responses"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("adversarial_responses"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: probe_params(w.model, "splits", "max_new_tokens", "batch_size"),
         substrings=config["judges"]["substring"]["substrings"],
     script:
@@ -81,7 +82,8 @@ rule jailbreak_mechanism:
         runtime=120,
         gpu=gpus("jailbreak_mechanism"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("jailbreak_mechanism"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: probe_params(
             w.model,
             "protocol",
@@ -143,6 +145,7 @@ rule probes:
         mem_mb=8000,
         runtime=60,
     params:
+        code=library_code("probes"),
         cfg=lambda w: probe_params(
             w.model,
             "protocol",

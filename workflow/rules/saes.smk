@@ -21,7 +21,8 @@ rule sae_corpus:
         runtime=120,
         gpu=gpus("sae_corpus"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("sae_corpus"),
+        spec=lambda w: load_params(w.model),
         cfg=config["sae_corpus"],
         layers=lambda w: sae_layers(w.model),
         heldout_only=lambda w: model_spec(w.model)["sae"]["source"] == "pretrained",
@@ -49,7 +50,8 @@ rule train_sae:
         runtime=120,
         gpu=gpus("train_sae"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("train_sae"),
+        spec=lambda w: load_params(w.model),
         sae=lambda w: model_spec(w.model)["sae"],
     script:
         "../scripts/train_sae.py"
@@ -72,7 +74,8 @@ rule pretrained_sae:
         mem_mb=8000,
         runtime=60,
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("pretrained_sae"),
+        spec=lambda w: load_params(w.model),
         sae=lambda w: model_spec(w.model)["sae"],
     script:
         "../scripts/pretrained_sae.py"
@@ -98,7 +101,8 @@ rule sae_quality:
         runtime=60,
         gpu=gpus("sae_quality"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("sae_quality"),
+        spec=lambda w: load_params(w.model),
         batch_size=config["sae_corpus"]["batch_size"],
     script:
         "../scripts/sae_quality.py"
@@ -130,6 +134,7 @@ rule sae_quality_table:
         mem_mb=1000,
         runtime=10,
     params:
+        code=library_code("sae_quality_table"),
         targets=lambda w: model_spec(w.model)["sae"]["quality_targets"],
     script:
         "../scripts/sae_quality_table.py"

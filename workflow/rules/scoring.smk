@@ -19,6 +19,7 @@ rule judge:
         mem_mb=1000,
         runtime=10,
     params:
+        code=library_code("judge"),
         substrings=config["judges"]["substring"]["substrings"],
     script:
         "../scripts/judge.py"
@@ -39,6 +40,7 @@ rule judge_preflight:
         runtime=10,
         gpu=lambda w: harmbench_gpus(),
     params:
+        code=library_code("judge_preflight"),
         cfg=config["judges"]["harmbench"],
     script:
         "../scripts/judge_preflight.py"
@@ -64,6 +66,7 @@ rule judge_harmbench:
         runtime=60,
         gpu=lambda w: harmbench_gpus(),
     params:
+        code=library_code("judge_harmbench"),
         cfg=config["judges"]["harmbench"],
     script:
         "../scripts/judge_harmbench.py"
@@ -91,6 +94,7 @@ rule summarize_scores:
         mem_mb=1000,
         runtime=10,
     params:
+        code=library_code("summarize_scores"),
         boot=config["bootstrap"],
     script:
         "../scripts/summarize_scores.py"
@@ -117,6 +121,8 @@ rule baselines_table:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        code=library_code("baselines_table"),
     script:
         "../scripts/baselines_table.py"
 
@@ -155,6 +161,7 @@ rule benchmark_table:
         mem_mb=2000,
         runtime=10,
     params:
+        code=library_code("benchmark_table"),
         judges=config["evaluation"]["judges"],
         judge_names={
             "substring": "refusal substrings, jailbreak = no refusal",
@@ -197,5 +204,7 @@ rule induction_table:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=library_code("induction_table"),
     script:
         "../scripts/induction_table.py"

@@ -30,7 +30,8 @@ rule steering_search:
         runtime=240,
         gpu=gpus("steering_search"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("steering_search"),
+        spec=lambda w: load_params(w.model),
         cfg=lambda w: model_section(w.model, "steering")["search"],
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
@@ -55,7 +56,8 @@ rule steer_generate:
         runtime=120,
         gpu=gpus("steer_generate"),
     params:
-        spec=lambda w: model_params(w.model),
+        code=library_code("steer_generate"),
+        spec=lambda w: load_params(w.model),
         splits=config["evaluation"]["splits"],
         variants=config["evaluation"]["variants"],
         n_shards=config["evaluation"]["shards"],
@@ -87,5 +89,7 @@ rule gather_generations:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=library_code("gather_generations"),
     script:
         "../scripts/gather_generations.py"
