@@ -58,23 +58,51 @@ def test_ablation_fires_at_every_generated_step(tiny):
     assert calls[0] > 1 and calls[1:] == [1] * (len(calls) - 1) and len(calls) >= 2
 
 
-def test_addition_adds_at_layer_input(tiny):
+@pytest.mark.parametrize("layer", [0, 2])
+def test_addition_adds_at_the_resid_post_the_direction_was_read_at(tiny, layer):
+    """r[l] is read at resid_post of block l (activations.last_token_resid_post), so adding it at
+    l changes resid_post l by exactly coeff·r and leaves resid_post l-1 as it was."""
+    from refusal_atlas.activations import last_token_resid_post
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    r = torch.randn(model.config.hidden_size)
+    model.config.output_hidden_states = False
+    with torch.no_grad():
+        clean = last_token_resid_post(model, tok, PROMPTS[:2], batch_size=2)
+        with DirectionAddition(r, layer=layer, coeff=2.0).applied(model):
+            added = last_token_resid_post(model, tok, PROMPTS[:2], batch_size=2)
+    assert torch.allclose(added[:, layer] - clean[:, layer], (2.0 * r).expand(2, -1), atol=1e-5)
+    if layer > 0:
+        assert torch.equal(added[:, layer - 1], clean[:, layer - 1])
+
+
+def test_gated_addition_adds_where_the_direction_was_read_on_open_rows_only(tiny):
+    from refusal_atlas.guardrails import GatedAddition
+
     model, tok = tiny
     r = torch.randn(model.config.hidden_size)
-    enc = encode_chat(tok, PROMPTS[:1])
-    got = {}
+    enc = encode_chat(tok, PROMPTS[:2])
+    blocks = decoder_layers(model)
 
-    def grab(_m, args, kwargs):
-        got["x"] = kwargs.get("hidden_states", args[0] if args else None)
-
-    h = decoder_layers(model)[2].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**enc)
-        base = got["x"].clone()
-        with DirectionAddition(r, layer=2, coeff=2.0).applied(model):
+    def run() -> dict[int, torch.Tensor]:
+        # registered after the gate's hook, so they see its result
+        got = {}
+        hooks = [blocks[i].register_forward_hook(
+            lambda _m, _a, out, i=i: got.__setitem__(i, out[0] if isinstance(out, tuple) else out)) for i in (1, 2)]
+        with torch.no_grad():
             model(**enc)
-    h.remove()
-    assert torch.allclose(got["x"] - base, (2.0 * r).expand_as(base), atol=1e-5)
+        for h in hooks:
+            h.remove()
+        return got
+
+    gate = GatedAddition(r, 2, 3.0, frozenset({"b"}))
+    clean = run()
+    with gate.applied(model), gate.rows(["a", "b"]):
+        grabbed = run()
+    assert torch.equal(grabbed[1], clean[1])  # resid_post 1 untouched
+    assert torch.equal(grabbed[2][0], clean[2][0])  # the closed row untouched
+    assert torch.allclose(grabbed[2][1] - clean[2][1], (3.0 * r).expand_as(clean[2][1]), atol=1e-5)
 
 
 def test_no_intervention_generation_matches_hf(tiny):

@@ -71,3 +71,13 @@ def test_table_cells_are_escaped():
 
     page = table_html(pd.DataFrame({"generation": ["<script>alert(1)</script> & co"]}), "t", "t.csv")
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in page
+
+
+def test_a_killed_writers_temporary_is_cleared_by_the_next_write(tmp_path):
+    (tmp_path / ".out.json.abc123.tmp").write_text("half")  # what kill -9 leaves
+    (tmp_path / ".model.x1.tmp").mkdir()
+    (tmp_path / ".other.json.x.tmp").write_text("another output's")
+    write_json({"n": 1}, tmp_path / "out.json")
+    with atomic_path(tmp_path / "model", is_dir=True) as tmp:
+        (tmp / "w").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.x.tmp", "model", "out.json"]

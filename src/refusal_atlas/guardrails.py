@@ -195,8 +195,8 @@ def firing_fractions(model, tokenizer, guard: DynamicSAEGuard, batches) -> np.nd
 # ---------------------------------------------------------------------------- the refusal guardrail
 @dataclass
 class GatedAddition(Intervention):
-    """``coeff · r`` added to the residual stream entering ``layer``, only on the batch rows whose
-    prompt the gate opened on (the refusal guardrail's ``add`` action)."""
+    """``coeff · r`` added to resid_post of block ``layer``, where r was read, only on the batch
+    rows whose prompt the gate opened on (the refusal guardrail's ``add`` action)."""
 
     direction: torch.Tensor
     layer: int
@@ -216,14 +216,12 @@ class GatedAddition(Intervention):
     def handles(self, model):
         block = decoder_layers(model)[self.layer]
 
-        def pre(_m, args, kwargs):
+        def add(h):
             if self._mask is None:
                 raise RuntimeError("a gated intervention needs rows(prompt_ids) around each batch")
-            h = args[0] if args else kwargs["hidden_states"]
-            h = h + self.coeff * self._mask.to(h.device, h.dtype)[:, None, None] * self.direction.to(h.device, h.dtype)
-            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+            return h + self.coeff * self._mask.to(h.device, h.dtype)[:, None, None] * self.direction.to(h.device, h.dtype)
 
-        return [block.register_forward_pre_hook(pre, with_kwargs=True)]
+        return [block.register_forward_hook(_replace_output(add))]
 
 
 def behavioural_direction(acts: torch.Tensor, refused: Sequence[bool], min_refusals: int = 5) -> torch.Tensor:

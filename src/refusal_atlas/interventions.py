@@ -84,15 +84,20 @@ def _project_hook(unit: torch.Tensor):
 
 @dataclass
 class DirectionAddition(Intervention):
-    """Add ``coeff * r`` to the residual stream entering ``layer`` (Arditi et al. 2024, Eq. 5)."""
+    """Add ``coeff * r`` to resid_post of block ``layer`` (Arditi et al. 2024, Eq. 5), where the
+    refusal direction ``r[layer]`` was read (``activations.last_token_resid_post``).
+
+    Arditi et al. read and add r at the same point of the stream (their resid_pre); adding it at
+    resid_pre of ``layer``, as this did until the fidelity review, moved it one block earlier than
+    where it was measured (docs/fidelity.md).
+    """
 
     direction: torch.Tensor
     layer: int
     coeff: float = 1.0
 
     def handles(self, model):
-        # resid_pre of `layer` is resid_post of `layer - 1` (or the embeddings for layer 0).
-        target = embedding_module(model) if self.layer == 0 else decoder_layers(model)[self.layer - 1]
+        target = decoder_layers(model)[self.layer]
         dtype = next(model.parameters()).dtype
         vec = (self.coeff * self.direction).to(device=module_device(target), dtype=dtype)
         return [target.register_forward_hook(_replace_output(lambda h: h + vec))]

@@ -66,7 +66,7 @@ def _verify_datasets(job) -> None:
 
     manifest = Path(job.config["datasets"]["manifest"])
     if not manifest.is_absolute() and not manifest.exists():  # relative to the repository
-        manifest = Path(job.scriptdir).parents[1] / manifest
+        manifest = Path(job.scriptdir).resolve().parents[1] / manifest  # scriptdir: .../workflow/scripts
     n = verify_local(paths, manifest)
     if n:
         log.info("re-checked %d dataset file(s) against the manifest's sha256", n)
