@@ -32,7 +32,8 @@ failed = []
 def check_foundation(model: str, spec: dict) -> None:
     if spec.get("refusal_tune"):
         card = json.loads(Path(f"results/models/{model}/model_card.json").read_text())
-        print(f"{model}: refusal_tune took {card['seconds']} s")
+        train_s = card["training"]["seconds"]
+        print(f"{model}: refusal_tune took {train_s} s, its card's evaluation {card['seconds'] - train_s:.1f} s")
         for key, check in card["targets"].items():
             r = card["refusal_rate"]["tuned"][key]
             print(f"  {key}: {r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] n={r['n']} goal {check['goal']}"

@@ -183,3 +183,20 @@ def test_ci_runs_the_foundation_of_the_embedded_default_and_nothing_of_the_sae_s
     full = Counter(rule for rule, _, _ in plan(tmp_path / "full", "--configfile", default))
     assert all(full[rule] >= n for rule, n in counts.items() if rule != "foundation")
     assert full["train_sae"] == 5 and full["feature_attribution"] == 2
+
+
+def test_the_default_profile_applies_from_any_working_directory_and_all_builds_every_sae(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "workflow/Snakefile"), "--directory",
+         str(tmp_path / "work"), "--configfile", str(ROOT / "config/config.yaml")],
+        capture_output=True, text=True, cwd=elsewhere, env=OFFLINE, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"workflow specific profile {ROOT / 'workflow/profiles/default'}" in res.stdout + res.stderr
+    # rerun-incomplete and the rerun triggers come from it, so an interrupted train_sae is rebuilt by
+    # `all` itself: its directories are targets
+    all_inputs = re.search(r"^rule all:\n\s+input: (.*)$", res.stdout, re.M).group(1).split(", ")
+    layers = yaml.safe_load((ROOT / "config/config.yaml").read_text())["models"]["smollm2-135m"]["sae"]["layers"]
+    assert {f"results/saes/smollm2-135m/layer_{l}" for l in layers} <= set(all_inputs)

@@ -202,7 +202,8 @@ def _reach(start: list[tuple[str, str]]) -> list[tuple[tuple[str, str], ast.stmt
 
 def stage_reads(script: str | Path) -> set[str]:
     """Names the stage code behind ``script`` can read a config key by: string constants, keyword
-    names, and the fields of the dataclasses it builds. A params key outside this set is passed to
+    names, the parameters of the functions it reaches (``f(**cfg)``), and the fields of the
+    dataclasses it builds. A params key outside this set is passed to
     the rule (and reruns it when edited) but never read."""
     out: set[str] = set()
     for _, node in _reach(script_calls(script)):
@@ -211,6 +212,9 @@ def stage_reads(script: str | Path) -> set[str]:
                 out.add(n.value)
             elif isinstance(n, ast.keyword) and n.arg:
                 out.add(n.arg)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):  # reached through f(**cfg)
+            a = node.args
+            out |= {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
         if isinstance(node, ast.ClassDef):
             out |= {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
     return out

@@ -444,3 +444,14 @@ def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, M
             near = sorted(k for k in manifest_keys if k.rsplit("/", 1)[-1] == ds.rsplit("/", 1)[-1])
             raise ConfigError(f"{key}: {ds!r} is not in the dataset manifest"
                               + (f"; did you mean {near[0]!r}?" if near else f" ({len(manifest_keys)} files pinned)"))
+
+
+def sort_keys(x):
+    """``x`` with every mapping's keys in sorted order. Snakemake records params as ``repr``, in
+    which a dict's key order shows, so the same settings written in another order (or merged from
+    a second ``--configfile``) would otherwise count as changed params and rerun their rules."""
+    if isinstance(x, Mapping):
+        return {k: sort_keys(x[k]) for k in sorted(x, key=str)}
+    if isinstance(x, list):
+        return [sort_keys(v) for v in x]
+    return x

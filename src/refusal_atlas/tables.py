@@ -181,11 +181,9 @@ def capabilities_table(files: Sequence[str], model: str, output: str) -> None:
 
 
 # ---------------------------------------------------------------------------- data
-def download_dataset(manifest: str, key: str, dest: str, mirror: str | None, timeout: float) -> None:
-    entries = datasets.load_manifest(manifest)
-    if key not in entries:
-        raise datasets.DatasetError(f"{key!r} is not in the dataset manifest {manifest}")
-    datasets.download(entries[key], dest, mirror=mirror, timeout=timeout)
+def download_dataset(entry: Mapping, dest: str, mirror: str | None, timeout: float) -> None:
+    """Fetch one manifest entry (``datasets.DatasetFile`` as a dict) to ``dest``, checked."""
+    datasets.download(datasets.DatasetFile(**entry), dest, mirror=mirror, timeout=timeout)
 
 
 def build_promptsets(spec: Mapping, inputs: Mapping[str, str], output: str) -> None:

@@ -20,7 +20,7 @@ rule capabilities:
     params:
         code=library_code("capabilities"),
         spec=lambda w: load_params(w.model),
-        cfg=config["capabilities"],
+        cfg=without(config["capabilities"], "methods"),
         steering=steering_params,
         boot=config["bootstrap"],
     script:

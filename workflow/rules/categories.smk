@@ -30,7 +30,15 @@ rule category_features:
     params:
         code=library_code("category_features"),
         spec=lambda w: load_params(w.model),
-        cfg=lambda w: category_params(w.model),
+        cfg=lambda w: without(
+            category_params(w.model),
+            "c",
+            "circuits",
+            "eval_max_prompts",
+            "eval_split",
+            "max_new_tokens",
+            "test",
+        ),
     script:
         "../scripts/category_features.py"
 
@@ -80,7 +88,22 @@ rule category_steering:
     params:
         code=library_code("category_steering"),
         spec=lambda w: load_params(w.model),
-        cfg=lambda w: category_params(w.model),
+        cfg=lambda w: without(
+            category_params(w.model),
+            "categories",
+            "circuits",
+            "common_min_fraction",
+            "fit_split",
+            "harmless",
+            "ig_steps",
+            "k0",
+            "k_star",
+            "la_bz",
+            "max_prompts",
+            "min_prompts",
+            "test",
+            "truncate_specific",
+        ),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
         caption=lambda w: category_caption(
@@ -132,7 +155,16 @@ rule circuits:
     params:
         code=library_code("circuits"),
         spec=lambda w: load_params(w.model),
-        cfg=lambda w: category_params(w.model),
+        cfg=lambda w: without(
+            category_params(w.model),
+            "common_min_fraction",
+            "ig_steps",
+            "k0",
+            "k_star",
+            "la_bz",
+            "max_new_tokens",
+            "truncate_specific",
+        ),
         boot=config["bootstrap"],
         caption=lambda w: category_caption(
             w.model,
@@ -202,7 +234,16 @@ rule modularity:
         runtime=120,
     params:
         code=library_code("modularity"),
-        cfg=lambda w: category_params(w.model),
+        cfg=lambda w: without(
+            category_params(w.model),
+            "common_min_fraction",
+            "ig_steps",
+            "k0",
+            "k_star",
+            "la_bz",
+            "max_new_tokens",
+            "truncate_specific",
+        ),
         caption=lambda w: category_caption(
             w.model,
             "similarity of category circuits (toxic: plain harmful prompts; safe: harmless "

@@ -1,4 +1,5 @@
 # Config validation and input functions shared by every stage.
+import dataclasses
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from refusal_atlas.config import (
     check_models,
     check_schema,
     model_facts,
+    sort_keys,
     for_model,
     category_promptset,
     circuit_promptset,
@@ -44,17 +46,31 @@ SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text
 # snakemake's validate then fills in the defaults.
 check_schema(config, SCHEMA)
 validate(config, schema="../schemas/config.schema.yaml")
+canonical = sort_keys(config)
+config.clear()
+config.update(canonical)
 # A model's overrides must make a valid config too.
 MODEL_CONFIGS = {m: for_model(config, m) for m in config["models"]}
 for m, model_config in MODEL_CONFIGS.items():
     check_schema(model_config, SCHEMA, f" once models.{m}.overrides are merged in")
     validate(model_config, schema="../schemas/config.schema.yaml")
 check_config(config)
+MANIFEST = load_manifest(repo_path(config["datasets"]["manifest"]))
 check_models(
     config,
-    set(load_manifest(repo_path(config["datasets"]["manifest"]))),
+    set(MANIFEST),
     {m: model_facts(m, spec) for m, spec in config["models"].items()},
 )
+
+
+def manifest_entry(key):
+    """A dataset file's manifest entry (URL, sha256, format, license, items) as a dict."""
+    if key not in MANIFEST:
+        raise ValueError(
+            f"resources/datasets/{key} is not in the dataset manifest "
+            f"{config['datasets']['manifest']}: add it there (with its sha256) to use it"
+        )
+    return dataclasses.asdict(MANIFEST[key])
 
 
 def library_code(rule):
@@ -101,9 +117,29 @@ def model_params(model):
     return {k: v for k, v in model_spec(model).items() if k in SOURCE_KEYS}
 
 
-def load_params(model):
-    """The keys of a model's spec that decide how a stage loads the prepared weights."""
-    return {k: model_spec(model)[k] for k in LOAD_KEYS}
+def load_params(model, chat=True):
+    """The keys of a model's spec that decide how a stage loads the prepared weights; the system
+    prompt only for stages that format chat turns."""
+    keys = LOAD_KEYS if chat else tuple(k for k in LOAD_KEYS if k != "system_prompt")
+    return {k: model_spec(model)[k] for k in keys}
+
+
+def without(section, *keys):
+    """A config section less the keys its stage does not read (inputs carry some of them)."""
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+SAE_SOURCE_KEYS = ("source", "layers", "release", "sae_id", "quality_targets")
+
+
+def sae_train_params(model):
+    """What train_sae reads of a model's SAE block: the TopK hyper-parameters."""
+    return without(model_spec(model)["sae"], *SAE_SOURCE_KEYS)
+
+
+def sae_pretrained_params(model):
+    sae = model_spec(model)["sae"]
+    return {"release": sae["release"], "sae_id": sae["sae_id"]}
 
 
 def section_keys(model, name, *keys):
@@ -185,7 +221,10 @@ def promptset_params(name):
     """Only the keys the promptset's source reads: a default added for another source (the
     schema fills them all in) must not rebuild it and everything downstream."""
     spec = config["promptsets"][name]
-    return {k: v for k, v in spec.items() if k in PROMPTSET_SOURCE_KEYS[spec["source"]]}
+    keys = PROMPTSET_SOURCE_KEYS[spec["source"]] - {
+        "adversarial_suffixes"
+    }  # an input file
+    return {k: v for k, v in spec.items() if k in keys}
 
 
 def harmbench_gpus():

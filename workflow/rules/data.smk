@@ -19,8 +19,8 @@ rule download_dataset:
         runtime=30,
     params:
         code=library_code("download_dataset"),
-        key=lambda w: f"{w.collection}/{w.path}",
-        manifest=str(repo_path(config["datasets"]["manifest"])),
+        # the manifest's entry, not its path: a moved checkout must not refetch anything
+        entry=lambda w: manifest_entry(f"{w.collection}/{w.path}"),
     script:
         "../scripts/download_dataset.py"
 

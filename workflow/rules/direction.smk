@@ -24,7 +24,7 @@ rule refusal_direction:
     params:
         code=library_code("refusal_direction"),
         spec=lambda w: load_params(w.model),
-        cfg=lambda w: model_section(w.model, "direction"),
+        cfg=lambda w: without(model_section(w.model, "direction"), "promptset"),
         substrings=config["judges"]["substring"]["substrings"],
     script:
         "../scripts/refusal_direction.py"

@@ -25,8 +25,14 @@ rule guardrail_select:
         gpu=gpus("guardrail_select"),
     params:
         code=library_code("guardrail_select"),
-        spec=lambda w: load_params(w.model),
-        cfg=config["guardrails"]["unlearning"],
+        # raw text chunks, no chat turns
+        spec=lambda w: load_params(w.model, chat=False),
+        cfg=without(
+            config["guardrails"]["unlearning"],
+            "c_values",
+            "multiple_choice",
+            "retain_min",
+        ),
     script:
         "../scripts/guardrail_select.py"
 
@@ -76,7 +82,10 @@ rule guardrail_eval:
     params:
         code=library_code("guardrail_eval"),
         spec=lambda w: load_params(w.model),
-        cfg=config["guardrails"]["unlearning"],
+        # the selection (an input) carries q, n and tau
+        cfg=without(
+            config["guardrails"]["unlearning"], "n_values", "q_values", "tau_quantile"
+        ),
         boot=config["bootstrap"],
         caption=lambda w: (
             f"{w.model}: forget/retain passages "
@@ -128,7 +137,7 @@ rule refusal_guardrail:
     params:
         code=library_code("refusal_guardrail"),
         spec=lambda w: load_params(w.model),
-        cfg=lambda w: refusal_guardrail_params(w.model, w.weights),
+        cfg=lambda w: without(refusal_guardrail_params(w.model, w.weights), "selector"),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
         caption=lambda w: refusal_guardrail_caption(w.model, w.weights),

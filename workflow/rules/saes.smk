@@ -51,8 +51,11 @@ rule train_sae:
         gpu=gpus("train_sae"),
     params:
         code=library_code("train_sae"),
-        spec=lambda w: load_params(w.model),
-        sae=lambda w: model_spec(w.model)["sae"],
+        spec=lambda w: {
+            "dtype": model_spec(w.model)["dtype"],
+            "device": model_spec(w.model)["device"],
+        },
+        sae=lambda w: sae_train_params(w.model),
     script:
         "../scripts/train_sae.py"
 
@@ -76,7 +79,7 @@ rule pretrained_sae:
     params:
         code=library_code("pretrained_sae"),
         spec=lambda w: load_params(w.model),
-        sae=lambda w: model_spec(w.model)["sae"],
+        sae=lambda w: sae_pretrained_params(w.model),
     script:
         "../scripts/pretrained_sae.py"
 
