@@ -182,3 +182,26 @@ def test_behavioural_direction_needs_refusals_and_answers(refused):
         behavioural_direction(torch.zeros(12, 2, 4), refused, min_refusals=4)
     with pytest.raises(ValueError, match="verdicts"):
         behavioural_direction(torch.zeros(5, 2, 4), refused, min_refusals=1)
+
+
+@pytest.mark.parametrize("edit", ["firing_only", "all_selected"])
+def test_an_open_gate_edits_the_latents_its_mode_names_and_nothing_at_a_silent_token(guard_setup, edit):
+    """The reference gate (all_selected) sets every selected latent to the value at each token where
+    any of them fires; ours only the firing ones; neither touches a token where none fires."""
+    model, _, sae = guard_setup
+    torch.manual_seed(1)
+    h = torch.randn(1, 2, model.config.hidden_size)
+    f = sae.encode(h)
+    firing, silent = f[0, 0] > 0, (f[0, 0] <= 0) & (f[0, 1] <= 0)
+    a = int(torch.nonzero(firing & (f[0, 1] <= 0))[0])  # fires at token 0 only
+    b, c = (int(i) for i in torch.nonzero(silent)[:2])  # fire at neither token
+    guard = DynamicSAEGuard(sae, 2, torch.tensor([a, b, c]), value=-7.0, static=True, edit=edit)
+    delta = guard._gate(h) - h
+    assert torch.equal(delta[0, 1], torch.zeros_like(delta[0, 1]))  # a silent token is untouched
+    changed = {a: -7.0 - f[0, 0, a], b: torch.tensor(-7.0), c: torch.tensor(-7.0)}
+    if edit == "firing_only":
+        changed = {a: changed[a]}
+    expected = sum(v * sae.W_dec[i] for i, v in changed.items())
+    torch.testing.assert_close(delta[0, 0], expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="firing_only or all_selected"):
+        DynamicSAEGuard(sae, 2, torch.tensor([a]), edit="everything")

@@ -146,3 +146,26 @@ def test_generation_from_the_shared_header_cache_equals_a_full_prefill(tiny):
                                                               intervention=intervention, share_prefix=False)
         assert texts == full_texts and torch.allclose(first, full_first, atol=1e-5)
     hook.remove()
+
+
+def test_a_sliding_window_shorter_than_the_rows_turns_prefix_sharing_off(tiny_tokenizer):
+    """[prefix | pads | rest] puts pads inside a row; a sliding window counts them, so a shared
+    prefix changed Gemma-2's outputs (window 8: up to 0.04 in first-step log-prob)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from refusal_atlas.modeling import sliding_window
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                       max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, attn_implementation="eager")
+    model = Gemma2ForCausalLM(cfg).eval()
+    assert sliding_window(model) == 8
+    prompts = ["Yo", "A much longer prompt about gardening in spring, with several clauses and commas.", *PROMPTS]
+    shared = generate_with_first_logprobs(model, tok, prompts, max_new_tokens=4, batch_size=2)
+    alone = generate_with_first_logprobs(model, tok, prompts, max_new_tokens=4, batch_size=2, share_prefix=False)
+    assert shared[0] == alone[0] and torch.allclose(shared[1], alone[1], atol=1e-5)
+    one = generate_with_first_logprobs(model, tok, prompts[:2], max_new_tokens=4, batch_size=1)
+    assert one[0] == alone[0][:2] and torch.allclose(one[1], alone[1][:2], atol=1e-4)

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .interventions import Intervention
-from .modeling import attend_to_prefix, common_prefix_length, encode_chat, end_of_turn_ids, format_chat
+from .modeling import (attend_to_prefix, common_prefix_length, encode_chat, end_of_turn_ids, format_chat,
+                       sliding_window)
 from .modeling import require_left_padding
 
 
@@ -111,6 +112,11 @@ def _generate(model, tokenizer, instructions, *, max_new_tokens, batch_size=16, 
     require_left_padding(tokenizer)
     ids = [tokenizer(t, add_special_tokens=False).input_ids
            for t in format_chat(tokenizer, instructions, system_prompt)]
+    # [prefix | pads | rest] puts pads inside a row, and a sliding window counts them as positions:
+    # a row would see fewer real tokens than alone (Gemma-2 with window 8: up to 0.04 in log-prob)
+    window = sliding_window(model)
+    if window is not None and ids and window < max(map(len, ids)) + max_new_tokens:
+        share_prefix = False
     with intervention.applied(model), tqdm(total=len(instructions), desc=desc, unit="prompt") as bar:
         prefix = _shared_prefix(model, ids, device) if share_prefix and ids and intervention.shares_prefix else None
         for idx in length_sorted_batches([len(r) for r in ids], batch_size):

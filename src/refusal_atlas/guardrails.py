@@ -97,12 +97,18 @@ class DynamicSAEGuard(Intervention):
     tau: float = float("inf")
     value: float = -500.0
     static: bool = False
+    #: where an open gate writes ``value``: ``firing_only`` (ours) sets the selected latents that
+    #: fire at a token; ``all_selected`` (Muhamed et al.'s utils/intervention.py) sets every selected
+    #: latent at each token where any of them fires (docs/fidelity.md)
+    edit: str = "firing_only"
     fractions: np.ndarray = field(default_factory=lambda: np.zeros(0))
     opened: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     shares_prefix = False  # the gate counts firing over each whole sequence, from its prefill
 
     def __post_init__(self) -> None:
+        if self.edit not in ("firing_only", "all_selected"):
+            raise ValueError(f"edit must be firing_only or all_selected, not {self.edit!r}")
         self.features = torch.as_tensor(self.features, dtype=torch.long)
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._real: torch.Tensor | None = None
@@ -134,7 +140,8 @@ class DynamicSAEGuard(Intervention):
         open_ = torch.ones_like(frac, dtype=torch.bool) if self.static else frac > self.tau
         self.fractions = frac.cpu().numpy()
         self.opened = open_.cpu().numpy()
-        edit = open_[:, None, None] & (f_sel > 0) & real[..., None]
+        where = fires[..., None].expand_as(f_sel) if self.edit == "all_selected" else (f_sel > 0) & real[..., None]
+        edit = open_[:, None, None] & where
         if not edit.any():
             return h  # a closed gate: the residual stream is not touched at all
         new_sel = torch.where(edit, torch.full_like(f_sel, self.value), f_sel)

@@ -142,6 +142,16 @@ def common_prefix_length(rows: Sequence[Sequence[int]], limit: int) -> int:
     return k
 
 
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """The shortest attention window of any layer, or None where every layer attends globally
+    (Gemma-2/3's local layers, Mistral; Qwen2 only with ``use_sliding_window``)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 def attend_to_prefix(cache: Cache, attention_mask: torch.Tensor) -> torch.Tensor:
     """Repeat a batch-1 prefix KV ``cache`` in place for each row of ``attention_mask``; returns the
     mask with the prefix's positions in front, so every row attends to the one prefix."""

@@ -945,7 +945,8 @@ def guardrail_eval(model_dir: str, spec: Mapping, sae_dirs: Sequence[str], forge
                  for part, t in texts.items()}
         for c in cfg["c_values"]:
             for mode in ("dynamic", "static"):
-                guard = gr.DynamicSAEGuard(sae, layer, feats, tau=tau, value=-float(c), static=mode == "static")
+                guard = gr.DynamicSAEGuard(sae, layer, feats, tau=tau, value=-float(c), static=mode == "static",
+                                            edit=cfg["gate_edit"])
                 row = {"config": f"{config}-c{c:g}-{mode}", "selection": config, "q": sel.q.iloc[0],
                        "n": int(sel.n.iloc[0]), "c": c, "mode": mode, "tau": tau, "layer": layer}
                 for part in ("forget", "retain"):

@@ -30,6 +30,7 @@ rule guardrail_select:
         cfg=without(
             config["guardrails"]["unlearning"],
             "c_values",
+            "gate_edit",
             "multiple_choice",
             "retain_min",
         ),
