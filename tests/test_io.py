@@ -81,3 +81,10 @@ def test_a_killed_writers_temporary_is_cleared_by_the_next_write(tmp_path):
     with atomic_path(tmp_path / "model", is_dir=True) as tmp:
         (tmp / "w").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.x.tmp", "model", "out.json"]
+
+
+def test_the_same_table_makes_the_same_page():
+    from refusal_atlas.io import table_html
+
+    df = pd.DataFrame({"a": [1.5, 2.0], "b": ["x", "y"]})
+    assert table_html(df, "t", "t.csv") == table_html(df.copy(), "t", "t.csv")

@@ -205,7 +205,8 @@ def stage_reads(script: str | Path) -> set[str]:
     names, the parameters of the functions it reaches (``f(**cfg)``), and the fields of the
     dataclasses it builds. A params key outside this set is passed to
     the rule (and reruns it when edited) but never read."""
-    out: set[str] = set()
+    out = {n.value for n in ast.walk(ast.parse(Path(script).read_text(encoding="utf-8")))
+           if isinstance(n, ast.Constant) and isinstance(n.value, str)}  # the script's own reads
     for _, node in _reach(script_calls(script)):
         for n in ast.walk(node):
             if isinstance(n, ast.Constant) and isinstance(n.value, str):

@@ -127,7 +127,8 @@ def table_html(df: pd.DataFrame, title: str, csv_name: str) -> str:
     """A self-contained HTML page of ``df`` (pandas' Styler), with the CSV itself as a download link."""
     import base64
 
-    styler = df.style.format(precision=4, na_rep="–", escape="html").hide(axis="index")
+    # a fixed id instead of pandas' random one: the same table makes the same bytes
+    styler = df.style.format(precision=4, na_rep="–", escape="html").hide(axis="index").set_uuid("t")
     text_cols = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if text_cols:
         styler = styler.set_td_classes(pd.DataFrame(

@@ -370,7 +370,11 @@ def foundation_targets():
     """The organism, activations, refusal direction and baselines: what CI runs for real."""
     targets = []
     for model, spec in config["models"].items():
+        # the weights themselves: an interrupted job must be rebuilt by the target, not only when
+        # a later edit needs them (a missing intermediate reruns nothing by itself)
+        targets.append(f"results/models/{model}/base")
         if spec["refusal_tune"]:
+            targets.append(f"results/models/{model}/tuned")
             targets.append(f"results/models/{model}/model_card.json")
             targets.append(f"results/figures/{model}/organism.png")
         targets.append(f"results/figures/{model}/direction.png")

@@ -37,7 +37,7 @@ rule feature_dashboards:
         code=library_code("feature_dashboards"),
         spec=lambda w: load_params(w.model),
         sae_source=lambda w: model_spec(w.model)["sae"]["source"],
-        cfg=lambda w: without(dashboard_params(w.model), "methods"),
+        cfg=lambda w: dashboard_params(w.model),
         boot=config["bootstrap"],
     script:
         "../scripts/feature_dashboards.py"
