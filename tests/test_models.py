@@ -49,3 +49,18 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no CUDA GPU is visible"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_the_torch_requirement_excludes_versions_where_a_bare_torch_load_unpickles():
+    """SAELens loads some checkpoints with a bare ``torch.load``; only from torch 2.6 does that
+    default to ``weights_only=True`` instead of running arbitrary pickled code."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from conftest import ROOT
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    assert not torch_req.specifier.contains("2.5.1") and torch_req.specifier.contains("2.6.0")
+    assert torch.__version__ >= "2.6"
