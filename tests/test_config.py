@@ -117,16 +117,21 @@ def test_probes_take_the_held_out_features_unless_told_otherwise():
         validate(cfg, SCHEMA)
 
 
-def test_invalid_config_stops_snakemake_before_any_job(tmp_path):
-    cfg = copy.deepcopy(DEFAULT)
-    cfg["activations"]["batch_size"] = -1
+def run_with(tmp_path, cfg):
+    """``snakemake --cores 1`` on ``cfg``: what a user who made the edit would run."""
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    res = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(path),
          "--directory", str(tmp_path), "--cores", "1"],
         capture_output=True, text=True,
     )
+
+
+def test_invalid_config_stops_snakemake_before_any_job(tmp_path):
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["activations"]["batch_size"] = -1
+    res = run_with(tmp_path, cfg)
     assert res.returncode != 0
     assert "batch_size" in res.stderr + res.stdout and "-1" in res.stderr + res.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
@@ -295,13 +300,7 @@ def test_a_float_integer_stops_snakemake_before_any_job_in_a_few_lines(tmp_path)
     cfg = copy.deepcopy(DEFAULT)
     cfg["organism"]["batch_size"] = 8.0
     cfg["organsim"] = {}
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    res = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(path),
-         "--directory", str(tmp_path), "--cores", "1"],
-        capture_output=True, text=True,
-    )
+    res = run_with(tmp_path, cfg)
     out = res.stderr + res.stdout
     assert res.returncode != 0
     assert "organism.batch_size: 8.0 is not of type integer" in out and "unknown key 'organsim'" in out
