@@ -15,7 +15,8 @@ import yaml
 
 from conftest import ROOT
 
-GPU_RULES = {"base_refusal", "refusal_tune", "organism_card", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
+GPU_RULES = {"base_refusal", "refusal_tune", "organism_card", "cache_activations",
+             "refusal_direction", "sae_corpus", "train_sae",
              "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
              "judge_preflight", "judge_harmbench", "adversarial_responses", "jailbreak_mechanism", "guardrail_select",
              "guardrail_eval", "refusal_guardrail", "feature_dashboards", "category_features",

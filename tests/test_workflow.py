@@ -25,7 +25,8 @@ from slurm_cluster import missing_requirements, slurm_cluster
 pytestmark = pytest.mark.workflow
 
 # Every rule that runs a model; the others are CPU rules or local rules (workflow/Snakefile).
-GPU_RULES = {"base_refusal", "refusal_tune", "organism_card", "cache_activations", "refusal_direction", "sae_corpus", "train_sae",
+GPU_RULES = {"base_refusal", "refusal_tune", "organism_card", "cache_activations",
+             "refusal_direction", "sae_corpus", "train_sae",
              "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
              "adversarial_responses", "jailbreak_mechanism", "guardrail_select", "guardrail_eval",
              "refusal_guardrail", "feature_dashboards", "category_features", "category_steering",

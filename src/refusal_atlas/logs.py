@@ -56,7 +56,6 @@ def slurm_allocation(env: dict[str, str] | None = None) -> str:
             f"{n_gpus} gpus [{gpus}], CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')}")
 
 
-
 def _verify_datasets(job) -> None:
     """Dataset inputs are re-checked against the manifest's sha256 before the stage reads them."""
     paths = [str(p) for p in job.input]
