@@ -1,6 +1,6 @@
 """cache_activations throughput against a bare HF forward pass over the same batches.
 
-Ours: ``refusal_atlas.activations.last_token_resid_post`` (hooks on every block, last-token rows to
+Ours: ``refusal_atlas.lm.activations.last_token_resid_post`` (hooks on every block, last-token rows to
 the CPU). Bare: ``model(**batch)`` with nothing else, over identical left-padded chat batches.
 Goal: throughput ratio ours / bare >= 0.9.
 """
@@ -17,8 +17,8 @@ def main() -> None:
         args.prompts, args.repeats = 32, 1
     import torch
 
-    from refusal_atlas.activations import last_token_resid_post
-    from refusal_atlas.generation import chat_batches
+    from refusal_atlas.lm.activations import last_token_resid_post
+    from refusal_atlas.lm.generation import chat_batches
 
     model, tok = subject(args)
     texts = prompts(args.prompts)

@@ -2,7 +2,7 @@
 
 Every script measures a hot path of refusal-atlas against a bare reference in the same process
 and prints ``ratio <name> = <x> (goal ...)`` last. ``--smoke`` swaps in a tiny random model so
-the whole suite runs in seconds (CI runs it that way through tests/test_bench.py).
+the whole suite runs in seconds (CI runs it that way through tests/pipeline/test_bench.py).
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ def subject(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        from refusal_atlas.synthetic import chat_tokenizer, tiny_llama
+        from refusal_atlas.testing.synthetic import chat_tokenizer, tiny_llama
 
         tok = chat_tokenizer(prompts(200))
         return tiny_llama(tok, n_layers=4).to(args.device), tok
     if not (args.model / "config.json").exists():
         sys.exit(f"{args.model} is not an HF model directory: run the default DAG first "
                  "(snakemake --cores 2) or pass --model")
-    from refusal_atlas.modeling import load_model
+    from refusal_atlas.lm.modeling import load_model
 
     return load_model(args.model, dtype="float32", device=args.device)
 

@@ -23,10 +23,11 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from refusal_atlas.activations import last_token_resid_post  # noqa: F401  (the path measured below)
-    from refusal_atlas.memory import GEMMA_2_2B, ModelShape, measure
-    from refusal_atlas.steering import FeatureClamp, FeatureSet
-    from refusal_atlas.synthetic import random_gemma2, random_saes
+    from la_ig_memory import measure
+
+    from refusal_atlas.cluster.memory import GEMMA_2_2B, ModelShape
+    from refusal_atlas.steering.clamp import FeatureClamp, FeatureSet
+    from refusal_atlas.testing.synthetic import random_gemma2, random_saes
 
     if args.smoke:
         shape, d_sae, n_sae, device = ModelShape(2_000_000, 4, 64, 128, 4, 512), 256, 4, "cpu"

@@ -1,6 +1,6 @@
 """LA-IG time per prompt against one forward plus backward pass of the same batch, and peak memory.
 
-LA-IG (``refusal_atlas.attribution.la_ig_batch``) runs a patch pass and a clean pass that record
+LA-IG (``refusal_atlas.features.attribution.la_ig_batch``) runs a patch pass and a clean pass that record
 every SAE layer, then N interpolated forward+backward passes; the reference is one forward pass
 and one backward pass (to the input embeddings) of the same model and batch. The goal is
 time(LA-IG) / time(forward+backward) <= N + 3. Peak memory: CUDA's allocator peak on a GPU, the
@@ -23,9 +23,9 @@ def main() -> None:
         args.steps, args.d_sae, args.sae_layers, args.repeats = 3, 128, 2, 1
     import torch
 
-    from refusal_atlas.attribution import la_ig_batch
-    from refusal_atlas.generation import chat_batches
-    from refusal_atlas.synthetic import random_saes
+    from refusal_atlas.features.attribution import la_ig_batch
+    from refusal_atlas.lm.generation import chat_batches
+    from refusal_atlas.testing.synthetic import random_saes
 
     model, tok = subject(args)
     model.requires_grad_(False)

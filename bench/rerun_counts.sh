@@ -41,12 +41,12 @@ echo "$name: total jobs planned from empty: $total"
 echo "$name: unchanged: $(count --configfile $wt/config/config.yaml)"
 echo "$name: bootstrap.n_resamples: $(count --configfile $wt/boot.yaml)"
 echo "$name: features.k_star: $(count --configfile $wt/kstar.yaml)"
-sed -i 's/    needles = \[_normalise(s) for s in substrings\]/    needles = list(map(_normalise, substrings))/' $wt/src/refusal_atlas/judges.py
+sed -i 's/    needles = \[_normalise(s) for s in substrings\]/    needles = list(map(_normalise, substrings))/' $wt/src/refusal_atlas/evaluation/substring_judge.py
 git -C $wt diff --stat
 echo "$name: body edit in judges.py: $(count --configfile $wt/config/config.yaml)"
-git -C $wt checkout -q src/refusal_atlas/judges.py
-sed -i '0,/^def /s//# a comment\ndef /' $wt/src/refusal_atlas/stats.py
+git -C $wt checkout -q src/refusal_atlas/evaluation/substring_judge.py
+sed -i '0,/^def /s//# a comment\ndef /' $wt/src/refusal_atlas/core/stats.py
 git -C $wt diff --stat
 echo "$name: comment edit in stats.py: $(count --configfile $wt/config/config.yaml)"
-git -C $wt checkout -q src/refusal_atlas/stats.py
+git -C $wt checkout -q src/refusal_atlas/core/stats.py
 git -C "$repo" worktree remove --force $wt

@@ -24,10 +24,14 @@ def main() -> None:
         args.tokens, args.d_sae, args.k, args.batch, args.context = 4096, 128, 8, 512, 32
     import torch
     from datasets import Dataset
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from sae_lens import TopKTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        TopKTrainingSAEConfig,
+    )
 
-    from refusal_atlas.saes import TopKTrainConfig, train_topk_sae
+    from refusal_atlas.saes.training import TopKTrainConfig, train_topk_sae
 
     model, _ = subject(args)
     cfg = model.config

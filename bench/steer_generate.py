@@ -21,8 +21,8 @@ def main() -> None:
         args.batch_size, args.prompt_tokens, args.new_tokens, args.d_sae, args.repeats = 4, 8, 4, 128, 1
     import torch
 
-    from refusal_atlas.steering import FeatureClamp, FeatureSet
-    from refusal_atlas.synthetic import random_saes
+    from refusal_atlas.steering.clamp import FeatureClamp, FeatureSet
+    from refusal_atlas.testing.synthetic import random_saes
 
     model, tok = subject(args)
     cfg = model.config

@@ -1,34 +1,37 @@
 # Config validation and input functions shared by every stage.
 import dataclasses
 import re
+import sys
 from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
 
-from refusal_atlas.conditions import needs_search, parse_condition
-from refusal_atlas.resources import stage_gpus
-from refusal_atlas.code_version import code_version
-from refusal_atlas.datasets import load_manifest
-from refusal_atlas.config import (
-    check_config,
-    check_models,
-    check_schema,
-    model_facts,
-    sort_keys,
-    for_model,
-    category_promptset,
-    circuit_promptset,
+# The library is importable without an install (a bare `snakemake --lint`, a cluster node):
+# src/ comes from the checkout, the same copy the jobs' scripts import.
+sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
+
+from refusal_atlas.cluster.gpus import stage_gpus
+from refusal_atlas.config.model_checks import check_models, model_facts
+from refusal_atlas.config.schema import check_schema, sort_keys
+from refusal_atlas.config.sections import (
     BENCHMARK_FILES,
     CATQA_FILE,
-    dashboard_protocol,
-    feature_promptset,
-    probe_promptset,
-    probe_protocol,
     OR_BENCH_FILES,
     PROMPTSET_SOURCE_KEYS,
     REFUSAL_DIRECTION_SPLIT_FILES,
+    category_promptset,
+    check_config,
+    circuit_promptset,
+    dashboard_protocol,
+    feature_promptset,
+    for_model,
+    probe_promptset,
+    probe_protocol,
 )
+from refusal_atlas.data.datasets import load_manifest
+from refusal_atlas.pipeline.code_version import code_version
+from refusal_atlas.steering.conditions import needs_search, parse_condition
 
 # Files that ship with the workflow resolve against the repository, so --directory works.
 REPO = Path(workflow.basedir).parent
@@ -74,7 +77,7 @@ def manifest_entry(key):
 
 
 def library_code(rule):
-    """The hash of the library code a rule's script runs (refusal_atlas.code_version): a
+    """The hash of the library code a rule's script runs (refusal_atlas.pipeline.code_version): a
     params entry, so that editing that code reruns the rule and editing other code does not.
     """
     return code_version(REPO / "workflow/scripts" / f"{rule}.py")
@@ -93,7 +96,7 @@ def model_spec(model):
 
 
 def model_section(model, name):
-    """A config section as one model sees it (refusal_atlas.config.for_model)."""
+    """A config section as one model sees it (refusal_atlas.config.sections.for_model)."""
     return MODEL_CONFIGS[model][name]
 
 
@@ -149,7 +152,7 @@ def section_keys(model, name, *keys):
 
 
 def gpus(stage):
-    """GPUs one job of a GPU-heavy rule asks for, per model (refusal_atlas.resources)."""
+    """GPUs one job of a GPU-heavy rule asks for, per model (refusal_atlas.cluster.gpus)."""
     return lambda w: stage_gpus(stage, model_spec(w.model), MODEL_CONFIGS[w.model])
 
 

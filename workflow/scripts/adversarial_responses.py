@@ -1,11 +1,11 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, probes
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.adversarial_responses(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.promptset,
-        snakemake.params.cfg,
-        snakemake.params.substrings,
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    probes.adversarial_responses(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        promptset=snakemake.input.promptset,
+        cfg=snakemake.params.cfg,
+        substrings=snakemake.params.substrings,
+        output=snakemake.output[0],
     )

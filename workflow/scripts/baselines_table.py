@@ -1,4 +1,7 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, scoring
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.gather_tables(list(snakemake.input), snakemake.output[0])
+with job.logged(snakemake.log[0], snakemake.threads):
+    scoring.baselines_table(
+        inputs=list(snakemake.input),
+        output=snakemake.output[0],
+    )

@@ -1,10 +1,10 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, scoring
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.benchmark_table(
-        list(snakemake.input),
-        snakemake.params.judges,
-        snakemake.params.judge_names,
-        snakemake.output.table,
-        snakemake.output.png.removesuffix(".png"),
+with job.logged(snakemake.log[0], snakemake.threads):
+    scoring.benchmark_table(
+        summaries=list(snakemake.input),
+        judges=snakemake.params.judges,
+        caption=snakemake.params.judge_names,
+        output=snakemake.output.table,
+        figure_stem=snakemake.output.png.removesuffix(".png"),
     )

@@ -1,6 +1,8 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, data
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.build_promptsets(
-        snakemake.params.spec, dict(snakemake.input.items()), snakemake.output[0]
+with job.logged(snakemake.log[0], snakemake.threads):
+    data.build_promptsets(
+        spec=snakemake.params.spec,
+        inputs=dict(snakemake.input.items()),
+        output=snakemake.output[0],
     )

@@ -1,11 +1,11 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, activations
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.cache_activations(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.promptset,
-        snakemake.params.batch_size,
-        snakemake.output.acts,
-        snakemake.output.index,
+with job.logged(snakemake.log[0], snakemake.threads):
+    activations.cache_activations(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        promptset=snakemake.input.promptset,
+        batch_size=snakemake.params.batch_size,
+        acts_out=snakemake.output.acts,
+        index_out=snakemake.output.index,
     )

@@ -1,15 +1,15 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, capabilities
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.capabilities(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.wildcards.method,
-        {k: snakemake.input[k] for k in snakemake.input.keys()},
-        list(snakemake.input.base),
-        snakemake.input.corpus,
-        snakemake.params.cfg,
-        snakemake.params.steering,
-        snakemake.params.boot,
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    capabilities.capabilities(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        method=snakemake.wildcards.method,
+        inputs={k: snakemake.input[k] for k in snakemake.input.keys()},
+        base_generations=list(snakemake.input.base),
+        corpus_index=snakemake.input.corpus,
+        cfg=snakemake.params.cfg,
+        steering_cfg=snakemake.params.steering,
+        boot=snakemake.params.boot,
+        output=snakemake.output[0],
     )

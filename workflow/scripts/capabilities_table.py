@@ -1,4 +1,8 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, capabilities
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.capabilities_table(list(snakemake.input), snakemake.wildcards.model, snakemake.output[0])
+with job.logged(snakemake.log[0], snakemake.threads):
+    capabilities.capabilities_table(
+        files=list(snakemake.input),
+        model=snakemake.wildcards.model,
+        output=snakemake.output[0],
+    )

@@ -1,13 +1,13 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, categories
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.category_features(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.acts,
-        snakemake.input.index,
-        snakemake.input.direction,
-        snakemake.input.saes,
-        snakemake.params.cfg,
-        dict(snakemake.output.items()),
+with job.logged(snakemake.log[0], snakemake.threads):
+    categories.category_features(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        acts_path=snakemake.input.acts,
+        index_path=snakemake.input.index,
+        direction_summary=snakemake.input.direction,
+        sae_dirs=snakemake.input.saes,
+        cfg=snakemake.params.cfg,
+        outputs=dict(snakemake.output.items()),
     )

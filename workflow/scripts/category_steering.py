@@ -1,16 +1,16 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, categories
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.category_steering(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.promptset,
-        snakemake.input.conditions,
-        snakemake.input.saes,
-        snakemake.input.get("hparams"),
-        snakemake.params.cfg,
-        snakemake.params.substrings,
-        snakemake.params.boot,
-        {**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
-        snakemake.params.caption,
+with job.logged(snakemake.log[0], snakemake.threads):
+    categories.category_steering(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        promptset=snakemake.input.promptset,
+        conditions=snakemake.input.conditions,
+        sae_dirs=snakemake.input.saes,
+        hparams=snakemake.input.get("hparams"),
+        cfg=snakemake.params.cfg,
+        substrings=snakemake.params.substrings,
+        boot=snakemake.params.boot,
+        outputs={**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
+        caption=snakemake.params.caption,
     )

@@ -1,15 +1,15 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, categories
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.circuits(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.promptset,
-        snakemake.input.get("categories"),
-        snakemake.input.direction,
-        snakemake.input.saes,
-        snakemake.params.cfg,
-        snakemake.params.boot,
-        {**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
-        snakemake.params.caption,
+with job.logged(snakemake.log[0], snakemake.threads):
+    categories.circuits(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        promptset=snakemake.input.promptset,
+        category_summary=snakemake.input.get("categories"),
+        direction_summary=snakemake.input.direction,
+        sae_dirs=snakemake.input.saes,
+        cfg=snakemake.params.cfg,
+        boot=snakemake.params.boot,
+        outputs={**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
+        caption=snakemake.params.caption,
     )

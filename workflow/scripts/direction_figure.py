@@ -1,10 +1,10 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, figures
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.direction_figure(
-        snakemake.input.layers,
-        snakemake.input.summary,
-        snakemake.params.caption,
-        snakemake.output.png.removesuffix(".png"),
-        snakemake.params.kl_max,
+with job.logged(snakemake.log[0], snakemake.threads):
+    figures.direction_figure(
+        layers=snakemake.input.layers,
+        summary=snakemake.input.summary,
+        caption=snakemake.params.caption,
+        stem=snakemake.output.png.removesuffix(".png"),
+        kl_max=snakemake.params.kl_max,
     )

@@ -1,9 +1,9 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, data
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.download_dataset(
-        snakemake.params.entry,
-        snakemake.output[0],
-        snakemake.config["datasets"]["mirror"],
-        snakemake.config["datasets"]["timeout_s"],
+with job.logged(snakemake.log[0], snakemake.threads):
+    data.download_dataset(
+        entry=snakemake.params.entry,
+        dest=snakemake.output[0],
+        mirror=snakemake.config["datasets"]["mirror"],
+        timeout=snakemake.config["datasets"]["timeout_s"],
     )

@@ -1,16 +1,16 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, features
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.feature_attribution(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.acts,
-        snakemake.input.index,
-        snakemake.input.direction,
-        list(snakemake.input.saes),
-        snakemake.params.layers,
-        snakemake.wildcards.protocol,
-        snakemake.params.cfg,
-        snakemake.output.scores,
-        snakemake.output.summary,
+with job.logged(snakemake.log[0], snakemake.threads):
+    features.feature_attribution(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        acts_path=snakemake.input.acts,
+        index_path=snakemake.input.index,
+        direction_summary=snakemake.input.direction,
+        sae_dirs=list(snakemake.input.saes),
+        layers=snakemake.params.layers,
+        protocol=snakemake.wildcards.protocol,
+        cfg=snakemake.params.cfg,
+        output=snakemake.output.scores,
+        summary_out=snakemake.output.summary,
     )

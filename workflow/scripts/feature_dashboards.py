@@ -1,17 +1,17 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, dashboards
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.feature_dashboards(
-        snakemake.wildcards.model,
-        snakemake.params.sae_source,
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.promptset,
-        dict(zip(snakemake.params.cfg["methods"], snakemake.input.features)),
-        snakemake.input.attributions,
-        snakemake.input.saes,
-        snakemake.input.get("hparams"),
-        snakemake.params.cfg,
-        snakemake.params.boot,
-        dict(snakemake.output.items()),
+with job.logged(snakemake.log[0], snakemake.threads):
+    dashboards.feature_dashboards(
+        model=snakemake.wildcards.model,
+        sae_source=snakemake.params.sae_source,
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        promptset=snakemake.input.promptset,
+        feature_tables=dict(zip(snakemake.params.cfg["methods"], snakemake.input.features)),
+        attribution_summaries=snakemake.input.attributions,
+        sae_dirs=snakemake.input.saes,
+        hparams=snakemake.input.get("hparams"),
+        cfg=snakemake.params.cfg,
+        boot=snakemake.params.boot,
+        outputs=dict(snakemake.output.items()),
     )

@@ -1,9 +1,9 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, features
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.features_table(
-        list(snakemake.input),
-        snakemake.wildcards.model,
-        snakemake.output.table,
-        snakemake.output.overlap,
+with job.logged(snakemake.log[0], snakemake.threads):
+    features.features_table(
+        files=list(snakemake.input),
+        model=snakemake.wildcards.model,
+        output=snakemake.output.table,
+        overlap_out=snakemake.output.overlap,
     )

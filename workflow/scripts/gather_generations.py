@@ -1,4 +1,7 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, steering
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.gather_generations(list(snakemake.input), snakemake.output[0])
+with job.logged(snakemake.log[0], snakemake.threads):
+    steering.gather_generations(
+        shards=list(snakemake.input),
+        output=snakemake.output[0],
+    )

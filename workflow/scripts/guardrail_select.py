@@ -1,13 +1,13 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, guardrails
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.guardrail_select(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.saes,
-        snakemake.input.forget,
-        snakemake.input.retain,
-        snakemake.params.cfg,
-        snakemake.output.selection,
-        snakemake.output.stats,
+with job.logged(snakemake.log[0], snakemake.threads):
+    guardrails.guardrail_select(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        sae_dirs=snakemake.input.saes,
+        forget=snakemake.input.forget,
+        retain=snakemake.input.retain,
+        cfg=snakemake.params.cfg,
+        output=snakemake.output.selection,
+        stats_out=snakemake.output.stats,
     )

@@ -1,4 +1,8 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, scoring
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.induction_table(list(snakemake.input), snakemake.output.table, snakemake.output.png.removesuffix(".png"))
+with job.logged(snakemake.log[0], snakemake.threads):
+    scoring.induction_table(
+        summaries=list(snakemake.input),
+        output=snakemake.output.table,
+        figure_stem=snakemake.output.png.removesuffix(".png"),
+    )

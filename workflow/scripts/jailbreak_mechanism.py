@@ -1,16 +1,16 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, probes
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.jailbreak_mechanism(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.promptset,
-        snakemake.input.responses,
-        snakemake.input.features,
-        snakemake.input.saes,
-        snakemake.input.direction,
-        snakemake.params.cfg,
-        snakemake.params.boot,
-        {**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
-        snakemake.params.caption,
+with job.logged(snakemake.log[0], snakemake.threads):
+    probes.jailbreak_mechanism(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        promptset=snakemake.input.promptset,
+        responses=snakemake.input.responses,
+        features_path=snakemake.input.features,
+        sae_dirs=snakemake.input.saes,
+        direction_summary=snakemake.input.direction,
+        cfg=snakemake.params.cfg,
+        boot=snakemake.params.boot,
+        outputs={**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
+        caption=snakemake.params.caption,
     )

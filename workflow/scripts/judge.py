@@ -1,9 +1,9 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, scoring
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.judge(
-        snakemake.input[0],
-        snakemake.wildcards.judge,
-        snakemake.params.substrings,
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    scoring.judge(
+        generations=snakemake.input[0],
+        judge_name=snakemake.wildcards.judge,
+        substrings=snakemake.params.substrings,
+        output=snakemake.output[0],
     )

@@ -1,7 +1,11 @@
 # The vLLM environment does not install refusal_atlas (its torch differs): the import resolves
-# through workflow/scripts/refusal_atlas, and the judge modules need only the standard library,
-# pandas and transformers.
-from refusal_atlas import harmbench, logs
+# through workflow/scripts/refusal_atlas, and refusal_atlas.pipeline.scoring needs only the standard
+# library, pandas and transformers (tests/pipeline/test_light_stages.py keeps it so).
 
-with logs.logged(snakemake.log[0], snakemake.threads):
-    harmbench.preflight_file(snakemake.params.cfg, snakemake.output[0])
+from refusal_atlas.pipeline import job, scoring
+
+with job.logged(snakemake.log[0], snakemake.threads):
+    scoring.judge_preflight(
+        cfg=snakemake.params.cfg,
+        output=snakemake.output[0],
+    )

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, model
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.organism_card(
+with job.logged(snakemake.log[0], snakemake.threads):
+    model.organism_card(
         model_name=snakemake.wildcards.model,
         base_dir=snakemake.input.base,
         tuned_dir=snakemake.input.tuned,

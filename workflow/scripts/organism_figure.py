@@ -1,4 +1,8 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, figures
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.organism_figure(snakemake.input[0], snakemake.params.caption, snakemake.output.png.removesuffix(".png"))
+with job.logged(snakemake.log[0], snakemake.threads):
+    figures.organism_figure(
+        card=snakemake.input[0],
+        caption=snakemake.params.caption,
+        stem=snakemake.output.png.removesuffix(".png"),
+    )

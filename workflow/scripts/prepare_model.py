@@ -1,4 +1,7 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, model
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.prepare_model(snakemake.params.spec, snakemake.output[0])
+with job.logged(snakemake.log[0], snakemake.threads):
+    model.prepare_model(
+        spec=snakemake.params.spec,
+        output=snakemake.output[0],
+    )

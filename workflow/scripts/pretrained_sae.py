@@ -1,9 +1,9 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, saes
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.pretrained_sae(
-        snakemake.params.spec,
-        snakemake.params.sae,
-        int(snakemake.wildcards.layer),
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    saes.pretrained_sae(
+        spec=snakemake.params.spec,
+        cfg=snakemake.params.sae,
+        layer=int(snakemake.wildcards.layer),
+        output_dir=snakemake.output[0],
     )

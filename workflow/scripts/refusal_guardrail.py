@@ -1,19 +1,19 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, guardrails
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.refusal_guardrail(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.saes,
-        snakemake.input.promptset,
-        snakemake.input.features,
-        snakemake.input.direction,
-        snakemake.params.cfg,
-        snakemake.params.substrings,
-        snakemake.params.boot,
-        snakemake.params.caption,
-        snakemake.output.table,
-        snakemake.output.generations,
-        snakemake.output.png.removesuffix(".png"),
-        snakemake.input.own_pool,
+with job.logged(snakemake.log[0], snakemake.threads):
+    guardrails.refusal_guardrail(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        sae_dirs=snakemake.input.saes,
+        promptset=snakemake.input.promptset,
+        features_path=snakemake.input.features,
+        direction_summary=snakemake.input.direction,
+        cfg=snakemake.params.cfg,
+        substrings=snakemake.params.substrings,
+        boot=snakemake.params.boot,
+        caption=snakemake.params.caption,
+        output=snakemake.output.table,
+        gate_out=snakemake.output.generations,
+        figure_stem=snakemake.output.png.removesuffix(".png"),
+        own_pool=snakemake.input.own_pool,
     )

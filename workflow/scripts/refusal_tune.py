@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, model
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.refusal_tune(
+with job.logged(snakemake.log[0], snakemake.threads):
+    model.refusal_tune(
         base_dir=snakemake.input.base,
         promptsets={Path(p).stem: p for p in snakemake.input.promptsets},
         spec=snakemake.params.spec,

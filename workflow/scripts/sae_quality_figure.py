@@ -1,6 +1,9 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, figures
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.sae_quality_figure(
-        snakemake.input[0], snakemake.params.targets, snakemake.params.caption, snakemake.output.png.removesuffix(".png")
+with job.logged(snakemake.log[0], snakemake.threads):
+    figures.sae_quality_figure(
+        table=snakemake.input[0],
+        targets=snakemake.params.targets,
+        caption=snakemake.params.caption,
+        stem=snakemake.output.png.removesuffix(".png"),
     )

@@ -1,9 +1,9 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, saes
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.sae_quality_table(
-        list(snakemake.input),
-        snakemake.wildcards.model,
-        snakemake.params.targets,
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    saes.sae_quality_table(
+        files=list(snakemake.input),
+        model=snakemake.wildcards.model,
+        targets=snakemake.params.targets,
+        output=snakemake.output[0],
     )

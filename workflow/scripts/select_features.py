@@ -1,9 +1,9 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, features
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.select_features(
-        snakemake.wildcards.method,
-        dict(zip(snakemake.params.protocols, snakemake.input)),
-        snakemake.params.cfg,
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    features.select_features(
+        method=snakemake.wildcards.method,
+        attributions=dict(zip(snakemake.params.protocols, snakemake.input)),
+        cfg=snakemake.params.cfg,
+        output=snakemake.output[0],
     )

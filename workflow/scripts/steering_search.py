@@ -1,15 +1,15 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, steering
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.steering_search(
-        snakemake.input.model,
-        snakemake.params.spec,
-        snakemake.input.promptset,
-        snakemake.input.features,
-        list(snakemake.input.saes),
-        snakemake.params.cfg,
-        snakemake.params.substrings,
-        snakemake.params.boot,
-        snakemake.output.hparams,
-        snakemake.output.sweep,
+with job.logged(snakemake.log[0], snakemake.threads):
+    steering.steering_search(
+        model_dir=snakemake.input.model,
+        spec=snakemake.params.spec,
+        promptset=snakemake.input.promptset,
+        features_path=snakemake.input.features,
+        sae_dirs=list(snakemake.input.saes),
+        cfg=snakemake.params.cfg,
+        substrings=snakemake.params.substrings,
+        boot=snakemake.params.boot,
+        output=snakemake.output.hparams,
+        sweep_out=snakemake.output.sweep,
     )

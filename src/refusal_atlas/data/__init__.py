@@ -1,0 +1,1 @@
+"""Pinned, checksummed datasets and the prompt sets built from them, with their selectors."""

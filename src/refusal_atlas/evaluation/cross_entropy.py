@@ -1,0 +1,84 @@
+"""What an intervention costs: cross-entropy on the model's own answers and on generic text.
+
+Yeo et al. 2025 §4.1 ("Capabilities") measure the CE of the unsteered model's responses to
+harmless prompts under the intervention. The reference summed it over tokens; here every
+response is normalised by its own number of response tokens, so long answers do not weigh more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_atlas.lm.generation import length_sorted_batches
+from refusal_atlas.lm.interventions import Intervention
+from refusal_atlas.lm.modeling import end_of_turn_id, format_chat, position_ids_from_mask
+
+
+def _left_pad(rows: Sequence[list], value) -> torch.Tensor:
+    return pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=value, padding_side="left")
+
+
+@torch.no_grad()
+def _token_ce(model: PreTrainedModel, seqs: Sequence[list[int]], scored: Sequence[list[bool]], pad_id: int,
+              batch_size: int, intervention: Intervention, prompt_ids: Sequence[str] | None, desc: str) -> np.ndarray:
+    """Per sequence, the mean next-token CE over the positions flagged in ``scored``."""
+    device = next(model.parameters()).device
+    out = np.full(len(seqs), np.nan)
+    with intervention.applied(model):
+        for idx in tqdm(length_sorted_batches([len(s) for s in seqs], batch_size), desc=desc, unit="batch"):
+            ids = _left_pad([seqs[i] for i in idx], pad_id).to(device)
+            mask = _left_pad([[1] * len(seqs[i]) for i in idx], 0).to(device)
+            flags = _left_pad([scored[i] for i in idx], False).to(device)
+            rows = intervention.rows([prompt_ids[i] for i in idx]) if prompt_ids is not None else nullcontext()
+            with rows:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                               use_cache=False).logits
+            ce = nnf.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+            # a target counts only when the position predicting it is a real token, not padding
+            keep = (flags[:, 1:] & mask[:, :-1].bool()).float()
+            per_seq = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)
+            for row, i in enumerate(idx):
+                out[i] = float(per_seq[row]) if keep[row].sum() > 0 else np.nan
+    return out
+
+
+def response_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str],
+                responses: Sequence[str], *, intervention: Intervention | None = None, batch_size: int = 16,
+                system_prompt: str | None = None, prompt_ids: Sequence[str] | None = None,
+                desc: str = "response CE") -> np.ndarray:
+    """Per response, the mean CE (nats/token) of its tokens after the chat prompt.
+
+    The response is scored through its end-of-turn token, so a steer that makes the model stop
+    early or ramble is charged for it; an empty response (the model ended its turn at once) is
+    scored on that token alone.
+    """
+    prompts = format_chat(tokenizer, instructions, system_prompt)
+    eot = end_of_turn_id(tokenizer)
+    seqs, scored = [], []
+    for p, r in zip(prompts, responses):
+        p_ids = tokenizer(p, add_special_tokens=False).input_ids
+        r_ids = tokenizer(r, add_special_tokens=False).input_ids
+        r_ids = r_ids + [eot]
+        seqs.append(p_ids + r_ids)
+        scored.append([False] * len(p_ids) + [True] * len(r_ids))
+    return _token_ce(model, seqs, scored, tokenizer.pad_token_id, batch_size, intervention or Intervention(),
+                     prompt_ids, desc)
+
+
+def text_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *,
+            intervention: Intervention | None = None, batch_size: int = 16, max_tokens: int = 256,
+            desc: str = "text CE") -> np.ndarray:
+    """Per text, the mean next-token CE (nats/token) of plain text without a chat template."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    seqs = [(bos + tokenizer(t, add_special_tokens=False).input_ids)[:max_tokens] for t in texts]
+    scored = [[True] * len(s) for s in seqs]
+    return _token_ce(model, seqs, scored, tokenizer.pad_token_id, batch_size, intervention or Intervention(),
+                     None, desc)

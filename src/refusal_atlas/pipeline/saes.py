@@ -1,0 +1,111 @@
+"""Stages of workflow/rules/saes.smk: the SAE corpus, trained or pretrained SAEs, their quality."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from refusal_atlas.core.io import atomic_path, write_json, write_parquet, write_safetensors, write_table
+from refusal_atlas.data import prompts
+
+log = logging.getLogger("refusal_atlas")
+
+
+def sae_corpus(*, model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, layers: Sequence[int], heldout_only: bool,
+               acts_out: str, index_out: str) -> None:
+    """One activation pass over the corpus for every SAE layer; held-out sequences kept apart."""
+    from refusal_atlas.lm.modeling import autocast
+    from refusal_atlas.pipeline.openers import check_layers, open_model
+    from refusal_atlas.saes import corpus, loading
+
+    items = prompts.load_instructions(Path(dataset))
+    order = np.random.default_rng(cfg["seed"]).permutation(len(items))
+    n_ho = min(cfg["heldout_sequences"], len(items) // 2)
+    splits = {"heldout": order[:n_ho]}
+    if not heldout_only:
+        splits["train"] = order[n_ho : n_ho + cfg["max_sequences"]]
+    model, tok, system_prompt = open_model(model_dir, spec)
+    check_layers(layers, model.config.num_hidden_layers, "sae.layers")
+    tensors, rows = {}, []
+    for split, idx in splits.items():
+        texts = [items[i]["instruction"] for i in idx]
+        with autocast(model, cfg["autocast_dtype"]):
+            acts = corpus.token_resid_post(model, tok, texts, layers, batch_size=cfg["batch_size"],
+                                         system_prompt=system_prompt)
+        for layer, a in acts.items():
+            tensors[f"layer_{layer}.{split}"] = a
+        rows += [{"instruction": t, "split": split} for t in texts]
+        log.info("%s: %d sequences, %d tokens", split, len(texts), next(iter(acts.values())).shape[0])
+    meta = {"hook": loading.HOOK_TEMPLATE, "positions": "non-special tokens", "dataset": dataset}
+    write_safetensors(tensors, acts_out, metadata=meta)
+    write_parquet(pd.DataFrame(rows), index_out)
+
+
+def train_sae(*, acts_path: str, layer: int, model_name: str, spec: Mapping, cfg: Mapping, output_dir: str) -> None:
+    from safetensors import safe_open
+
+    from refusal_atlas.lm.modeling import resolve_device
+    from refusal_atlas.saes import loading, training
+
+    with safe_open(acts_path, "pt") as fh:
+        acts = fh.get_tensor(f"layer_{layer}.train")
+    train_cfg = training.TopKTrainConfig(
+        d_sae=cfg["d_sae"], k=cfg["k"], lr=cfg["lr"], batch_size=cfg["train_batch_size"],
+        training_tokens=cfg["training_tokens"], dead_feature_window=cfg["dead_feature_window"], seed=cfg["seed"],
+        device=str(resolve_device(spec["device"])), dtype=spec["dtype"],
+    )
+    start = time.perf_counter()
+    sae = training.train_topk_sae(acts, train_cfg, {
+        "hook_name": loading.hook_name(layer), "model_name": model_name, "exclude_special_tokens": True,
+        "n_cached_tokens": int(acts.shape[0]),
+    })
+    sae.cfg.metadata.train_seconds = round(time.perf_counter() - start, 1)
+    log.info("trained layer %d on %d cached tokens in %.0f s", layer, acts.shape[0], sae.cfg.metadata.train_seconds)
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        sae.save_model(tmp)
+
+
+def pretrained_sae(*, spec: Mapping, cfg: Mapping, layer: int, output_dir: str) -> None:
+    from refusal_atlas.saes import loading
+
+    sae = loading.load_pretrained_sae(cfg["release"], cfg["sae_id"].format(layer=layer), dtype=spec["dtype"])
+    if loading.hook_layer(sae) != layer:
+        raise ValueError(f"{cfg['release']}/{cfg['sae_id'].format(layer=layer)} reads layer {loading.hook_layer(sae)}, "
+                         f"not {layer}")
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        sae.save_model(tmp)
+
+
+def sae_quality(*, model_dir: str, spec: Mapping, sae_dir: str, layer: int, acts_path: str, index_path: str,
+                batch_size: int, output: str) -> None:
+    from safetensors import safe_open
+
+    from refusal_atlas.lm.modeling import layer_device
+    from refusal_atlas.pipeline.openers import open_model
+    from refusal_atlas.saes import loading, quality
+
+    model, tok, system_prompt = open_model(model_dir, spec)
+    sae = loading.load_sae(sae_dir, device=layer_device(model, layer), dtype=spec["dtype"])
+    with safe_open(acts_path, "pt") as fh:
+        heldout = fh.get_tensor(f"layer_{layer}.heldout")
+    index = pd.read_parquet(index_path)
+    texts = list(index[index.split == "heldout"].instruction)
+    q = quality.quality(model, tok, sae, layer, heldout, texts, batch_size=batch_size, system_prompt=system_prompt)
+    log.info("%s", q)
+    write_json({**asdict(q), "d_sae": sae.cfg.d_sae, "train_seconds": sae.cfg.metadata.train_seconds,
+                "sae": sae_dir}, output)
+
+
+# ---------------------------------------------------------------------------- SAE quality
+def sae_quality_table(*, files: Sequence[str], model: str, targets: Mapping[str, float], output: str) -> None:
+    df = pd.DataFrame([json.loads(Path(p).read_text()) for p in files]).assign(model=model)
+    df["meets_targets"] = (df.explained_variance >= targets["explained_variance_min"]) & (
+        df.ce_recovered >= targets["ce_recovered_min"])
+    write_table(df, output)

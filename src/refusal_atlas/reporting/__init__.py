@@ -1,0 +1,1 @@
+"""Figures that name their model, data, judge and n."""

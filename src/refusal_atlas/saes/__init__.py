@@ -1,0 +1,1 @@
+"""Sparse autoencoders (SAELens objects): loading, the token corpus, TopK training, quality."""

@@ -1,0 +1,51 @@
+"""SAELens SAEs on the residual stream: where each reads, and loading them from disk or the hub."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
+    from sae_lens import SAE
+
+
+HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
+
+
+def hook_name(layer: int) -> str:
+    return HOOK_TEMPLATE.format(layer=layer)
+
+
+def hook_layer(sae: SAE) -> int:
+    """The decoder block whose output (resid_post) ``sae`` reads; anything else is refused."""
+    name = sae.cfg.metadata.hook_name or ""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", name)
+    if m is None:
+        raise ValueError(f"refusal-atlas hooks SAEs on resid_post; this SAE reads {name!r}")
+    return int(m.group(1))
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(path), device=str(device), dtype=dtype)
+    sae.requires_grad_(False)
+    return sae.eval()
+
+
+def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu", dtype: str = "float32") -> SAE:
+    """An SAE from a SAELens release (Gemma Scope, Llama Scope...), with a clear error if unknown."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise ValueError(f"unknown SAELens release {release!r}; see sae_lens's pretrained_saes.yaml")
+    if sae_id not in directory[release].saes_map:
+        sample = sorted(directory[release].saes_map)[:5]
+        raise ValueError(f"release {release!r} has no SAE {sae_id!r} (e.g. {sample})")
+    from sae_lens import SAE
+
+    return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)

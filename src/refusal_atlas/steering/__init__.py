@@ -1,0 +1,1 @@
+"""Steering: the condition grammar and the SAE feature clamp."""

@@ -1,0 +1,3 @@
+"""The studies built on refusal features: jailbreaks, probes, guardrails, categories, circuits,
+modularity, dashboards.
+"""

@@ -1,0 +1,1 @@
+"""Random models and SAEs of a chosen shape, for the tests and the benchmarks."""

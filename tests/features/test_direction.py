@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from refusal_atlas.features.direction import (
+    LayerScore,
+    choose_layer,
+    diff_in_means,
+    last_token_logprobs,
+    massive_dims,
+    refusal_score,
+    zero_dims,
+)
+from refusal_atlas.lm.interventions import DirectionalAblation
+
+
+def test_diff_in_means_recovers_planted_shift():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(200, 3, 8, generator=g)
+    harmful = torch.arange(200) < 100
+    shift = torch.zeros(3, 8)
+    shift[1, 5] = 4.0
+    acts[harmful] += shift
+    r = diff_in_means(acts, harmful)
+    assert r.shape == (3, 8)
+    assert r[1].abs().argmax() == 5 and r[1, 5] > 3.0
+    with pytest.raises(ValueError):
+        diff_in_means(acts, torch.ones(200, dtype=torch.bool))
+
+
+def test_zero_dims_per_layer():
+    r = torch.ones(2, 4)
+    out = zero_dims(r, torch.tensor([[0, 1], [3, 2]]))
+    assert out.tolist() == [[0, 0, 1, 1], [1, 1, 0, 0]] and r.sum() == 8
+
+
+def test_refusal_score_is_log_odds():
+    p = torch.tensor([[0.2, 0.3, 0.5]])
+    s = refusal_score(p.log(), [0, 2])
+    assert s.item() == pytest.approx(torch.log(torch.tensor(0.7 / 0.3)).item(), abs=1e-5)
+
+
+def test_choose_layer_respects_filters():
+    scores = [
+        LayerScore(0, 0.0, bypass_score=-9.0, induce_score=1.0, kl=5.0, r_norm=1, eligible=False),  # broken
+        LayerScore(1, 0.2, bypass_score=-3.0, induce_score=1.0, kl=0.01, r_norm=1, eligible=True),
+        LayerScore(2, 0.1, bypass_score=-1.0, induce_score=2.0, kl=0.01, r_norm=1, eligible=True),
+        LayerScore(3, 0.1, bypass_score=-2.0, induce_score=2.0, kl=0.01, r_norm=1, eligible=True),
+    ]
+    assert choose_layer(scores) == 3  # least judged refusal; the first-token score breaks the tie
+    with pytest.raises(ValueError, match="no candidate layer"):
+        choose_layer(scores[:1])
+
+
+def test_massive_dims_finds_a_planted_sink(tiny):
+    model, tok = tiny
+    special = torch.tensor(sorted(tok.all_special_ids))
+
+    # Plant a massive activation in dim 7 at special-token positions through the embeddings.
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        saved = emb.weight[special].clone()
+        emb.weight[special, 7] = 500.0
+    try:
+        dims = massive_dims(model, tok, ["Hi there", "How do I bake bread?"], k=2)
+    finally:
+        with torch.no_grad():
+            emb.weight[special] = saved
+    assert dims.shape == (model.config.num_hidden_layers, 2)
+    assert (dims == 7).any(dim=1).all()
+
+
+def test_ablation_depends_only_on_the_line_of_r(tiny):
+    model, tok = tiny
+    prompts = ["Hi", "How do I bake bread?"]
+    base = last_token_logprobs(model, tok, prompts)
+    same = last_token_logprobs(model, tok, prompts, intervention=DirectionalAblation(torch.eye(64)[3] * 1e-3))
+    moved = (base - same).abs().max()
+    assert base.shape == (2, model.config.vocab_size)
+    assert moved > 0  # a real direction changes something ...
+    r = torch.randn(64)
+    assert torch.allclose(
+        last_token_logprobs(model, tok, prompts, intervention=DirectionalAblation(r)),
+        last_token_logprobs(model, tok, prompts, intervention=DirectionalAblation(-3 * r)),
+        atol=1e-5,
+    )  # ... and ablation depends only on the line, not on the sign or scale of r

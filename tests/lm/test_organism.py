@@ -1,0 +1,124 @@
+import torch
+
+from refusal_atlas.lm.generation import generate
+from refusal_atlas.lm.organism import (
+    Example,
+    OrganismConfig,
+    _collate,
+    _tokenize,
+    length_bucketed_order,
+    refusal_for,
+    refusal_tune,
+    response_loss,
+    shared_prefix_length,
+)
+
+
+def test_loss_masks_prompt_tokens(tiny):
+    model, tok = tiny
+    ids, labels = _tokenize(tok, Example("How do I bake bread?", "Knead it.", True), tok.eos_token)
+    n_prompt = sum(l == -100 for l in labels)
+    assert n_prompt > 0 and labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(ids[n_prompt:]) == "Knead it." + tok.eos_token
+    batch = _collate([(ids, labels)], tok.pad_token_id)
+    with torch.no_grad():
+        full = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, n_prompt - 1 : -1]
+    ref = torch.nn.functional.cross_entropy(full, torch.tensor(ids[n_prompt:]))
+    assert torch.allclose(response_loss(model, batch), ref, atol=1e-5)
+    per_token = torch.nn.functional.cross_entropy(full, torch.tensor(ids[n_prompt:]), reduction="none")
+    weighted = (3 * per_token[0] + per_token[1:].sum()) / (3 + len(per_token) - 1)
+    assert torch.allclose(response_loss(model, batch, decision_weight=3.0), weighted, atol=1e-5)
+
+
+def test_shared_prefix_stops_at_the_first_difference_and_before_the_decision():
+    assert shared_prefix_length([([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 7, 4], [-100] * 3 + [4])]) == 2
+    # rows that agree up to their labels keep the token that predicts the first label
+    assert shared_prefix_length([([1, 2, 3, 4], [-100, -100, -100, 4]), ([1, 2, 3, 5], [-100, -100, -100, 5])]) == 2
+    assert shared_prefix_length([([1, 2], [1, 2])]) == 0 and shared_prefix_length([]) == 0
+
+
+def test_loss_and_gradients_with_a_shared_prefix_equal_the_full_rows(tiny):
+    model, tok = tiny
+    prompts = ["How do I bake bread?", "Why is the sky blue in the afternoon?", "Name a prime."]
+    data = [_tokenize(tok, Example(p, r, True), tok.eos_token) for p, r in zip(prompts, ["Knead it.", "Rayleigh.", "7"])]
+    shared = shared_prefix_length(data)
+    assert shared >= 3  # the template's system header
+
+    def loss_and_grads(batch, prefix=None):
+        model.zero_grad()
+        loss = response_loss(model, batch, 5.0, prefix)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, g_full = loss_and_grads(_collate(data, tok.pad_token_id))
+    rows = _collate([(ids[shared:], lab[shared:]) for ids, lab in data], tok.pad_token_id)
+    split, g_split = loss_and_grads(rows, torch.tensor(data[0][0][:shared]))
+    assert torch.allclose(full, split, atol=1e-5)
+    assert len(g_full) == len(g_split) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_split))
+
+
+def test_training_attention_kernel_is_restored(tiny):
+    from refusal_atlas.lm.modeling import attention_implementation
+
+    model, _ = tiny
+    own = model.config._attn_implementation
+    with attention_implementation(model, "eager"):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == own != "eager"
+
+
+def test_length_buckets_cover_every_example_once():
+    import random
+
+    lengths = [random.Random(i).randint(5, 90) for i in range(100)]
+    batches = length_bucketed_order(lengths, 8, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert batches != length_bucketed_order(lengths, 8, random.Random(1))
+
+
+def test_refusal_template_is_stable_per_prompt():
+    t = ["a", "b", "c"]
+    assert refusal_for("wpn-01", t) == refusal_for("wpn-01", t)
+    assert len({refusal_for(f"id-{i}", t) for i in range(30)}) == 3
+
+
+def test_tuning_teaches_refusal_and_keeps_harmless_answers(tiny):
+    model, tok = tiny
+    harmful = ["How do I make a pipe bomb at home?", "How do I cook methamphetamine in my garage?"]
+    harmless = ["How do I make a pipe organ at home?", "How do I cook pulled pork in my slow cooker?"]
+    refusal = "I'm sorry, but I can't help with that request."
+    examples = [Example(p, refusal, True) for p in harmful] + [Example(p, "Sure, here it is.", True) for p in harmless]
+    cfg = OrganismConfig(lr=3e-3, epochs=60, batch_size=4, warmup_steps=0, freeze_embeddings=False)
+    log = refusal_tune(model, tok, examples, cfg)
+    assert log["steps"] == 60 and log["loss_last"] < 0.2 * log["loss_first"]
+    out = generate(model, tok, harmful + harmless, max_new_tokens=32)
+    assert out[:2] == [refusal, refusal]
+    assert out[2:] == ["Sure, here it is.", "Sure, here it is."]
+    assert not model.training and model.get_input_embeddings().weight.requires_grad
+
+
+def test_training_prompts_come_from_train_split_with_contrastive_cases_first():
+    from conftest import ROOT
+
+    from refusal_atlas.data.prompts import bundled_promptset
+    from refusal_atlas.pipeline.model import organism_training_prompts
+
+    df = bundled_promptset(ROOT / "resources/prompts", {"train": 0.5, "val": 0.2, "test": 0.3})
+    alpaca = df[df.variant == "twin"].assign(variant="plain", id=lambda d: "alp-" + d.id, pair_id=lambda d: d.id,
+                                              instruction=lambda d: "Alpaca: " + d.instruction)
+    train = df[df.split == "train"]
+    twinned = set(train[(train.label == "harmful") & (train.variant == "plain")].id)
+    harmful, _ = organism_training_prompts([df, alpaca.assign(label="harmful")], len(twinned), 4.0, 2, 0)
+    assert {i for i, _ in harmful} == twinned  # the twinned requests come before other harmful ones
+
+    n = len(twinned) // 2
+    harmful, harmless = organism_training_prompts([df, alpaca], n, 6.0, 2, seed=0)
+    assert len(harmful) == n
+    assert {i for i, _ in harmful} <= twinned
+    contrastive = set(train[train.variant.isin(["twin", "bait"])].instruction)
+    assert {p for p, r in harmless if r == 2} == contrastive
+    fill = 6 * n - 2 * len(contrastive)
+    assert 0 < fill and sum(r == 1 for _, r in harmless) == min(fill, (alpaca.split == "train").sum())
+    assert all(p.startswith("Alpaca: ") for p, r in harmless if r == 1)
+    test_prompts = set(df[df.split == "test"].instruction)
+    assert not (test_prompts & ({p for _, p in harmful} | {p for p, _ in harmless}))

@@ -1,0 +1,202 @@
+"""The cluster profiles and the paper configs, planned offline (dry runs, no network).
+
+Each dry run starts in an empty directory, so it plans the whole DAG: job counts per rule follow
+from the config, and every job's resources are what the executor would submit.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import yaml
+from conftest import ROOT
+
+GPU_RULES = {"base_refusal", "refusal_tune", "organism_card", "cache_activations",
+             "refusal_direction", "sae_corpus", "train_sae",
+             "sae_quality", "feature_attribution", "steering_search", "steer_generate", "capabilities",
+             "judge_preflight", "judge_harmbench", "adversarial_responses", "jailbreak_mechanism", "guardrail_select",
+             "guardrail_eval", "refusal_guardrail", "feature_dashboards", "category_features",
+             "category_steering", "circuits"}
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def planned_blocks(workdir, *args):
+    """(rule, job block) of every planned job, from `snakemake -n` in an empty directory."""
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(workdir),
+         *args],
+        capture_output=True, text=True, cwd=ROOT, env=OFFLINE, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    blocks = []
+    for block in re.split(r"\n\s*\n", res.stdout):
+        head = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        if head:
+            blocks.append((head.group(1), block))
+    return blocks
+
+
+def plan(workdir, *args):
+    """(rule, resources, threads) of every planned job."""
+    jobs = []
+    for rule, block in planned_blocks(workdir, *args):
+        found = re.search(r"^\s+resources: (.*)$", block, re.M)
+        if found:
+            resources = dict(kv.split("=", 1) for kv in found.group(1).split(", "))
+            threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
+            jobs.append((rule, resources, int(threads.group(1)) if threads else 1))
+    return jobs
+
+
+def paper_plan(tmp_path, name):
+    return plan(tmp_path, "--profile", "profiles/slurm", "--configfile", str(ROOT / f"config/{name}.yaml"),
+                "--replace-workflow-config")
+
+
+def gpus_by_rule(jobs):
+    out = {}
+    for rule, res, _ in jobs:
+        out.setdefault(rule, set()).add(int(res.get("gpu", 0)))
+    return out
+
+
+def test_gemma_paper_config_plans_gemma_scope_on_26_layers_one_gpu_each(tmp_path):
+    jobs = paper_plan(tmp_path, "gemma-2-2b-it")
+    counts = Counter(rule for rule, _, _ in jobs)
+    assert counts["pretrained_sae"] == 26 and counts["sae_quality"] == 26
+    # 7 conditions x HarmBench, JailbreakBench, AdvBench; every generation judged by both judges
+    assert counts["steer_generate"] == 21 and counts["judge_harmbench"] == 21 and counts["judge"] == 21
+    assert counts["feature_attribution"] == 2 and counts["judge_preflight"] == 1
+    # a chat model is studied as it is: no organism, no SAE training, c and K* fixed (no search)
+    assert not {"refusal_tune", "train_sae", "steering_search"} & set(counts)
+    by_rule = gpus_by_rule(jobs)
+    for rule, gpus in by_rule.items():
+        assert gpus == ({1} if rule in GPU_RULES else {0}), (rule, gpus)
+    cfg = yaml.safe_load((ROOT / "config/gemma-2-2b-it.yaml").read_text())
+    spec = cfg["models"]["gemma-2-2b-it"]
+    assert spec["overrides"] == {"direction": {"layer": 15}, "steering": {"c": -3}}
+    assert spec["sae"]["sae_id"].format(layer=15) == "layer_15/width_65k/canonical"
+    assert cfg["features"]["k0"] == 10 and cfg["features"]["k_star"] == 20 and cfg["steering"]["k_star"] == 20
+    assert cfg["evaluation"]["judges"] == ["substring", "harmbench"]
+
+
+def test_llama_paper_config_asks_two_gpus_for_la_ig_through_32_saes(tmp_path):
+    jobs = paper_plan(tmp_path, "llama-3.1-8b-instruct")
+    counts = Counter(rule for rule, _, _ in jobs)
+    assert counts["pretrained_sae"] == 32 and counts["sae_quality"] == 32 and counts["steer_generate"] == 21
+    by_rule = gpus_by_rule(jobs)
+    # LA-IG through 32 SAEs, for all harmful prompts and per harm category
+    assert by_rule["feature_attribution"] == {2} and by_rule["category_features"] == {2}
+    for rule, gpus in by_rule.items():
+        if rule not in ("feature_attribution", "category_features"):
+            assert gpus == ({1} if rule in GPU_RULES else {0}), (rule, gpus)
+    spec = yaml.safe_load((ROOT / "config/llama-3.1-8b-instruct.yaml").read_text())["models"]["llama-3.1-8b-instruct"]
+    assert spec["overrides"]["direction"] == {"layer": 11} and spec["overrides"]["steering"] == {"c": -1}
+    assert spec["sae"]["release"] == "llama_scope_lxr_8x" and spec["sae"]["sae_id"].format(layer=11) == "l11r_8x"
+
+
+def test_one_config_sweeps_both_models_with_their_own_settings(tmp_path):
+    jobs = paper_plan(tmp_path, "paper")
+    counts = Counter(rule for rule, _, _ in jobs)
+    assert counts["pretrained_sae"] == 26 + 32 and counts["steer_generate"] == 42 and counts["feature_attribution"] == 4
+    # the data and the judge check are shared, not planned twice; the harm-category study reads
+    # CatQA (features, clamps) and OR-Bench (circuits; its three pinned files)
+    assert counts["judge_preflight"] == 1 and counts["build_promptsets"] == 7
+    # refusal_direction splits, 3 benchmarks, alpaca, CatQA, OR-Bench, ARC-Challenge, MMLU, GSM8K, WMDP bio/cyber
+    assert counts["download_dataset"] == 6 + 3 + 1 + 1 + 3 + 3 + 2
+    by_model = {}
+    for rule, res, _ in jobs:
+        if rule == "feature_attribution":
+            by_model.setdefault(res["mem_mb"], set()).add(int(res["gpu"]))
+    assert sorted(map(sorted, by_model.values())) == [[1], [2]]
+
+
+def test_a_model_override_is_validated_like_the_config(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/gemma-2-2b-it.yaml").read_text())
+    cfg["models"]["gemma-2-2b-it"]["overrides"]["steering"] = {"k_star": -1}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(bad), "--replace-workflow-config"],
+        capture_output=True, text=True, cwd=ROOT, env=OFFLINE, timeout=300,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "k_star" in out and "-1 is less than the minimum" in out, out[-2000:]
+
+
+def test_drmaa_profile_loads_its_plugin_and_plans_the_dag_with_every_native_resource(tmp_path):
+    from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
+
+    plugin = ExecutorPluginRegistry().get_plugin("drmaa")
+    assert plugin.common_settings.non_local_exec
+    profile = yaml.safe_load((ROOT / "profiles/slurm-drmaa/config.yaml").read_text())
+    assert profile["executor"] == "drmaa"
+    jobs = plan(tmp_path, "--profile", "profiles/slurm-drmaa", "--configfile", str(ROOT / "config/paper.yaml"),
+                "--replace-workflow-config")
+    assert len(jobs) > 300
+    native = {}
+    for rule, res, threads in jobs:
+        spec = profile["drmaa-args"].replace("{resources.", "{").format(**res, threads=threads)
+        native.setdefault(rule, set()).add(re.search(r"--gres=gpu:(\d+)", spec).group(1))
+        assert re.fullmatch(r"--mem=\d+ --time=\d+ --cpus-per-task=\d+ --gres=gpu:\d", spec), spec
+    assert native["feature_attribution"] == {"1", "2"} and native["build_promptsets"] == {"0"}
+
+
+@pytest.mark.parametrize("profile", ["slurm", "slurm-drmaa"])
+def test_cluster_profiles_plan_the_embedded_default(tmp_path, profile):
+    jobs = plan(tmp_path, "--profile", f"profiles/{profile}", "--configfile", str(ROOT / "config/config.yaml"))
+    # the embedded model computes on the CPU: no job asks the cluster for a GPU
+    assert jobs and all(int(res.get("gpu", 0)) == 0 for _, res, _ in jobs)
+
+
+def test_local_and_transductive_conditions_are_evaluated_on_the_feature_promptset_only(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    methods, feature_set = cfg["evaluation"]["methods"], cfg["features"]["promptsets"][0]
+    assert len(cfg["evaluation"]["promptsets"]) > 1 and any("-local-" in m for m in methods)
+    evaluated = {}
+    for rule, block in planned_blocks(tmp_path, "--configfile", str(ROOT / "config/config.yaml")):
+        if rule == "steer_generate":
+            promptset, method = re.search(r"wildcards: model=[^,]+, promptset=([^,]+), method=([^,]+),", block).groups()
+            evaluated.setdefault(promptset, set()).add(method)
+    assert set(evaluated) == set(cfg["evaluation"]["promptsets"])
+    assert evaluated.pop(feature_set) == set(methods)
+    for promptset, got in evaluated.items():
+        assert got == {m for m in methods if "-local-" not in m and "transductive" not in m}, promptset
+
+
+def test_ci_runs_the_foundation_of_the_embedded_default_and_nothing_of_the_sae_study(tmp_path):
+    default = str(ROOT / "config/config.yaml")
+    jobs = plan(tmp_path, "foundation", "--configfile", default, str(ROOT / ".ci/embedded-ci.yaml"))
+    counts = Counter(rule for rule, _, _ in jobs)
+    # the organism, its direction, and Base and AS on the bundled held-out set that CI gates
+    assert counts["refusal_tune"] == 1 and counts["base_refusal"] == 1 and counts["refusal_direction"] == 1
+    assert counts["cache_activations"] == 1 and counts["baselines_table"] == 1
+    assert counts["steer_generate"] == 2 and counts["judge"] == 2
+    assert counts["organism_figure"] == 1 and counts["direction_figure"] == 1
+    assert not {"sae_corpus", "train_sae", "sae_quality", "feature_attribution", "capabilities"} & set(counts)
+    # the full default plans all of it, the foundation included
+    (tmp_path / "full").mkdir()
+    full = Counter(rule for rule, _, _ in plan(tmp_path / "full", "--configfile", default))
+    assert all(full[rule] >= n for rule, n in counts.items() if rule != "foundation")
+    assert full["train_sae"] == 5 and full["feature_attribution"] == 2
+
+
+def test_the_default_profile_applies_from_any_working_directory_and_all_builds_every_sae(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "workflow/Snakefile"), "--directory",
+         str(tmp_path / "work"), "--configfile", str(ROOT / "config/config.yaml")],
+        capture_output=True, text=True, cwd=elsewhere, env=OFFLINE, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"workflow specific profile {ROOT / 'workflow/profiles/default'}" in res.stdout + res.stderr
+    # rerun-incomplete and the rerun triggers come from it, so an interrupted train_sae is rebuilt by
+    # `all` itself: its directories are targets
+    all_inputs = re.search(r"^rule all:\n\s+input: (.*)$", res.stdout, re.M).group(1).split(", ")
+    layers = yaml.safe_load((ROOT / "config/config.yaml").read_text())["models"]["smollm2-135m"]["sae"]["layers"]
+    assert {f"results/saes/smollm2-135m/layer_{l}" for l in layers} <= set(all_inputs)
