@@ -58,7 +58,7 @@ def _pair_outcomes(responses: str) -> pd.DataFrame:
     plain = r[r.variant == "plain"].set_index("pair_id")
     adv = r[r.variant == "jailbreak"].set_index("pair_id")
     pairs = adv[["id", "instruction", "category", "split", "wrapper", "wrapper_kind", "refused"]].join(
-        plain[["id", "instruction", "refused"]], lsuffix="_adversarial", rsuffix="plain_prompts").reset_index()
+        plain[["id", "instruction", "refused"]], lsuffix="_adversarial", rsuffix="_plain").reset_index()
     pairs = pairs.rename(columns={"id_adversarial": "adversarial_id", "instruction_adversarial": "adversarial",
                                   "id_plain": "plain_id", "instruction_plain": "plain"})
     if pairs.plain_id.isna().any():
