@@ -157,15 +157,16 @@ rule circuits:
         spec=lambda w: load_params(w.model),
         cfg=lambda w: without(
             category_params(w.model),
+            "c",
             "common_min_fraction",
             "ig_steps",
             "k0",
             "k_star",
             "la_bz",
             "max_new_tokens",
+            "test",
             "truncate_specific",
         ),
-        boot=config["bootstrap"],
         caption=lambda w: category_caption(
             w.model,
             "faithfulness and completeness of category circuits (mean ablation, errors kept; "

@@ -9,7 +9,6 @@ with job.logged(snakemake.log[0], snakemake.threads):
         direction_summary=snakemake.input.direction,
         sae_dirs=snakemake.input.saes,
         cfg=snakemake.params.cfg,
-        boot=snakemake.params.boot,
         outputs={**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
         caption=snakemake.params.caption,
     )

@@ -206,11 +206,10 @@ def _circuit_groups(df: pd.DataFrame, cats: Sequence[str], split: str, cap: int 
 
 
 def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary: str | None, direction_summary: str,
-             sae_dirs: Sequence[str], cfg: Mapping, boot: Mapping, outputs: Mapping[str, str], caption: str) -> None:
+             sae_dirs: Sequence[str], cfg: Mapping, outputs: Mapping[str, str], caption: str) -> None:
     """Per-prompt node and edge scores (circuits.py), each category's circuit for toxic and safe
     prompts as a graph file, and faithfulness/completeness curves on held-out prompts."""
     import networkx as nx
-
 
     cc = cfg["circuits"]
     df = pd.read_parquet(promptset)
