@@ -99,7 +99,7 @@ def test_probe_settings_are_checked(edit, message):
 
 
 def test_probes_take_the_held_out_features_unless_told_otherwise():
-    from refusal_atlas.config.sections import probe_protocol
+    from refusal_atlas.config.resolve import probe_protocol
 
     cfg = validated(DEFAULT)
     assert probe_protocol(cfg) == "heldout"

@@ -36,8 +36,7 @@ def test_condition_names_round_trip_and_reject_unknowns():
     assert (c.selector, c.scope, c.protocol, c.k_star, c.mode, c.value) == ("random", "local", "transductive", 10,
                                                                             "multiply", -3.0)
     assert parse_condition("la_ig-global-heldout-s0p5").value == 0.5
-    assert parse_condition("la_ig-global-heldout").uses_tuned and parse_condition("la_ig-global-heldout-s2").labels == (
-        "harmless",)
+    assert parse_condition("la_ig-global-heldout-s2").labels == ("harmless",)
     assert clamp_name("ap", "global", "heldout", 5, "multiply", -2.5) == "ap-global-heldout-k5-xm2p5"
     assert format_number(-0.25) == "m0p25"
     for bad in ("la_ig", "la_ig-global", "pca-global-heldout", "la_ig-global-heldout-x3.0", "AS"):

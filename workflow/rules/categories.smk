@@ -32,8 +32,8 @@ rule category_features:
         spec=lambda w: load_params(w.model),
         cfg=lambda w: without(
             category_params(w.model),
-            "c",
             "circuits",
+            "clamp",
             "eval_max_prompts",
             "eval_split",
             "max_new_tokens",
@@ -157,7 +157,7 @@ rule circuits:
         spec=lambda w: load_params(w.model),
         cfg=lambda w: without(
             category_params(w.model),
-            "c",
+            "clamp",
             "common_min_fraction",
             "ig_steps",
             "k0",
@@ -237,6 +237,7 @@ rule modularity:
         code=library_code("modularity"),
         cfg=lambda w: without(
             category_params(w.model),
+            "clamp",
             "common_min_fraction",
             "ig_steps",
             "k0",

@@ -23,15 +23,14 @@ from refusal_atlas.config.sections import (
     category_promptset,
     check_config,
     circuit_promptset,
-    dashboard_protocol,
     feature_promptset,
     for_model,
     probe_promptset,
-    probe_protocol,
 )
 from refusal_atlas.data.datasets import load_manifest
 from refusal_atlas.pipeline.code_version import code_version
-from refusal_atlas.steering.conditions import needs_search, parse_condition
+from refusal_atlas.config.resolve import resolve
+from refusal_atlas.steering.conditions import parse_condition
 
 # Files that ship with the workflow resolve against the repository, so --directory works.
 REPO = Path(workflow.basedir).parent
@@ -58,6 +57,8 @@ for m, model_config in MODEL_CONFIGS.items():
     check_schema(model_config, SCHEMA, f" once models.{m}.overrides are merged in")
     validate(model_config, schema="../schemas/config.schema.yaml")
 check_config(config)
+# Every null (c, K*, protocols) resolved once per model; inputs and params below read only this.
+RESOLVED = {m: resolve(model_config) for m, model_config in MODEL_CONFIGS.items()}
 MANIFEST = load_manifest(repo_path(config["datasets"]["manifest"]))
 check_models(
     config,
@@ -253,7 +254,7 @@ def intervention_inputs(wildcards):
             inputs["attribution"] = (
                 f"results/features/{model}/{fp}/attribution.{cond.protocol}.safetensors"
             )
-        if needs_search(cond, model_section(model, "steering")):
+        if RESOLVED[model].clamp(cond).searched:
             inputs["hparams"] = f"results/steering/{model}/hparams.json"
     return inputs
 
@@ -261,12 +262,12 @@ def intervention_inputs(wildcards):
 def steering_params(wildcards):
     """Only the steering keys a condition reads, so other edits do not rerun it."""
     cond = parse_condition(wildcards.method)
-    st = model_section(wildcards.model, "steering")
+    st = RESOLVED[wildcards.model].steering
     if cond.kind == "add":
         return {"add_coeff": st["add_coeff"]}
     if cond.kind != "clamp":
         return {}
-    keep = {"c": st["c"], "k_star": st["k_star"]}
+    keep = {"clamp": dataclasses.asdict(RESOLVED[wildcards.model].clamp(cond))}
     if cond.selector == "random":
         keep["seed"] = st["seed"]
     return keep
@@ -423,9 +424,7 @@ def all_targets():
 
 def probe_params(model, *keys):
     """The probe keys a rule reads (K* resolved), so other edits do not rerun it."""
-    cfg = {**model_section(model, "probes")}
-    cfg["k_star"] = cfg["k_star"] or model_section(model, "features")["k_star"]
-    cfg["protocol"] = probe_protocol(MODEL_CONFIGS[model])
+    cfg = RESOLVED[model].probes
     return {k: cfg[k] for k in keys}
 
 
@@ -447,7 +446,7 @@ def probe_caption(model, data):
     return (
         f"{model}: {probe_promptset(config)} {data}; refusal judged by substrings "
         f"({pr['max_new_tokens']} greedy tokens); F* = {pr['selector']} global "
-        f"{probe_protocol(MODEL_CONFIGS[model])}; "
+        f"{RESOLVED[model].probes['protocol']}; "
         f"{int(config['bootstrap']['confidence'] * 100)}% bootstrap CIs"
     )
 
@@ -459,17 +458,7 @@ def guardrail_weights(model):
 
 
 def refusal_guardrail_params(model, weights):
-    cfg = {**config["guardrails"]["refusal"]}
-    cfg["k_star"] = cfg["k_star"] or model_section(model, "features")["k_star"]
-    cfg["protocol"] = cfg["protocol"] or probe_protocol(MODEL_CONFIGS[model])
-    if cfg["add_coeff"] is None:
-        cfg["add_coeff"] = model_section(model, "steering")["add_coeff"]
-    own = {**cfg.pop("own_direction")}
-    if weights == "base" and own["promptsets"]:
-        own["coeff"] = cfg["add_coeff"] if own["coeff"] is None else own["coeff"]
-        cfg["own_direction"] = own
-    cfg.pop("weights")
-    return cfg
+    return RESOLVED[model].refusal_guardrail(weights)
 
 
 def refusal_guardrail_inputs(wildcards):
@@ -516,17 +505,8 @@ def refusal_guardrail_caption(model, weights):
 
 
 def dashboard_params(model):
-    """The dashboard keys, with what is null resolved (selectors, the reference's protocol, and
-    c and K* from steering when set there); what stays null comes from steering_search.
-    """
-    cfg = {**config["dashboards"]}
-    steer = model_section(model, "steering")
-    cfg["methods"] = cfg["methods"] or config["features"]["methods"]
-    cfg["reference"] = {**cfg["reference"], "protocol": dashboard_protocol(config)}
-    cfg["c"] = cfg["c"] if cfg["c"] is not None else steer["c"]
-    cfg["k_star"] = cfg["k_star"] or steer["k_star"]
-    cfg.pop("enabled")
-    return cfg
+    """The dashboard keys, nulls resolved (refusal_atlas.config.resolve)."""
+    return RESOLVED[model].dashboards
 
 
 def dashboard_inputs(wildcards):
@@ -545,7 +525,7 @@ def dashboard_inputs(wildcards):
         ],
         "saes": [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)],
     }
-    if cfg["c"] is None or cfg["k_star"] is None:
+    if RESOLVED[model].dashboard_clamp.searched:
         inputs["hparams"] = f"results/steering/{model}/hparams.json"
     return inputs
 
@@ -582,18 +562,8 @@ def sae_quality_caption(model):
 
 
 def category_params(model):
-    """The category keys, with the nulls that other sections fill resolved."""
-    cfg = {**config["categories"]}
-    feats = model_section(model, "features")
-    steer = model_section(model, "steering")
-    cfg["k_star"] = cfg["k_star"] or feats["k_star"]
-    cfg["k0"] = feats["k0"]
-    cfg["ig_steps"] = cfg["ig_steps"] or feats["ig_steps"]
-    cfg["la_bz"] = cfg["la_bz"] or feats["la_bz"]
-    cfg["c"] = cfg["c"] if cfg["c"] is not None else steer["c"]
-    cfg.pop("enabled")
-    cfg.pop("promptset")
-    return cfg
+    """The category keys, nulls resolved (refusal_atlas.config.resolve)."""
+    return RESOLVED[model].categories
 
 
 def category_inputs(wildcards):
@@ -626,7 +596,7 @@ def category_steering_inputs(wildcards):
         **category_inputs(wildcards),
         "conditions": f"results/categories/{wildcards.model}/conditions.parquet",
     }
-    if category_params(wildcards.model)["c"] is None:
+    if RESOLVED[wildcards.model].category_clamp.searched:
         inputs["hparams"] = f"results/steering/{wildcards.model}/hparams.json"
     return inputs
 

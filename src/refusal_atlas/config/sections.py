@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from refusal_atlas.config.resolve import dashboard_protocol, resolve, steering_clamp
 from refusal_atlas.config.schema import ConfigError
+from refusal_atlas.steering.conditions import parse_condition
 
 REFUSAL_DIRECTION_SPLIT_FILES: dict[str, str] = {
     f"{label}_{split}": f"splits/{label}_{split}.json"
@@ -111,12 +113,6 @@ def probe_promptset(config: Mapping) -> str:
     return config["probes"]["promptset"] or feature_promptset(config)
 
 
-def probe_protocol(config: Mapping) -> str:
-    """The protocol of the probes' F*: as configured, else held out wherever it was fitted."""
-    protocols = config["features"]["protocols"]
-    return config["probes"]["protocol"] or ("heldout" if "heldout" in protocols else protocols[0])
-
-
 def _check_probes(config: Mapping) -> None:
     pr, feats = config["probes"], config["features"]
     name = probe_promptset(config)
@@ -135,11 +131,6 @@ def _check_probes(config: Mapping) -> None:
         raise ConfigError("probes.fit_split, val_split and eval_split must be three different splits")
 
 
-def dashboard_protocol(config: Mapping) -> str:
-    protocols = config["features"]["protocols"]
-    return config["dashboards"]["reference"]["protocol"] or ("heldout" if "heldout" in protocols else protocols[0])
-
-
 def _check_dashboards(config: Mapping) -> None:
     db, feats = config["dashboards"], config["features"]
     if not db["enabled"]:
@@ -153,9 +144,7 @@ def _check_dashboards(config: Mapping) -> None:
         raise ConfigError(f"dashboards.reference.protocol {dashboard_protocol(config)!r} is not in features.protocols")
     if (db["k_star"] or 0) > feats["k_star"]:
         raise ConfigError(f"dashboards.k_star ({db['k_star']}) exceeds features.k_star ({feats['k_star']})")
-    steer = config["steering"]
-    if None in (db["c"] if db["c"] is not None else steer["c"], db["k_star"] or steer["k_star"]) and (
-            "heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
+    if resolve(config).dashboard_clamp.searched and not _searchable(feats):
         raise ConfigError("dashboards: c/K* are null here and in steering, so they come from steering_search, "
                           "which needs heldout in features.protocols and la_ig in features.methods (or set both)")
 
@@ -182,15 +171,17 @@ def _check_categories(config: Mapping) -> None:
         raise ConfigError(f"categories.promptset {name!r} needs cached activations: add it to activations.promptsets")
     if cat["fit_split"] == cat["eval_split"]:
         raise ConfigError("categories.fit_split and eval_split must differ: circuits and clamps are scored held out")
-    steer = config["steering"]
-    if cat["c"] is None and steer["c"] is None and ("heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
+    if resolve(config).category_clamp.searched and not _searchable(feats):
         raise ConfigError("categories: c is null here and in steering, so it comes from steering_search, which needs "
                           "heldout in features.protocols and la_ig in features.methods (or set categories.c)")
 
 
-def _check_steering(config: Mapping) -> None:
-    from refusal_atlas.steering.conditions import needs_search, parse_condition
+def _searchable(feats: Mapping) -> bool:
+    """steering_search tunes c and K* on LA-IG's held-out sets, so it needs both fitted."""
+    return "heldout" in feats["protocols"] and "la_ig" in feats["methods"]
 
+
+def _check_steering(config: Mapping) -> None:
     feats, steer = config["features"], config["steering"]
     conds = {}
     for key in ("evaluation.methods", "capabilities.methods"):
@@ -215,8 +206,7 @@ def _check_steering(config: Mapping) -> None:
     for name in config["capabilities"]["methods"] or []:
         if conds[name].scope == "local":
             raise ConfigError(f"capabilities.methods: {name} is local; local sets exist for harmful prompts only")
-    searched = any(needs_search(c, steer) for c in conds.values())
-    if searched and ("heldout" not in feats["protocols"] or "la_ig" not in feats["methods"]):
+    if any(c.kind == "clamp" and steering_clamp(c, steer).searched for c in conds.values()) and not _searchable(feats):
         raise ConfigError("steering.c/k_star are null, so steering_search tunes them on LA-IG's held-out sets: "
                           "features.protocols needs heldout and features.methods needs la_ig (or set both)")
     too_big = [k for k in steer["search"]["k_values"] if k > feats["k_star"]]

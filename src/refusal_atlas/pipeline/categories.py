@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from refusal_atlas.core.io import atomic_path, table_html, write_json, write_parquet, write_safetensors, write_table
+from refusal_atlas.config.resolve import Clamp, read_search
 from refusal_atlas.core.stats import bootstrap_rate
 from refusal_atlas.data.prompts import sample_each, sample_rows
 from refusal_atlas.evaluation.substring_judge import substring_refusals
@@ -133,10 +134,7 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
     """Jailbreak rate of each category's held-out harmful prompts under the clamps of §4.2, and
     the normalized jailbreak (Yeo et al. 2025 §4.2)."""
 
-    tuned = json.loads(Path(hparams).read_text())["chosen"] if hparams else {}
-    c_value = cfg["c"] if cfg["c"] is not None else tuned.get("c")
-    if c_value is None:
-        raise ValueError("categories: no clamp value c (categories.c, steering.c or the search)")
+    _, c_value = Clamp(**cfg["clamp"]).require(read_search(hparams), "categories")
     conds = pd.read_parquet(conditions)
     cats = sorted(conds.category.unique())
     df = pd.read_parquet(promptset)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from refusal_atlas.config.resolve import Clamp, read_search
 from refusal_atlas.core.io import atomic_path, write_parquet, write_table
 from refusal_atlas.data.prompts import sample_rows
 from refusal_atlas.pipeline.openers import open_model, open_saes
@@ -30,9 +31,7 @@ def feature_dashboards(*, model: str, sae_source: str, model_dir: str, spec: Map
                                       seed=cfg["seed"])
     feats, ranks = dashboards.selected_features({m: pd.read_parquet(p) for m, p in feature_tables.items()})
     summaries = {s["protocol"]: s for s in (json.loads(Path(p).read_text()) for p in attribution_summaries)}
-    tuned = json.loads(Path(hparams).read_text())["chosen"] if hparams else {}
-    c = cfg["c"] if cfg["c"] is not None else tuned.get("c")
-    k_star = cfg["k_star"] or tuned.get("k_star")
+    k_star, c = Clamp(**cfg["clamp"]).require(read_search(hparams), "dashboards")
     log.info("%d features selected by %d sets; clamp alone with c=%s", len(feats),
              ranks.groupby(["method", "protocol"]).ngroups, c)
 
@@ -47,7 +46,7 @@ def feature_dashboards(*, model: str, sae_source: str, model_dir: str, spec: Map
     reference = None
     eval_prompts = sample_rows(ps[(ps.label == "harmful") & (ps.variant == "plain") & (ps.split == cfg["effect"]["split"])],
                            dcfg.effect_prompts, dcfg.seed)
-    if c is not None and len(eval_prompts):
+    if len(eval_prompts):
         ref_table = pd.read_parquet(feature_tables[cfg["reference"]["selector"]])
         reference = clamp.table_rows(ref_table, cfg["reference"]["protocol"], "global", int(k_star))
         refusal_ids = summaries[cfg["reference"]["protocol"]]["refusal_token_id"]
@@ -55,7 +54,7 @@ def feature_dashboards(*, model: str, sae_source: str, model_dir: str, spec: Map
         effect_rows = dashboards.clamp_effects(lm, tok, list(eval_prompts.instruction), sae_map, clamped, float(c),
                                                [refusal_ids], boot, dcfg.batch_size, reference, system_prompt)
     else:
-        log.warning("no clamp effect: %s", "no c (steering.c, or the search)" if c is None else "no harmful prompts")
+        log.warning("no clamp effect: no harmful %s prompts", cfg["effect"]["split"])
     alone = (effect_rows[effect_rows.set == "alone"].drop(columns="set") if len(effect_rows)
              else pd.DataFrame(columns=["layer", "feature"]))
     ref_row = effect_rows[effect_rows.set == "reference"].iloc[0].to_dict() if len(effect_rows) else None

@@ -17,6 +17,7 @@ from sae_lens import SAE
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal_atlas.config.resolve import Clamp, read_search
 from refusal_atlas.data import datasets
 from refusal_atlas.lm.interventions import DirectionAddition, DirectionalAblation, Intervention
 from refusal_atlas.lm.modeling import layer_device, load_model
@@ -74,16 +75,6 @@ def open_saes(sae_dirs: Sequence[str], spec: Mapping, model) -> dict[int, SAE]:
     return out
 
 
-def clamp_hparams(cond: Condition, tuned: str | None, cfg: Mapping) -> tuple[int, float | None]:
-    """K* and c for a clamp: the condition's own, else the config's, else the search's choice."""
-    chosen = json.loads(Path(tuned).read_text())["chosen"] if tuned else {}
-    k = cond.k_star or cfg["k_star"] or chosen.get("k_star")
-    c = cond.value if cond.value is not None else (cfg["c"] if cfg["c"] is not None else chosen.get("c"))
-    if k is None or (cond.mode == "multiply" and c is None):
-        raise ValueError(f"{cond.name}: no K*/c given and no hyperparameter search result (steering.search)")
-    return int(k), c
-
-
 def make_intervention(cond: Condition, model, spec: Mapping, inputs: Mapping[str, str | Sequence[str]],
                       cfg: Mapping) -> tuple[Intervention, dict]:
     """The intervention a condition names, and what defines it (for the output's columns)."""
@@ -95,7 +86,7 @@ def make_intervention(cond: Condition, model, spec: Mapping, inputs: Mapping[str
             return DirectionalAblation(r), {"layer": layer}
         return DirectionAddition(r, layer, cfg["add_coeff"]), {"layer": layer, "coeff": cfg["add_coeff"]}
     sae_map = open_saes(inputs["saes"], spec, model)
-    k, c = clamp_hparams(cond, inputs.get("hparams"), cfg)
+    k, c = Clamp(**cfg["clamp"]).require(read_search(inputs.get("hparams")), cond.name)
     table = pd.read_parquet(inputs["features"])
     d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
     fs = clamp.feature_set(table, cond.protocol, cond.scope, k, d_sae)

@@ -10,7 +10,7 @@ A condition is named by the ``{method}`` wildcard, so each file says what made i
   per-layer sizes as ``la_ig``'s set, drawn from the other live latents), ``scope`` is ``global``
   or ``local`` (per prompt), ``protocol`` is ``transductive`` or ``heldout``, ``k`` overrides K*,
   ``x`` multiplies by c and ``s`` sets to v times the feature's mean max activation on harmful
-  prompts. Without ``x``/``s`` the clamp multiplies by the tuned c. Numbers are written with
+  prompts. Without ``x``/``s`` the clamp multiplies by c (its fallbacks: ``config.resolve``). Numbers are written with
   ``m`` for minus and ``p`` for the point: ``x-3`` is ``xm3``, ``s0.5`` is ``s0p5``.
 
 Pure parsing, no torch: the Snakefile reads these names when it builds the DAG.
@@ -19,7 +19,6 @@ Pure parsing, no torch: the Snakefile reads these names when it builds the DAG.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 SELECTORS: tuple[str, ...] = ("cossim", "actdiff", "ap", "la_ig", "random")
@@ -65,20 +64,6 @@ class Condition:
         if self.kind == "add" or self.mode == "set":
             return ("harmless",)
         return ("harmful",)
-
-    @property
-    def uses_tuned(self) -> bool:
-        return self.kind == "clamp" and (self.k_star is None or (self.mode == "multiply" and self.value is None))
-
-
-def needs_search(cond: Condition, steering: Mapping) -> bool:
-    """A clamp that takes K* or c from ``steering_search`` because neither it nor the config's
-    ``steering`` section fixes them."""
-    if cond.kind != "clamp":
-        return False
-    no_k = cond.k_star is None and steering["k_star"] is None
-    no_c = cond.mode == "multiply" and cond.value is None and steering["c"] is None
-    return no_k or no_c
 
 
 def parse_condition(name: str) -> Condition:
