@@ -21,59 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from refusal_atlas.core.io import atomic_path
+from refusal_atlas.data.manifest import DatasetError, DatasetFile, load_manifest  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
-
-
-class DatasetError(RuntimeError):
-    """A dataset could not be fetched or is not what the manifest promises."""
-
-
-@dataclass(frozen=True)
-class DatasetFile:
-    collection: str
-    path: str
-    url: str
-    sha256: str | None  # None: pinned by the commit in ``url`` alone
-    format: str
-    license: str
-    items: int | None = None
-    token_env: str | None = None  # name of an env var holding a bearer token (never its value)
-
-    def source_url(self, mirror: str | None) -> str:
-        if mirror is None:
-            return self.url
-        return f"{mirror.rstrip('/')}/{self.collection}/{self.path}"
-
-
-def load_manifest(path: str | os.PathLike) -> dict[str, DatasetFile]:
-    """``{"collection/path": DatasetFile}`` from ``resources/datasets.yaml``."""
-    raw = yaml.safe_load(Path(path).read_text())
-    out = {}
-    for collection, spec in raw.items():
-        for rel, f in spec["files"].items():
-            missing = {"url", "sha256", "format", "license"} - set(f)
-            if missing:
-                raise DatasetError(f"manifest {path}: {collection}/{rel} lacks {sorted(missing)}")
-            commit = str(spec.get("commit") or "")
-            if not re.fullmatch(r"[0-9a-f]{40}", commit) or commit not in f["url"]:
-                raise DatasetError(f"manifest {path}: {collection}/{rel}: its URL must hold the collection's full "
-                                   f"40-hex commit (commit: {commit or 'unset'})")
-            out[f"{collection}/{rel}"] = DatasetFile(
-                collection=collection,
-                path=rel,
-                url=f["url"],
-                sha256=f["sha256"].lower() if f["sha256"] else None,
-                format=f["format"],
-                license=f["license"],
-                items=f.get("items"),
-                token_env=f.get("token_env", spec.get("token_env")),
-            )
-    return out
 
 
 def _check_count(path: Path, n: int, expected_items: int | None) -> int:
