@@ -3,7 +3,7 @@
 The terms follow the implementation: the model and every SAE resident in the model's dtype;
 clean and patch latents and errors for every SAE layer; float32 gradient accumulators; per IG
 step the interpolated leaves and their gradients; the model's saved activations for one
-backward pass from the first SAE layer on. ``python -m refusal_atlas.cluster.memory`` prints the
+backward pass from the first SAE layer on. ``python bench/la_ig_memory.py`` prints the
 estimate for gemma-2-2b with Gemma Scope 65k SAEs on all 26 layers at ``la_bz`` 5.
 """
 
