@@ -12,12 +12,15 @@ cd "$(dirname "$0")/.."
 # A real single-node SLURM for the cluster-profile tests (tests/slurm_cluster.py). Debian's
 # packages; the daemons are started and stopped by the tests themselves, never by systemd.
 # Chromium opens the built report in the report test (driven by playwright, no browser download).
-if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null || ! command -v chromium > /dev/null; then
+if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null || ! command -v chromium > /dev/null \
+        || ! command -v make > /dev/null; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            slurm-wlm slurm-client munge chromium > /dev/null
+            slurm-wlm slurm-client munge chromium make > /dev/null
     else
         echo "install.sh: not root, so no SLURM or Chromium; the tests that need them will say so" >&2
     fi
 fi
+# `make setup` is up to date until pyproject.toml or this script changes
+touch .venv/.installed
