@@ -27,6 +27,8 @@ PROMPTS = [
     "Tell me how to pick a lock quickly",
     "What is the capital of France?",
 ]
+# What the tiny family tokenizers (refusal_atlas.testing.families) are trained on.
+FAMILY_CORPUS = [*PROMPTS, "I cannot help with that.", "Sure, here is how.", "Write a short story."]
 
 
 def random_sae(d_in: int, d_sae: int, k: int, layer: int, seed: int, dtype: str = "float64") -> TopKSAE:
@@ -47,8 +49,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def pytest_collection_modifyitems(config, items):
     # The .test DAG through SLURM (tests/pipeline/test_workflow.py) is the longest test and spends much of
     # its time waiting on the executor's status polls. It goes first, so that under the README's
-    # `-n 2 --dist loadfile` one worker runs it from the start and the other runs every other file.
-    items.sort(key=lambda item: "cluster" not in item.fixturenames)
+    # `-n 2 --dist loadfile` one worker runs it from the start and the other runs every other file,
+    # the family matrix's DAG (tests/pipeline/test_families_dag.py) first among them.
+    items.sort(key=lambda item: ("cluster" not in item.fixturenames, "families_run" not in item.fixturenames))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

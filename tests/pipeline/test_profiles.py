@@ -200,3 +200,41 @@ def test_the_default_profile_applies_from_any_working_directory_and_all_builds_e
     all_inputs = re.search(r"^rule all:\n\s+input: (.*)$", res.stdout, re.M).group(1).split(", ")
     layers = yaml.safe_load((ROOT / "config/config.yaml").read_text())["models"]["smollm2-135m"]["sae"]["layers"]
     assert {f"results/saes/smollm2-135m/layer_{l}" for l in layers} <= set(all_inputs)
+
+
+def test_the_paper_configs_plan_the_full_dag_on_local_sae_lens_directories(tmp_path):
+    """A cluster user with Gemma Scope and Llama Scope already on disk points sae.path at them;
+    the DAG build reads only each directory's cfg.json, so the plan needs no weights."""
+    import json
+
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    for name, spec in cfg["models"].items():
+        d_model = spec["shape"]["d_model"]
+        layers = spec["sae"]["layers"]
+        for layer in layers:
+            d = tmp_path / "saes" / name / f"layer_{layer}"
+            d.mkdir(parents=True)
+            (d / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": d_model, "d_sae": 16384,
+                                                    "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"}}))
+        spec["sae"] = {"source": "local", "path": str(tmp_path / "saes" / name / "layer_{layer}"), "layers": layers}
+    path = tmp_path / "paper-local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    jobs = plan(tmp_path / "work", "--profile", "profiles/slurm", "--configfile", str(path),
+                "--replace-workflow-config")
+    counts = Counter(rule for rule, _, _ in jobs)
+    assert counts["local_sae"] == 26 + 32 and "pretrained_sae" not in counts and counts["sae_quality"] == 26 + 32
+    assert counts["steer_generate"] == 42 and counts["feature_attribution"] == 4 and counts["judge_harmbench"] == 42
+    assert gpus_by_rule(jobs)["local_sae"] == {0}
+
+
+def test_prefetch_plans_every_download_and_the_hub_artefacts_without_a_gpu(tmp_path):
+    blocks = planned_blocks(tmp_path, "--profile", "profiles/slurm", "--configfile", str(ROOT / "config/paper.yaml"),
+                            "--replace-workflow-config", "prefetch")
+    counts = Counter(rule for rule, _ in blocks)
+    # the same 19 dataset files the paper run downloads, and one job for the hub
+    assert counts == {"download_dataset": 19, "prefetch_hub": 1, "prefetch": 1}
+    for rule, block in blocks:
+        assert "gpu=" not in block or "gpu=0" in block, rule
+    # the Snakefile keeps them on the submitting node, where the internet is
+    local = re.search(r"^localrules:\n((?:    \w+,\n)+)", (ROOT / "workflow/Snakefile").read_text(), re.M).group(1)
+    assert {"prefetch", "prefetch_hub", "download_dataset"} <= {r.strip(" ,") for r in local.splitlines()}

@@ -3,6 +3,7 @@ import dataclasses
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from snakemake.utils import validate
@@ -63,12 +64,10 @@ MANIFEST = load_manifest(repo_path(config["datasets"]["manifest"]))
 # The models' own files (weights, templates) are checked before any job or dry run. `--lint`
 # reads only the rules, and must pass where no weights are installed (the workflow catalog's
 # check); Snakemake tells a Snakefile nothing of it but its command line.
+MODEL_FACTS = {}
 if "--lint" not in sys.argv:
-    check_models(
-        config,
-        set(MANIFEST),
-        {m: model_facts(m, spec) for m, spec in config["models"].items()},
-    )
+    MODEL_FACTS = {m: model_facts(m, spec) for m, spec in config["models"].items()}
+    check_models(config, set(MANIFEST), MODEL_FACTS)
 
 
 def manifest_entry(key):
@@ -137,7 +136,7 @@ def without(section, *keys):
     return {k: v for k, v in section.items() if k not in keys}
 
 
-SAE_SOURCE_KEYS = ("source", "layers", "release", "sae_id", "quality_targets")
+SAE_SOURCE_KEYS = ("source", "layers", "release", "sae_id", "path", "quality_targets")
 
 
 def sae_train_params(model):
@@ -147,7 +146,17 @@ def sae_train_params(model):
 
 def sae_pretrained_params(model):
     sae = model_spec(model)["sae"]
-    return {"release": sae["release"], "sae_id": sae["sae_id"]}
+    return {
+        "release": sae["release"],
+        "sae_id": sae["sae_id"],
+        "d_model": MODEL_FACTS[model].d_model,
+    }
+
+
+def local_sae_dir(wildcards):
+    """The configured SAELens directory of one layer (sae.source local), relative to the
+    working directory as model paths are."""
+    return model_spec(wildcards.model)["sae"]["path"].format(layer=wildcards.layer)
 
 
 def section_keys(model, name, *keys):
@@ -373,6 +382,32 @@ def feature_attribution_inputs(wildcards):
     }
 
 
+def prefetch_artifacts():
+    """The hub artefacts of the config, as plain dicts for the prefetch_hub rule's params."""
+    from refusal_atlas.cluster.prefetch import hub_artifacts
+
+    return [dataclasses.asdict(a) for a in hub_artifacts(config)]
+
+
+def prefetch_targets():
+    """Everything a job would otherwise fetch on a compute node: hub artefacts and datasets."""
+    files = ["results/prefetch/hub.json"]
+    for name in config["promptsets"]:
+        files += [
+            str(f)
+            for f in promptset_inputs(SimpleNamespace(promptset=name)).values()
+            if str(f).startswith("resources/datasets/")
+        ]
+    files.append(f"resources/datasets/{config['sae_corpus']['dataset']}")
+    files += [
+        f"resources/datasets/{BENCHMARK_FILES[n]}"
+        for n in config["capabilities"]["benchmarks"]
+    ]
+    if config["guardrails"]["enabled"]:
+        files += list(guardrail_mc_inputs(None).values())
+    return sorted(set(files))
+
+
 def foundation_targets():
     """The organism, activations, refusal direction and baselines: what CI runs for real."""
     targets = []
@@ -557,7 +592,11 @@ def sae_quality_caption(model):
     where = (
         f"SAELens release {sae['release']}"
         if sae["source"] == "pretrained"
-        else f"trained TopK, d_sae {sae['d_sae']}, k {sae['k']}"
+        else (
+            f"SAELens directories {sae['path']}"
+            if sae["source"] == "local"
+            else f"trained TopK, d_sae {sae['d_sae']}, k {sae['k']}"
+        )
     )
     return (
         f"{model}: SAE quality per layer ({where}); held-out sequences of "

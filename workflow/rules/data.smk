@@ -45,3 +45,25 @@ rule build_promptsets:
         spec=lambda w: promptset_params(w.promptset),
     script:
         "../scripts/build_promptsets.py"
+
+
+# For compute nodes without internet: every hub model, SAE release folder and classifier the
+# config needs goes into the Hugging Face cache here, on the login node (`snakemake prefetch`).
+rule prefetch_hub:
+    output:
+        "results/prefetch/hub.json",
+    log:
+        "logs/prefetch_hub.log",
+    benchmark:
+        "benchmarks/prefetch_hub.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=240,
+    params:
+        code=library_code("prefetch_hub"),
+        artifacts=lambda w: prefetch_artifacts(),
+    script:
+        "../scripts/prefetch_hub.py"

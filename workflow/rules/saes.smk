@@ -1,5 +1,5 @@
-# SAEs: one per configured layer, trained with SAELens on cached activations or taken from a
-# SAELens release, each with a held-out quality file.
+# SAEs: one per configured layer, trained with SAELens on cached activations, taken from a
+# SAELens release or from SAELens directories on disk, each with a held-out quality file.
 
 
 rule sae_corpus:
@@ -25,7 +25,7 @@ rule sae_corpus:
         spec=lambda w: load_params(w.model),
         cfg=config["sae_corpus"],
         layers=lambda w: sae_layers(w.model),
-        heldout_only=lambda w: model_spec(w.model)["sae"]["source"] == "pretrained",
+        heldout_only=lambda w: model_spec(w.model)["sae"]["source"] != "train",
     script:
         "../scripts/sae_corpus.py"
 
@@ -82,6 +82,33 @@ rule pretrained_sae:
         sae=lambda w: sae_pretrained_params(w.model),
     script:
         "../scripts/pretrained_sae.py"
+
+
+# A checked copy: the SAE must read this layer's resid_post with the model's width.
+rule local_sae:
+    input:
+        local_sae_dir,
+    output:
+        directory("results/saes/{model}/layer_{layer}"),
+    log:
+        "logs/local_sae/{model}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/local_sae/{model}/layer_{layer}.tsv"
+    wildcard_constraints:
+        model=models_with_sae_source("local"),
+        layer="[0-9]+",
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        code=library_code("local_sae"),
+        spec=lambda w: {"dtype": model_spec(w.model)["dtype"]},
+        d_model=lambda w: MODEL_FACTS[w.model].d_model,
+    script:
+        "../scripts/local_sae.py"
 
 
 rule sae_quality:

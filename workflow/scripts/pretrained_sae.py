@@ -5,5 +5,6 @@ with job.logged(snakemake.log[0], snakemake.threads):
         spec=snakemake.params.spec,
         cfg=snakemake.params.sae,
         layer=int(snakemake.wildcards.layer),
+        model_name=snakemake.wildcards.model,
         output_dir=snakemake.output[0],
     )

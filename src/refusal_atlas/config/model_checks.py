@@ -152,6 +152,28 @@ def _pretrained_directory() -> dict:
     return yaml.load(path.read_text(), Loader=loader) if path is not None else {}
 
 
+def _check_local_saes(name: str, sae: Mapping, facts: ModelFacts) -> None:
+    """Each layer's SAELens directory exists and reads that layer's resid_post at the model's width,
+    read from its cfg.json so that the DAG build stays free of torch."""
+    import json
+    from pathlib import Path
+
+    for layer in sae["layers"]:
+        path = Path(sae["path"].format(layer=layer))
+        cfg_file = path / "cfg.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"models.{name}.sae.path: {path} (layer {layer}) is not a SAELens SAE directory "
+                              "(no cfg.json)")
+        cfg = json.loads(cfg_file.read_text())
+        hook = (cfg.get("metadata") or {}).get("hook_name", cfg.get("hook_name"))
+        if hook != f"blocks.{layer}.hook_resid_post":
+            raise ConfigError(f"models.{name}.sae.path: {path} reads {hook!r}, not layer {layer}'s resid_post "
+                              f"(blocks.{layer}.hook_resid_post)")
+        if facts.d_model is not None and cfg.get("d_in") != facts.d_model:
+            raise ConfigError(f"models.{name}.sae.path: {path} has d_in {cfg.get('d_in')}, but the model's residual "
+                              f"stream is {facts.d_model} wide ({facts.where})")
+
+
 def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, ModelFacts]) -> None:
     """What a stage would otherwise find out only after an hour of upstream jobs: layers beyond the
     model's depth, a model with no chat template, an SAE release for another model, a dataset the
@@ -178,6 +200,8 @@ def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, M
                     raise ConfigError(f"{key} (model {name}): layer(s) {beyond} beyond the model's depth: it has "
                                       f"{f.n_layers} layers, 0-{f.n_layers - 1} ({f.where})")
         sae = spec["sae"]
+        if sae["source"] == "local":
+            _check_local_saes(name, sae, f)
         if sae["source"] == "pretrained":
             if not sae["release"] or not sae["sae_id"]:
                 raise ConfigError(f"models.{name}.sae: source pretrained needs release and sae_id")

@@ -104,8 +104,8 @@ def _weights_dir(cfg: HarmBenchConfig) -> str:
                                  local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise JudgeUnavailable(
-            f"the HarmBench classifier {cfg.model!r} is not available here ({type(e).__name__}); download it "
-            "on a machine with hub access or set judges.harmbench.model to a local directory"
+            f"the HarmBench classifier {cfg.model!r} is not available here ({type(e).__name__}); run "
+            "`snakemake prefetch` on a node with hub access, or set judges.harmbench.model to a local directory"
         ) from e
 
 

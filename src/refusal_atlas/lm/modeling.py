@@ -16,7 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, PreTrainedM
 
 # Tokens that end an assistant turn in the chat templates of the models we support. Stopping
 # on <eos> alone is the reference's Gemma bug: Gemma ends its turn with <end_of_turn>.
-END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+END_OF_TURN_TOKENS: tuple[str, ...] = (
+    "<|im_end|>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|end|>",
+    # Llama-3.1 closes a tool-calling turn with <|eom_id|>
+    "<|eom_id|>",
+)
 
 
 def resolve_device(device: str) -> torch.device:

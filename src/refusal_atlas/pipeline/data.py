@@ -39,3 +39,16 @@ def build_promptsets(*, spec: Mapping, inputs: Mapping[str, str], output: str) -
     counts = df.groupby(["split", "label", "variant"]).size()
     log.info("prompt set counts:\n%s", counts.to_string())
     write_parquet(df, output)
+
+
+def prefetch_hub(*, artifacts: list[Mapping], output: str) -> None:
+    """Fill the Hugging Face cache with every hub artefact of the config (``cluster.prefetch``)."""
+    from refusal_atlas.cluster.prefetch import HubArtifact, fetch
+    from refusal_atlas.core.io import write_json
+
+    items = [HubArtifact(**{**a, "patterns": tuple(a["patterns"]), "subfolders": tuple(a["subfolders"])})
+             for a in artifacts]
+    done = fetch(items)
+    for d in done:
+        log.info("%s: %s at %s, %d files", d["what"], d["repo_id"], d["snapshot"], d["files"])
+    write_json({"artifacts": done}, output)

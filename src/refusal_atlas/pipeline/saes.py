@@ -72,13 +72,26 @@ def train_sae(*, acts_path: str, layer: int, model_name: str, spec: Mapping, cfg
         sae.save_model(tmp)
 
 
-def pretrained_sae(*, spec: Mapping, cfg: Mapping, layer: int, output_dir: str) -> None:
+def pretrained_sae(*, spec: Mapping, cfg: Mapping, layer: int, model_name: str, output_dir: str) -> None:
     from refusal_atlas.saes import loading
 
-    sae = loading.load_pretrained_sae(cfg["release"], cfg["sae_id"].format(layer=layer), dtype=spec["dtype"])
-    if loading.hook_layer(sae) != layer:
-        raise ValueError(f"{cfg['release']}/{cfg['sae_id'].format(layer=layer)} reads layer {loading.hook_layer(sae)}, "
-                         f"not {layer}")
+    sae_id = cfg["sae_id"].format(layer=layer)
+    sae = loading.load_pretrained_sae(cfg["release"], sae_id, dtype=spec["dtype"])
+    loading.check_fits(sae, layer, cfg["d_model"], f"{cfg['release']}/{sae_id}", model_name)
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        sae.save_model(tmp)
+
+
+def local_sae(*, sae_dir: str, spec: Mapping, d_model: int | None, layer: int, model_name: str,
+              output_dir: str) -> None:
+    from refusal_atlas.saes import loading
+
+    if not (Path(sae_dir) / "cfg.json").is_file():
+        raise FileNotFoundError(f"{sae_dir} is not a SAELens SAE directory (no cfg.json); models.{model_name}.sae.path "
+                                "must name directories that SAE.save_model wrote")
+    sae = loading.load_sae(sae_dir, dtype=spec["dtype"])
+    loading.check_fits(sae, layer, d_model, sae_dir, model_name)
+    log.info("%s: %s SAE, d_in %d, d_sae %d", sae_dir, sae.cfg.architecture(), sae.cfg.d_in, sae.cfg.d_sae)
     with atomic_path(output_dir, is_dir=True) as tmp:
         sae.save_model(tmp)
 

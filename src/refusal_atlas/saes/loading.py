@@ -28,6 +28,21 @@ def hook_layer(sae: SAE) -> int:
     return int(m.group(1))
 
 
+def check_fits(sae: SAE, layer: int, d_model: int | None, what: str, model: str) -> None:
+    """An SAE is used only where it was trained: this layer's resid_post, at the model's width."""
+    name = sae.cfg.metadata.hook_name or ""
+    read = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", name)
+    if read is None:
+        raise ValueError(f"SAE {what} reads {name!r}; refusal-atlas hooks SAEs on resid_post "
+                         f"(blocks.{layer}.hook_resid_post for layer {layer} of model {model})")
+    if int(read.group(1)) != layer:
+        raise ValueError(f"SAE {what} reads layer {read.group(1)} ({name}), but is configured for layer {layer} "
+                         f"of model {model}")
+    if d_model is not None and sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE {what} has d_in {sae.cfg.d_in}, but model {model}'s residual stream is {d_model} "
+                         "wide: it was trained on another model")
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
     from sae_lens import SAE
 
@@ -48,4 +63,12 @@ def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu", dtype: s
         raise ValueError(f"release {release!r} has no SAE {sae_id!r} (e.g. {sample})")
     from sae_lens import SAE
 
-    return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    from refusal_atlas.core.hub import require_cached
+
+    entry = directory[release]
+    require_cached(entry.repo_id, what=f"SAE {release}/{sae_id}", subfolders=[entry.saes_map[sae_id]])
+    sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    # Llama Scope's conversion hands back transposed views, which safetensors refuses to save.
+    for param in sae.parameters():
+        param.data = param.data.contiguous()
+    return sae

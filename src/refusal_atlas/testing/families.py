@@ -79,9 +79,11 @@ class Family:
     build: Callable[[PreTrainedTokenizerFast, int, int], PreTrainedModel]
 
 
-def _common(tok: PreTrainedTokenizerFast, n_layers: int, d_model: int) -> dict:
+def _common(tok: PreTrainedTokenizerFast, n_layers: int, d_model: int, tied: bool) -> dict:
+    # Tied as the released model is (Gemma-2 yes; Llama-3.1-8B, Qwen2.5-7B, Mistral-7B no). A random
+    # tied model also tends to repeat its last input token, which here is a newline or [/INST].
     return dict(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
@@ -89,37 +91,44 @@ def _gemma2(tok, n_layers, d_model):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     # a window shorter than a chat prompt, so the local layers really slide
-    return Gemma2ForCausalLM(Gemma2Config(**_common(tok, n_layers, d_model), head_dim=d_model // 4,
+    return Gemma2ForCausalLM(Gemma2Config(**_common(tok, n_layers, d_model, tied=True), head_dim=d_model // 4,
                                           query_pre_attn_scalar=d_model // 4, sliding_window=8,
                                           final_logit_softcapping=30.0, attn_logit_softcapping=50.0))
 
 
-def _llama(tok, n_layers, d_model):
+def _llama3(tok, n_layers, d_model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**_common(tok, n_layers, d_model), rope_theta=500000.0))
+    return LlamaForCausalLM(LlamaConfig(**_common(tok, n_layers, d_model, tied=False), rope_theta=500000.0))
+
+
+def _chatml_llama(tok, n_layers, d_model):
+    from refusal_atlas.testing.synthetic import tiny_llama
+
+    return tiny_llama(tok, n_layers=n_layers, d_model=d_model)
 
 
 def _qwen2(tok, n_layers, d_model):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(**_common(tok, n_layers, d_model)))
+    return Qwen2ForCausalLM(Qwen2Config(**_common(tok, n_layers, d_model, tied=False)))
 
 
 def _mistral(tok, n_layers, d_model):
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralForCausalLM(MistralConfig(**_common(tok, n_layers, d_model), sliding_window=None))
+    return MistralForCausalLM(MistralConfig(**_common(tok, n_layers, d_model, tied=False), sliding_window=None))
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("chatml-llama", CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>",
-           "<|endoftext|>", "<|im_end|>", "own", _llama),
+           "<|endoftext|>", "<|im_end|>", "own", _chatml_llama),
     Family("gemma2", GEMMA2_TEMPLATE, ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), "<bos>",
            "<eos>", "<pad>", "<end_of_turn>", "none", _gemma2),
     Family("llama3", LLAMA3_TEMPLATE, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                       "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
-           "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", "<|eot_id|>", "own", _llama),
+                                       "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                                       "<|finetune_right_pad_id|>"),
+           "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", "<|eot_id|>", "own", _llama3),
     Family("qwen2", QWEN2_TEMPLATE, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
            "<|endoftext|>", "<|im_end|>", "own", _qwen2),
     Family("mistral", MISTRAL_TEMPLATE, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>", "<unk>",
