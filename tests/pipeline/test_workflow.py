@@ -1,5 +1,10 @@
 """The whole DAG on the tiny .test config, through the real download path (local HTTP mirror).
 
+The model is a tiny random Gemma-2 with Gemma's chat format (no system role, ``<end_of_turn>``,
+soft-capping, a sliding window shorter than the prompts): the family of the paper's first model,
+and the one whose format differs most from the embedded default's ChatML, which the family
+matrix (test_families_dag.py) runs through the DAG's core.
+
 Where a SLURM cluster can be started (root and Debian's slurm-wlm; always in CI), the DAG runs
 through ``--profile profiles/slurm`` on a real single-node cluster (tests/slurm_cluster.py), and
 the later tests rerun and plan on its outputs locally. Elsewhere it runs with ``--cores 2``.
@@ -16,10 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import FAMILY_CORPUS, ROOT
 from sae_lens import SAE
 from safetensors.torch import load_file
 from slurm_cluster import missing_requirements, slurm_cluster
+
+from refusal_atlas.testing.families import FAMILIES, save_tiny_chat_model
 
 pytestmark = pytest.mark.workflow
 
@@ -69,9 +76,9 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def tiny_config(work, tiny_model_dir, mirror_url, **models_extra):
+def tiny_config(work, model_dir, mirror_url, **models_extra):
     cfg = yaml.safe_load((ROOT / ".test/config/config.yaml").read_text())
-    cfg["models"]["tiny"].update(path=str(tiny_model_dir), **models_extra)
+    cfg["models"]["tiny"].update(path=str(model_dir), **models_extra)
     cfg["datasets"]["mirror"] = mirror_url
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -103,17 +110,23 @@ def failing_run(tmp_path_factory, mirror_url, cluster):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, mirror_url, cluster, failing_run):
+def gemma_model_dir(tmp_path_factory):
+    # the name must not hold "gemma" or "llama": TransformerLens reads it as an architecture hint
+    return save_tiny_chat_model(FAMILIES["gemma2"], tmp_path_factory.mktemp("tiny-g2"), FAMILY_CORPUS)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, gemma_model_dir, mirror_url, cluster, failing_run):
     # failing_run is asked for only so that it is started before the DAG, and runs beside it
     work = tmp_path_factory.mktemp("work")
     if cluster is None:
-        path = tiny_config(work, tiny_model_dir, mirror_url)
+        path = tiny_config(work, gemma_model_dir, mirror_url)
         res = snakemake(work, path)
         assert res.returncode == 0, res.stderr[-5000:]
         return work, path, None
     # The tiny model computes on the CPU; asking for one GPU per model rule (a scheduling key,
     # so no rerun) shows that GPU rules reach GPU slots and CPU rules none.
-    path = tiny_config(work, tiny_model_dir, mirror_url, gpus=1)
+    path = tiny_config(work, gemma_model_dir, mirror_url, gpus=1)
     res = snakemake_slurm(cluster, work, path)
     assert res.returncode == 0, res.stderr[-8000:] + cluster.log("slurmctld")[-3000:]
     # the failing run beside it has jobs of its own on the cluster
