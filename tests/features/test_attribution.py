@@ -9,6 +9,7 @@ from refusal_atlas.features.attribution import (
     la_ig,
     la_ig_batch,
     logit_diff_metric,
+    nested_replaced_logits,
     record_latents,
     replaced_logits,
 )
@@ -99,6 +100,110 @@ def test_gradients_match_finite_differences(setup):
                 args_m = (minus, other) if kind == "f" else (other, minus)
                 fd = (metric(*args) - metric(*args_m)) / (2 * eps)
                 assert fd.item() == pytest.approx(g[idx].item(), rel=1e-3, abs=1e-4), (kind, l, idx)
+
+
+def _nested(model, saes, enc, patch, target, alpha, **kw):
+    interp: dict = {}
+    m = logit_diff_metric(nested_replaced_logits(model, saes, enc, patch, alpha, interp, **kw), target, REFUSAL_ID)
+    return m, interp
+
+
+def test_nested_path_gradients_are_those_of_its_linearisation_and_match_finite_differences(setup):
+    """The reference's path: every layer re-encodes the live stream. Its gradients equal those of
+    replaced_logits at the nested pass's own interpolants and anchors, and central differences of
+    that function (every later replacement linearised at the pass, as the reference's backward
+    hook makes it) agree with them."""
+    model, tok, saes, r = setup
+    enc = encode_chat(tok, PROMPTS[:2])
+    layers = sorted(saes)
+    clean = record_latents(model, saes, enc)
+    patch = record_latents(model, saes, enc, DirectionalAblation(r))
+    target = patch.logits.argmax(-1)
+    anchors: dict = {}
+    with torch.enable_grad():
+        m, interp = _nested(model, saes, enc, patch, target, 0.4, seen=anchors)
+        grads = torch.autograd.grad(m, [interp[l][0] for l in layers] + [interp[l][1] for l in layers])
+    f = {l: interp[l][0].detach().clone().requires_grad_(True) for l in layers}
+    e = {l: interp[l][1].detach().clone().requires_grad_(True) for l in layers}
+    # the live stream is not the clean one past the first replaced layer: a different point
+    assert not torch.allclose(f[layers[-1]], torch.lerp(clean.latents[layers[-1]], patch.latents[layers[-1]], 0.4))
+    with torch.enable_grad():
+        m_lin = logit_diff_metric(replaced_logits(model, saes, enc, f, e, anchors=anchors), target, REFUSAL_ID)
+        lin = torch.autograd.grad(m_lin, [f[l] for l in layers] + [e[l] for l in layers])
+    assert torch.allclose(m_lin, m)
+    for g, g_lin in zip(grads, lin):
+        assert torch.allclose(g, g_lin, rtol=1e-9, atol=1e-12)
+
+    def metric(fv):
+        with torch.no_grad():
+            ev = {k: v.detach() for k, v in e.items()}
+            return logit_diff_metric(replaced_logits(model, saes, enc, fv, ev, anchors=anchors), target, REFUSAL_ID)
+
+    eps = 1e-3  # LlamaRMSNorm computes in float32 (see above)
+    for i, l in enumerate(layers):
+        for b in range(2):
+            idx = (b, enc["input_ids"].shape[1] - 1, int(grads[i][b, -1].abs().argmax()))
+            plus = {k: v.detach().clone() for k, v in f.items()}
+            minus = {k: v.detach().clone() for k, v in f.items()}
+            plus[l][idx] += eps
+            minus[l][idx] -= eps
+            fd = (metric(plus) - metric(minus)) / (2 * eps)
+            assert fd.item() == pytest.approx(grads[i][idx].item(), rel=1e-3, abs=1e-4), (l, idx)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7])
+def test_a_nested_layer_is_1_minus_alpha_in_value_and_transparent_in_gradient(setup, alpha):
+    """The reference's replacement D((1-α)E(h) + αf^p) + (1-α)(h - D(E(h))) + αε^p has the
+    Jacobian (1-α)I in h, which would scale the gradient reaching layer l by (1-α) per later
+    replaced layer; its backward hook passes the output's gradient to the input unchanged, and so
+    does the nested path: the factor between two replaced layers is 1."""
+    model, tok, saes, r = setup
+    enc = encode_chat(tok, PROMPTS[:3])
+    layers = sorted(saes)
+    patch = record_latents(model, saes, enc, DirectionalAblation(r))
+    target = patch.logits.argmax(-1)
+    live: dict = {}
+    with torch.no_grad():
+        _nested(model, saes, enc, patch, target, alpha, seen=live)
+    l = layers[1]
+    sae = saes[l]
+    h = live[l].clone().requires_grad_(True)
+    out = sae.decode(torch.lerp(sae.encode(h), patch.latents[l], alpha)) + torch.lerp(
+        h - sae.decode(sae.encode(h)), patch.errors[l], alpha)
+    g = torch.randn_like(out)
+    (jac_t_g,) = torch.autograd.grad(out, h, g)
+    assert torch.allclose(jac_t_g, (1 - alpha) * g, rtol=1e-9, atol=1e-12)  # the value's Jacobian
+    # the nested path: the gradient at the replaced layer's input h_l (block l's own output, seen
+    # by a hook that runs before the replacement) equals the one at its output, ∂m/∂ε̃_l
+    ins: dict = {}
+    grab = decoder_layers(model)[l].register_forward_hook(
+        lambda m_, i_, o_: ins.__setitem__(l, o_[0] if isinstance(o_, tuple) else o_), prepend=True)
+    try:
+        with torch.enable_grad():
+            m, interp = _nested(model, saes, enc, patch, target, alpha)
+            g_in, g_out = torch.autograd.grad(m, [ins[l], interp[l][1]])
+    finally:
+        grab.remove()
+    assert g_out.abs().max() > 0
+    assert torch.allclose(g_in, g_out, rtol=1e-9, atol=1e-12)
+
+
+def test_nested_and_stored_paths_agree_on_one_layer_and_differ_on_several(setup):
+    """With one SAE layer nothing upstream is replaced, so the live stream is the clean one and the
+    two paths are the same computation; with several, the live re-encoding moves the point at which
+    later layers' gradients are taken, and the scores change."""
+    model, tok, saes, r = setup
+    enc = encode_chat(tok, PROMPTS)
+    one = {2: saes[2]}
+    stored, nested = (la_ig_batch(model, one, enc, r, REFUSAL_ID, 4, path=p) for p in ("stored", "nested"))
+    assert torch.allclose(stored.scores, nested.scores, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(stored.error_scores, nested.error_scores, rtol=1e-9, atol=1e-12)
+    stored, nested = (la_ig_batch(model, saes, enc, r, REFUSAL_ID, 4, path=p) for p in ("stored", "nested"))
+    first = stored.layers.index(0)
+    gap = (stored.scores[:, first] - nested.scores[:, first]).abs().max()
+    assert gap > 1e-3 * stored.scores[:, first].abs().max()
+    with pytest.raises(ValueError, match="LA-IG path 'live' is not one of"):
+        LAIGConfig(path="live")
 
 
 def test_per_prompt_scores_aligned_across_layers_and_batches(setup):

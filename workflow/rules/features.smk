@@ -32,6 +32,7 @@ rule feature_attribution:
             "max_prompts",
             "ig_steps",
             "la_bz",
+            "la_ig_path",
             "stats_batch_size",
         ),
     script:

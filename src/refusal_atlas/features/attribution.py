@@ -16,6 +16,19 @@ the identity, which is what a live ``D(E(h)) + (h - D(E(h)))`` does (Marks et al
 error term live in the same way). In values every layer is replaced; in gradients each
 downstream replacement is transparent. This is implemented by an anchor: the replaced output
 is ``h - sg(h) + D(f̃) + ε̃``, whose value is ``D(f̃) + ε̃`` and whose Jacobian in ``h`` is I.
+
+The reference code (github wj210/refusal_sae: ``sae_grad_patch_IG`` and ``sae_bwd_hook`` in
+utils/utils.py, run by ``get_feature_attribution`` in utils/attribution_utils.py) takes another
+path in values, ``path="nested"`` here. Each SAE layer re-encodes the *live* stream h_l that
+upstream replacements have already moved, instead of the clean run's recorded latents:
+
+    f̃_l = (1-α)E_l(h_l) + αf^p_l,   ε̃_l = (1-α)(h_l - D_l(E_l(h_l))) + αε^p_l,   out_l = D_l(f̃_l) + ε̃_l.
+
+In value out_l = (1-α)h_l + α(D_l(f^p_l) + ε^p_l), whose Jacobian in h_l is (1-α)I, but the
+reference's backward hook hands each hook point's output gradient to its input unchanged, so in
+gradients every replaced layer is transparent, as on the stored path. The two paths then differ
+only in the point at which the gradient is taken (and agree exactly with one SAE layer). The
+attribution formula is the same, A_l = (f^p_l - f^c_l)·g_l with g_l the mean over α of ∂m/∂f̃_l.
 """
 
 from __future__ import annotations
@@ -37,12 +50,23 @@ if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need
     from sae_lens import SAE
 
 
+LA_IG_PATHS = ("stored", "nested")
+
+
 @dataclass
 class LAIGConfig:
-    """``steps`` is N of the Riemann sum; ``batch_size`` is the reference's ``la_bz``."""
+    """``steps`` is N of the Riemann sum; ``batch_size`` is the reference's ``la_bz``; ``path`` is
+    ``stored`` (interpolate the clean and patch runs' recorded latents) or ``nested`` (the
+    reference's: re-encode the live stream at every SAE layer); in both, every downstream
+    replacement is transparent to the gradient."""
 
     steps: int = 10
     batch_size: int = 5
+    path: str = "stored"
+
+    def __post_init__(self):
+        if self.path not in LA_IG_PATHS:
+            raise ValueError(f"LA-IG path {self.path!r} is not one of {LA_IG_PATHS}")
 
 
 @dataclass
@@ -123,6 +147,48 @@ def replaced_logits(
             h.remove()
 
 
+def nested_replaced_logits(
+    model: PreTrainedModel,
+    saes: Mapping[int, SAE],
+    enc: Mapping[str, torch.Tensor],
+    patch: RunLatents,
+    alpha: float,
+    interpolants: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    seen: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Last-token logits on the reference's nested path at ``alpha`` (module docstring).
+
+    Each layer's ``(f̃_l, ε̃_l)``, computed from its live input, goes into ``interpolants`` as
+    leaves that require grad. The replaced output is ``h - sg(h) + D(f̃) + ε̃``: the reference's
+    value with the reference's identity backward. ``seen`` collects each layer's live input, the
+    anchor at which :func:`replaced_logits` reproduces this pass.
+    """
+    blocks = decoder_layers(model)
+
+    def make_fn(layer: int, sae: SAE):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            live = h.detach()
+            if seen is not None:
+                seen[layer] = live
+            with torch.no_grad():
+                f_live = sae.encode(live)
+                f = torch.lerp(f_live, patch.latents[layer].to(f_live.dtype), alpha)
+                e = torch.lerp(live - sae.decode(f_live), patch.errors[layer].to(live.dtype), alpha)
+            f, e = f.requires_grad_(True), e.requires_grad_(True)
+            interpolants[layer] = (f, e)
+            return h - live + sae.decode(f) + e
+
+        return fn
+
+    handles = [blocks[layer].register_forward_hook(_replace_output(make_fn(layer, sae))) for layer, sae in saes.items()]
+    try:
+        logits = last_token_logits(model, enc)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def logit_diff_metric(logits: torch.Tensor, target: torch.Tensor, refusal_id: int) -> torch.Tensor:
     """m = Σ_b z[b, j_b] - z[b, refusal] (Yeo et al. 2025, §3.2): compliance over refusal."""
     return (logits.gather(1, target[:, None]).squeeze(1) - logits[:, refusal_id]).sum()
@@ -171,8 +237,11 @@ def la_ig_batch(
     direction: torch.Tensor,
     refusal_id: int,
     steps: int = 10,
+    path: str = "stored",
 ) -> BatchAttribution:
     """LA-IG for one left-padded batch (see the module docstring for the equations)."""
+    if path not in LA_IG_PATHS:
+        raise ValueError(f"LA-IG path {path!r} is not one of {LA_IG_PATHS}")
     layers = sorted(saes)
     saes = {layer: saes[layer] for layer in layers}
     patch = record_latents(model, saes, enc, DirectionalAblation(direction))
@@ -183,10 +252,17 @@ def la_ig_batch(
     grad_e = {l: torch.zeros_like(clean.errors[l], dtype=acc) for l in layers}
     for k in range(steps):
         alpha = k / steps
-        f = {l: torch.lerp(clean.latents[l], patch.latents[l], alpha).requires_grad_(True) for l in layers}
-        e = {l: torch.lerp(clean.errors[l], patch.errors[l], alpha).requires_grad_(True) for l in layers}
         with torch.enable_grad():
-            m = logit_diff_metric(replaced_logits(model, saes, enc, f, e), target, refusal_id)
+            if path == "nested":
+                interp: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                m = logit_diff_metric(nested_replaced_logits(model, saes, enc, patch, alpha, interp), target,
+                                      refusal_id)
+                f = {l: interp[l][0] for l in layers}
+                e = {l: interp[l][1] for l in layers}
+            else:
+                f = {l: torch.lerp(clean.latents[l], patch.latents[l], alpha).requires_grad_(True) for l in layers}
+                e = {l: torch.lerp(clean.errors[l], patch.errors[l], alpha).requires_grad_(True) for l in layers}
+                m = logit_diff_metric(replaced_logits(model, saes, enc, f, e), target, refusal_id)
             grads = torch.autograd.grad(m, [f[l] for l in layers] + [e[l] for l in layers])
         for i, l in enumerate(layers):
             grad_f[l] += grads[i].to(acc)
@@ -250,7 +326,7 @@ def la_ig(
     )
     with tqdm(total=n, desc=desc, unit="prompt") as bar:
         for idx, enc in chat_batches(tokenizer, instructions, cfg.batch_size, system_prompt, device):
-            b = la_ig_batch(model, saes, enc, direction, refusal_id, cfg.steps)
+            b = la_ig_batch(model, saes, enc, direction, refusal_id, cfg.steps, cfg.path)
             for name in ("scores", "error_scores", "totals", "m_clean", "m_patch", "target", "latent_max",
                          "latent_mean"):
                 dest = getattr(out, name)

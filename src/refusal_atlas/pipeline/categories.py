@@ -83,7 +83,7 @@ def category_features(*, model_dir: str, spec: Mapping, acts_path: str, index_pa
     model, tok, system_prompt = open_model(model_dir, spec)
     device = next(model.parameters()).device
     sae_map = open_saes(sae_dirs, spec, model)
-    ig_cfg = attribution.LAIGConfig(steps=cfg["ig_steps"], batch_size=cfg["la_bz"])
+    ig_cfg = attribution.LAIGConfig(steps=cfg["ig_steps"], batch_size=cfg["la_bz"], path=cfg["la_ig_path"])
     r_all = direction.zero_dims(fit_direction(acts, index, cfg["fit_split"])[0], sinks)[layer_star]
     frames, meta = [], {}
     fit = index[(index.split == cfg["fit_split"]) & (index.label == "harmful") & (index.variant == "plain")]
