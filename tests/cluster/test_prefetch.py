@@ -69,7 +69,7 @@ def test_prepare_model_loads_a_hub_model_from_the_cache_with_the_hub_offline(tin
 def test_an_artefact_missing_from_the_offline_cache_names_itself_and_the_prefetch_target(tmp_path):
     (tmp_path / "hub").mkdir()
     res = _offline(PREPARE, "org/absent", tmp_path / "out", cache=tmp_path / "hub")
-    assert res.returncode != 0 and "NotCachedError: prepare_model: org/absent is not in the Hugging Face cache" \
+    assert res.returncode != 0 and "ModelSourceError: cannot load 'org/absent': prepare_model: org/absent is not in the Hugging Face cache" \
         in res.stderr and "snakemake prefetch" in res.stderr
     assert not (tmp_path / "out").exists()
     sae = ("from refusal_atlas.saes.loading import load_pretrained_sae\n"

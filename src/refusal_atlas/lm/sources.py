@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from refusal_atlas.core.hub import require_cached
+from refusal_atlas.core.hub import NotCachedError, require_cached
 from refusal_atlas.core.io import atomic_path
 from refusal_atlas.core.packages import package_file
 from refusal_atlas.lm.modeling import format_chat
@@ -80,7 +80,10 @@ def prepare_model(spec: dict, dest: str | os.PathLike) -> Path:
     if source == "hub":
         # The token, if any, is read by huggingface_hub from HF_TOKEN in the environment.
         kw = dict(revision=spec.get("revision"), trust_remote_code=trust)
-        require_cached(spec["hub_id"], revision=spec.get("revision"), what="prepare_model")
+        try:
+            require_cached(spec["hub_id"], revision=spec.get("revision"), what="prepare_model")
+        except NotCachedError as e:  # one error type for "this model cannot be had", whatever the cause
+            raise ModelSourceError(f"cannot load {spec['hub_id']!r}: {e}") from None
         try:
             tok = AutoTokenizer.from_pretrained(spec["hub_id"], **kw)
             _check_tokenizer(tok, spec)
