@@ -6,6 +6,7 @@ from conftest import PROMPTS, random_sae
 
 from refusal_atlas.features.attribution import (
     LAIGConfig,
+    attribution_positions,
     la_ig,
     la_ig_batch,
     logit_diff_metric,
@@ -14,7 +15,7 @@ from refusal_atlas.features.attribution import (
     replaced_logits,
 )
 from refusal_atlas.lm.interventions import DirectionalAblation, _replace_output
-from refusal_atlas.lm.modeling import decoder_layers, encode_chat, last_token_logits
+from refusal_atlas.lm.modeling import decoder_layers, encode_chat, last_token_logits, template_header_length
 
 REFUSAL_ID = 5
 
@@ -244,3 +245,72 @@ def test_planted_feature_is_ranked_first(tiny):
     best = divmod(int(glob.argmax()), glob.shape[1])
     assert best == (2, planted)
     assert (out.scores[:, 2].argmax(-1) == planted).all()
+
+
+def test_the_pre_ablation_patch_error_undoes_this_layer_s_ablation_in_value(setup):
+    """The reference's patch cache: ε^p = h(before this layer's ablation) - D(E(h^p)), so
+    D(f^p) + ε^p exceeds the ablated stream by exactly the r̂ component the ablation removed."""
+    model, tok, saes, r = setup
+    enc = encode_chat(tok, PROMPTS[:3])
+    ablated = record_latents(model, saes, enc, DirectionalAblation(r))
+    reference = record_latents(model, saes, enc, DirectionalAblation(r), error_from_pre_intervention=True)
+    unit = r / r.norm()
+    before: dict[int, torch.Tensor] = {}
+    hooks = [decoder_layers(model)[l].register_forward_hook(
+        lambda _m, _i, out, l=l: before.__setitem__(l, out[0] if isinstance(out, tuple) else out), prepend=True)
+        for l in saes]
+    try:
+        with DirectionalAblation(r).applied(model), torch.no_grad():
+            last_token_logits(model, enc)
+    finally:
+        for h in hooks:
+            h.remove()
+    for l, sae in saes.items():
+        assert torch.equal(reference.latents[l], ablated.latents[l])  # latents of the ablated stream
+        h_p = sae.decode(ablated.latents[l]) + ablated.errors[l]
+        h_ref = sae.decode(reference.latents[l]) + reference.errors[l]
+        removed = (before[l] @ unit)[..., None] * unit
+        assert removed.abs().max() > 1e-3
+        assert torch.allclose(h_ref - h_p, removed, atol=1e-9)
+
+
+def test_header_positions_leave_the_template_header_out_of_every_score(setup):
+    model, tok, saes, r = setup
+    enc = encode_chat(tok, PROMPTS)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    assert attribution_positions(mask, 3).tolist() == [[False] * 5 + [True], [False] * 3 + [True] * 3]
+    assert attribution_positions(mask).tolist() == [[False] * 3 + [True] * 3, [False] + [True] * 5]
+    one = {1: saes[1]}
+    every = la_ig_batch(model, one, enc, r, REFUSAL_ID, 4, skip=0)
+    n_all = enc["attention_mask"].sum(1).double()
+    # with nothing skipped, the means times n are the totals: every position is in the score
+    assert torch.allclose((every.scores[:, 0].double().sum(-1) + every.error_scores[:, 0]) * n_all,
+                          every.totals[:, 0].double(), atol=1e-8)
+    first = la_ig_batch(model, one, enc, r, REFUSAL_ID, 4)
+    header = la_ig_batch(model, one, enc, r, REFUSAL_ID, 4, skip=3)
+    assert torch.equal(first.totals, header.totals)
+    assert not torch.allclose(first.scores, header.scores)
+
+
+@pytest.mark.parametrize("positions", ["after_first", "after_header"])
+def test_la_ig_reads_the_header_length_from_the_template(setup, monkeypatch, positions):
+    model, tok, saes, r = setup
+    seen = []
+    real = la_ig_batch
+
+    def spy(*args, **kw):
+        seen.append(args[7])
+        return real(*args, **kw)
+
+    monkeypatch.setattr("refusal_atlas.features.attribution.la_ig_batch", spy)
+    la_ig(model, tok, {1: saes[1]}, PROMPTS[:2], r, REFUSAL_ID, LAIGConfig(steps=2, positions=positions),
+          system_prompt="Be brief.")
+    header = template_header_length(tok, "Be brief.")
+    assert header > 3  # the system block
+    assert set(seen) == {header if positions == "after_header" else 1}
+
+
+def test_la_ig_config_rejects_an_unknown_mode():
+    for kw in ({"path": "x"}, {"positions": "last"}, {"patch_error": "x"}):
+        with pytest.raises(ValueError, match="is not one of"):
+            LAIGConfig(**kw)

@@ -13,7 +13,14 @@ from refusal_atlas.features.attribution import la_ig_batch
 from refusal_atlas.lm.activations import last_token_resid_post
 from refusal_atlas.lm.generation import generate_with_first_logprobs
 from refusal_atlas.lm.interventions import DirectionalAblation
-from refusal_atlas.lm.modeling import encode_chat, end_of_turn_id, end_of_turn_ids, format_chat, load_model
+from refusal_atlas.lm.modeling import (
+    encode_chat,
+    end_of_turn_id,
+    end_of_turn_ids,
+    format_chat,
+    load_model,
+    template_header_length,
+)
 from refusal_atlas.lm.sources import ModelSourceError, prepare_model
 from refusal_atlas.steering.clamp import FeatureClamp, FeatureSet
 from refusal_atlas.testing.families import FAMILIES, save_tiny_chat_model
@@ -28,6 +35,16 @@ MARKERS = {
                "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant"),
     "qwen2": ("<|im_start|>system\nYou are Qwen", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
     "mistral": ("<s>[INST] Hi[/INST]", "[INST] Hi[/INST]"),
+}
+# the fixed header before the user turn (the reference's num_bos_token), and what follows it
+HEADERS = {
+    "chatml-llama": ("<|im_start|>", "user\n"),
+    "gemma2": ("<bos>", "<start_of_turn>user\n"),
+    "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+               "December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>", "<|start_header_id|>user"),
+    "qwen2": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+              "<|im_end|>\n", "<|im_start|>user\n"),
+    "mistral": ("<s>", "[INST] Hi"),
 }
 
 
@@ -58,6 +75,20 @@ def test_the_template_is_the_family_s_and_so_is_its_system_prompt_rule(loaded):
     assert "Be brief." in with_system
     if family.system == "folded":  # Mistral joins it to the user turn
         assert "[INST] Be brief.\n\nHi[/INST]" in with_system
+
+
+def test_the_template_header_is_read_from_the_template(loaded):
+    family, _, tok = loaded
+    [plain] = format_chat(tok, ["Hi"])
+    ids = tok(plain, add_special_tokens=False).input_ids
+    n = template_header_length(tok)
+    head, rest = HEADERS[family.name]
+    assert tok.decode(ids[:n]) == head and tok.decode(ids[n:]).startswith(rest)
+    if family.system == "own":  # a system prompt joins the header, so it cannot be a constant
+        [with_system] = format_chat(tok, ["Hi"], "Be brief.")
+        n_sys = template_header_length(tok, "Be brief.")
+        decoded = tok.decode(tok(with_system, add_special_tokens=False).input_ids[:n_sys])
+        assert decoded.endswith(("Be brief.<|im_end|>\n", "Be brief.<|eot_id|>"))
 
 
 def test_generation_stops_on_the_family_s_end_of_turn(loaded):

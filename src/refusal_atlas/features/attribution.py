@@ -44,13 +44,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.lm.generation import chat_batches
 from refusal_atlas.lm.interventions import DirectionalAblation, Intervention, _replace_output
-from refusal_atlas.lm.modeling import block_hidden, decoder_layers, last_token_logits
+from refusal_atlas.lm.modeling import block_hidden, decoder_layers, last_token_logits, template_header_length
 
 if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
     from sae_lens import SAE
 
 
 LA_IG_PATHS = ("stored", "nested")
+LA_IG_POSITIONS = ("after_first", "after_header")
+LA_IG_PATCH_ERRORS = ("ablated", "pre_ablation")
 
 
 @dataclass
@@ -58,15 +60,27 @@ class LAIGConfig:
     """``steps`` is N of the Riemann sum; ``batch_size`` is the reference's ``la_bz``; ``path`` is
     ``stored`` (interpolate the clean and patch runs' recorded latents) or ``nested`` (the
     reference's: re-encode the live stream at every SAE layer); in both, every downstream
-    replacement is transparent to the gradient."""
+    replacement is transparent to the gradient.
+
+    ``positions`` is which prompt positions a score averages over: ``after_first`` (every real
+    position after the attention sink) or ``after_header`` (the reference's: after BOS and the
+    template's fixed system header, :func:`~refusal_atlas.lm.modeling.template_header_length`).
+    ``patch_error`` is the patch run's error term: ``ablated`` (ε^p = h^p - D(E(h^p)) of the
+    ablated stream itself) or ``pre_ablation`` (the reference's: this layer's stream before its
+    own ablation minus D(E(h^p)), so at α = 1 the layer's ablation is undone in value).
+    """
 
     steps: int = 10
     batch_size: int = 5
     path: str = "stored"
+    positions: str = "after_first"
+    patch_error: str = "ablated"
 
     def __post_init__(self):
-        if self.path not in LA_IG_PATHS:
-            raise ValueError(f"LA-IG path {self.path!r} is not one of {LA_IG_PATHS}")
+        for name, allowed in (("path", LA_IG_PATHS), ("positions", LA_IG_POSITIONS),
+                              ("patch_error", LA_IG_PATCH_ERRORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LA-IG {name} {getattr(self, name)!r} is not one of {allowed}")
 
 
 @dataclass
@@ -84,24 +98,38 @@ def record_latents(
     saes: Mapping[int, SAE],
     enc: Mapping[str, torch.Tensor],
     intervention: Intervention | None = None,
+    error_from_pre_intervention: bool = False,
 ) -> RunLatents:
-    """Encode every SAE layer's resid_post (after ``intervention``, whose hooks run first)."""
+    """Encode every SAE layer's resid_post (after ``intervention``, whose hooks run first).
+
+    With ``error_from_pre_intervention`` the error term is the stream *before* this block's
+    intervention hook minus ``D(f)`` (the reference's patch cache; ``LAIGConfig.patch_error``).
+    """
     intervention = intervention or Intervention()
     blocks = decoder_layers(model)
     latents: dict[int, torch.Tensor] = {}
     errors: dict[int, torch.Tensor] = {}
+    before: dict[int, torch.Tensor] = {}
+
+    def keep_before(layer: int):
+        def hook(_m, _i, output):
+            before[layer] = block_hidden(output)
+
+        return hook
 
     def make_hook(layer: int, sae: SAE):
         def hook(_m, _i, output):
             h = block_hidden(output)
             f = sae.encode(h)
             latents[layer] = f
-            errors[layer] = h - sae.decode(f)
+            errors[layer] = before.pop(layer, h) - sae.decode(f)
 
         return hook
 
     with intervention.applied(model):
         handles = [blocks[layer].register_forward_hook(make_hook(layer, sae)) for layer, sae in saes.items()]
+        if error_from_pre_intervention:  # prepended: they run before the intervention's hooks
+            handles += [blocks[layer].register_forward_hook(keep_before(layer), prepend=True) for layer in saes]
         try:
             logits = last_token_logits(model, enc)
         finally:
@@ -194,11 +222,12 @@ def logit_diff_metric(logits: torch.Tensor, target: torch.Tensor, refusal_id: in
     return (logits.gather(1, target[:, None]).squeeze(1) - logits[:, refusal_id]).sum()
 
 
-def attribution_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Real positions after each row's first (BOS or first chat marker: the attention sink)."""
+def attribution_positions(attention_mask: torch.Tensor, skip: int = 1) -> torch.Tensor:
+    """Real positions after each row's first ``skip`` (by default the first, BOS or first chat
+    marker: the attention sink; the template header's length for the reference's positions)."""
     mask = attention_mask.bool()
     first = mask.long().argmax(-1)
-    after = torch.arange(mask.shape[1], device=mask.device)[None, :] > first[:, None]
+    after = torch.arange(mask.shape[1], device=mask.device)[None, :] >= first[:, None] + skip
     return mask & after
 
 
@@ -238,13 +267,15 @@ def la_ig_batch(
     refusal_id: int,
     steps: int = 10,
     path: str = "stored",
+    skip: int = 1,
+    patch_error: str = "ablated",
 ) -> BatchAttribution:
-    """LA-IG for one left-padded batch (see the module docstring for the equations)."""
-    if path not in LA_IG_PATHS:
-        raise ValueError(f"LA-IG path {path!r} is not one of {LA_IG_PATHS}")
+    """LA-IG for one left-padded batch (see the module docstring for the equations); scores
+    average over real positions after each prompt's first ``skip``."""
+    LAIGConfig(path=path, patch_error=patch_error)  # validates
     layers = sorted(saes)
     saes = {layer: saes[layer] for layer in layers}
-    patch = record_latents(model, saes, enc, DirectionalAblation(direction))
+    patch = record_latents(model, saes, enc, DirectionalAblation(direction), patch_error == "pre_ablation")
     clean = record_latents(model, saes, enc)
     target = patch.logits.argmax(-1)
     acc = torch.promote_types(clean.errors[layers[0]].dtype, torch.float32)  # float32 or finer
@@ -267,7 +298,7 @@ def la_ig_batch(
         for i, l in enumerate(layers):
             grad_f[l] += grads[i].to(acc)
             grad_e[l] += grads[len(layers) + i].to(acc)
-    pos = attribution_positions(enc["attention_mask"]).to(acc)
+    pos = attribution_positions(enc["attention_mask"], skip).to(acc)
     n_pos = pos.sum(1).clamp(min=1)
     scores, err_scores, totals = [], [], []
     for l in layers:
@@ -324,9 +355,10 @@ def la_ig(
         latent_max=torch.zeros(n, len(layers), d_sae),
         latent_mean=torch.zeros(n, len(layers), d_sae),
     )
+    skip = template_header_length(tokenizer, system_prompt) if cfg.positions == "after_header" else 1
     with tqdm(total=n, desc=desc, unit="prompt") as bar:
         for idx, enc in chat_batches(tokenizer, instructions, cfg.batch_size, system_prompt, device):
-            b = la_ig_batch(model, saes, enc, direction, refusal_id, cfg.steps, cfg.path)
+            b = la_ig_batch(model, saes, enc, direction, refusal_id, cfg.steps, cfg.path, skip, cfg.patch_error)
             for name in ("scores", "error_scores", "totals", "m_clean", "m_patch", "target", "latent_max",
                          "latent_mean"):
                 dest = getattr(out, name)

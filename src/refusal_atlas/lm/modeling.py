@@ -158,6 +158,41 @@ def common_prefix_length(rows: Sequence[Sequence[int]], limit: int) -> int:
     return k
 
 
+def template_header_length(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None) -> int:
+    """Tokens the chat template puts before the first user turn: BOS and any system block.
+
+    The reference's ``num_bos_token`` (Yeo et al. 2025, github wj210/refusal_sae): 1 for Gemma-2
+    (BOS), BOS plus the dated system header for Llama-3.1. It is read from the template per model:
+    the user turn's opener is what the template writes between an assistant turn's closer and the
+    next user message, and the header is the prompt's text before that opener. At least 1: the
+    first position is the attention sink either way.
+    """
+    from jinja2 import TemplateError
+
+    a, b, c = "QQFIRSTQQ", "QQSECONDQQ", "QQTHIRDQQ"
+    sys_msgs = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+
+    def render(turns: list[tuple[str, str]], gen: bool) -> str:
+        msgs = sys_msgs + [{"role": r, "content": t} for r, t in turns]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    [prompt] = format_chat(tokenizer, [a], system_prompt)
+    try:
+        closed = render([("user", a), ("assistant", b)], False)
+        two = render([("user", a), ("assistant", b), ("user", c)], True)
+    except (TemplateError, IndexError, KeyError, TypeError, ValueError):
+        return 1  # a template that takes one turn only: no header beyond the sink is known
+    closer = closed[closed.index(b) + len(b):]
+    between = two[two.index(b) + len(b):two.index(c)]
+    before = prompt[:prompt.index(a)]
+    opener = between[len(closer):] if between.startswith(closer) else between
+    if not opener or not before.endswith(opener):
+        return 1
+    head = tokenizer(before[: len(before) - len(opener)], add_special_tokens=False).input_ids
+    full = tokenizer(prompt, add_special_tokens=False).input_ids
+    return max(1, common_prefix_length([head, full], len(head)))
+
+
 def sliding_window(model: PreTrainedModel) -> int | None:
     """The shortest attention window of any layer, or None where every layer attends globally
     (Gemma-2/3's local layers, Mistral; Qwen2 only with ``use_sliding_window``)."""
