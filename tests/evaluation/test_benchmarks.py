@@ -56,6 +56,11 @@ def test_normalise_number(text, number):
     assert normalise_number(text) == number
 
 
+def test_the_first_number_when_asked():
+    assert normalise_number("first 12 then 13", first=True) == "12"
+    assert normalise_number("$1,250.00 or 3", first=True) == "1250"
+
+
 @torch.no_grad()
 def _letter_argmax(model, tok, item):
     """The prediction from one unpadded forward pass of the item's chat prompt."""
@@ -97,9 +102,61 @@ def test_gsm8k_compares_the_last_number_of_each_answer(tiny, monkeypatch):
     assert seen["max_new_tokens"] == 7 and seen["prompts"][0].startswith("q1")
 
 
-def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_dir):
+def test_a_prefill_starts_the_assistant_turn_and_the_completion_continues_it(tiny):
+    model, tok = tiny
+    prompts = ["Which planet is largest?", "Pick one of these two, quickly."]
+    got = ce.generate(model, tok, prompts, max_new_tokens=1, batch_size=2, prefills=[ce.ANSWER_PREFILL] * 2)
+    for prompt, text in zip(prompts, got):
+        ids = tok(format_chat(tok, [prompt])[0] + ce.ANSWER_PREFILL, add_special_tokens=False,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+        assert text == tok.decode([nxt], skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="1 prefills for 2 instructions"):
+        ce.generate(model, tok, prompts, max_new_tokens=1, prefills=["x"])
+
+
+def test_the_reference_s_prefilled_letter_must_be_the_answer_and_nothing_else(tiny, monkeypatch):
+    model, tok = tiny
+    items = [ChoiceItem(str(i), "Q?", ("a", "b", "c", "d"), ans) for i, ans in enumerate([1, 1, 1, 0, 2])]
+    seen = {}
+
+    def fake_generate(m, t, prompts, **kw):
+        seen.update(kw, prompts=prompts)
+        return ["B", "b", "Because", "A", "D"]
+
+    monkeypatch.setattr(ce, "generate", fake_generate)
+    got = ce.multiple_choice(model, tok, items, protocol="prefill_greedy")
+    assert got.tolist() == [True, True, False, True, False]
+    assert seen["max_new_tokens"] == 1 and seen["prefills"] == [ce.ANSWER_PREFILL] * 5
+    assert "(A) a\n(B) b\n(C) c\n(D) d" in seen["prompts"][0] and "A, B, C or D" in seen["prompts"][0]
+    with pytest.raises(ValueError, match="is not one of"):
+        ce.multiple_choice(model, tok, items, protocol="logits")
+
+
+def test_the_reference_s_gsm8k_reasons_then_reads_the_first_number_after_its_cue(tiny, monkeypatch):
+    model, tok = tiny
+    calls = []
+
+    def fake_generate(m, t, prompts, **kw):
+        calls.append(dict(kw, prompts=prompts))
+        if len(calls) == 1:
+            return ["3 boxes of 4 is 12.", "Half of 10 is 5."]
+        return [" 12 apples, not 13", " 6 or 5"]
+
+    monkeypatch.setattr(ce, "generate", fake_generate)
+    out = ce.gsm8k(model, tok, [("q1", "12"), ("q2", "5")], max_new_tokens=9, protocol="reasoning_then_answer")
+    assert out.tolist() == [True, False]  # the first number counts, as in the reference
+    reasoning, answer = calls
+    assert reasoning["max_new_tokens"] == 9 and reasoning["prompts"][0] == "Question: q1\nA: Let's think step by step."
+    assert answer["prompts"] == reasoning["prompts"] and answer["max_new_tokens"] == 10
+    assert answer["prefills"] == ["3 boxes of 4 is 12." + ce.ANSWER_CUE, "Half of 10 is 5." + ce.ANSWER_CUE]
+
+
+@pytest.mark.parametrize("protocols", [("letter_logits", "last_number"), ("prefill_greedy", "reasoning_then_answer")])
+def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_dir, protocols):
     """The rule's stage: CE as before, plus each benchmark's accuracy with n and an interval, on the
-    same fixed sample of items whatever the condition."""
+    same fixed sample of items whatever the condition, by either protocol."""
     import json
 
     import pandas as pd
@@ -118,7 +175,8 @@ def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_di
     spec = {"dtype": "float32", "device": "cpu", "trust_remote_code": False, "system_prompt": None}
     cfg = {"max_prompts": None, "max_texts": None, "max_text_tokens": 32, "batch_size": 4,
            "benchmarks": ["arc_challenge", "mmlu", "gsm8k"],
-           "benchmark_max_items": {"arc_challenge": None, "mmlu": 5, "gsm8k": 2}, "gsm8k_max_new_tokens": 4}
+           "benchmark_max_items": {"arc_challenge": None, "mmlu": 5, "gsm8k": 2}, "gsm8k_max_new_tokens": 4,
+           "choice_protocol": protocols[0], "gsm8k_protocol": protocols[1]}
     inputs = {"arc_challenge": str(tmp_path / "arc.parquet"), "mmlu": str(tmp_path / "mmlu.parquet"),
               "gsm8k": str(tmp_path / "gsm.parquet")}
     boot = {"n_resamples": 200, "confidence": 0.95, "seed": 0}
@@ -132,6 +190,8 @@ def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_di
     for k in ("arc_challenge", "mmlu", "gsm8k", "response_ce"):
         assert d[k]["ci_low"] <= d[k]["mean"] <= d[k]["ci_high"]
     assert openers.seeded_order(12, "mmlu") == openers.seeded_order(12, "mmlu") != list(range(12))
+    assert d["sources"]["arc_challenge"].endswith(f"({protocols[0]})")
+    assert d["sources"]["gsm8k"].endswith(f"({protocols[1]})")
 
 
 def test_orderings_follow_the_answer_and_accuracy_counts_each():

@@ -3,7 +3,9 @@ Llama Scope's architecture, read from SAELens directories on disk, ``sae.source:
 ChatML Llama, Qwen2.5 and Mistral-Instruct (SAEs trained in the workflow). Gemma-2 runs the whole
 DAG through SLURM in test_workflow.py. Each family goes through prepare_model, activations, the
 refusal direction, its SAEs and their quality, LA-IG, selection, clamped generation, the judge and
-the benchmark table.
+the benchmark table, in the reference modes of docs/fidelity.md (nested LA-IG, header positions,
+the pre-ablation patch error; on Llama-3.1 also the pinned §4.2 category clamps), beside the
+improved modes the Gemma-2 DAG runs.
 """
 
 import json
@@ -55,7 +57,8 @@ def family_config(work, mirror_url):
 def families_run(tmp_path_factory, mirror_url):
     work = tmp_path_factory.mktemp("families")
     config = family_config(work, mirror_url)
-    targets = ["results/tables/benchmark.csv", *[f"results/saes/{m}/quality.csv" for m in MODELS]]
+    targets = ["results/tables/benchmark.csv", *[f"results/saes/{m}/quality.csv" for m in MODELS],
+               "results/categories/fam-l3/steering.parquet"]
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(config),
          "--replace-workflow-config", "--directory", str(work), "--cores", "2", "--show-failed-logs", *targets],
@@ -91,6 +94,13 @@ def test_local_jumprelu_saes_are_checked_copies_and_trained_ones_topk(families_r
         assert sorted(quality.layer) == LAYERS
     assert (families_run / "logs/local_sae/fam-l3/layer_1.log").is_file()
     assert not (families_run / "logs/train_sae/fam-l3").exists()
+
+
+def test_the_reference_s_pinned_category_clamps_ran_on_llama(families_run):
+    rates = pd.read_parquet(families_run / "results/categories/fam-l3/steering.parquet")
+    assert {"base", "all", "specific", "common"} <= set(rates.condition)
+    log = (families_run / "logs/category_steering/fam-l3.log").read_text()
+    assert "pinned to their clean values" in log
 
 
 def test_features_were_selected_through_each_family_s_saes(families_run):

@@ -238,3 +238,43 @@ def test_prefetch_plans_every_download_and_the_hub_artefacts_without_a_gpu(tmp_p
     # the Snakefile keeps them on the submitting node, where the internet is
     local = re.search(r"^localrules:\n((?:    \w+,\n)+)", (ROOT / "workflow/Snakefile").read_text(), re.M).group(1)
     assert {"prefetch", "prefetch_hub", "download_dataset"} <= {r.strip(" ,") for r in local.splitlines()}
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+# every key where the reference protocol differs from the project's, and its reference value
+REFERENCE_SWITCHES = {
+    "features.la_ig_path": "nested", "features.la_ig_positions": "after_header",
+    "features.la_ig_patch_error": "pre_ablation", "direction.sink_dims": 0,
+    "capabilities.choice_protocol": "prefill_greedy", "capabilities.gsm8k_protocol": "reasoning_then_answer",
+    "capabilities.gsm8k_max_new_tokens": 512, "capabilities.benchmarks": ["arc_challenge", "gsm8k"],
+    "capabilities.benchmark_max_items.arc_challenge": None, "capabilities.benchmark_max_items.gsm8k": None,
+    "capabilities.benchmark_max_items.mmlu": 1000,
+    "categories.categories": ["illegal_activity", "child_abuse", "hate_harass_violence", "physical_harm",
+                              "economic_harm", "fraud_deception", "adult_content"],
+    "categories.pin_other_set": True, "categories.max_new_tokens": 256, "categories.max_prompts": 25,
+    "categories.eval_max_prompts": 25, "promptsets.catqa.split_fractions.train": 0.5,
+    "promptsets.catqa.split_fractions.val": 0.0, "promptsets.catqa.split_fractions.test": 0.5,
+    "guardrails.unlearning.gate_edit": "all_selected", "guardrails.unlearning.q_values": [95],
+    "guardrails.unlearning.n_values": [20, 50, 100, 200], "guardrails.unlearning.c_values": [500],
+    "guardrails.unlearning.max_tokens": 1024, "guardrails.unlearning.layer": 3,
+    "guardrails.unlearning.multiple_choice.forget": ["wmdp_bio"],
+}
+
+
+def test_the_reference_config_differs_from_the_paper_config_only_by_the_ledger_s_switches(tmp_path):
+    """Both models, prompt sets, methods and judges are the same, so the two runs compare row by
+    row; the reference config plans the nested LA-IG, pinned §4.2 clamps and the reference grid."""
+    ours = _flat(yaml.safe_load((ROOT / "config/paper.yaml").read_text()))
+    ref = _flat(yaml.safe_load((ROOT / "config/paper-reference.yaml").read_text()))
+    differ = {k: ref.get(k, "<absent>") for k in set(ours) | set(ref) if ours.get(k, "<absent>") != ref.get(k, "<absent>")}
+    assert differ == REFERENCE_SWITCHES
+    counts = Counter(rule for rule, _, _ in paper_plan(tmp_path, "paper-reference"))
+    assert counts["feature_attribution"] == 4 and counts["category_steering"] == 2 and counts["steer_generate"] == 42
+    assert counts["guardrail_select"] == 2 and counts["capabilities"] == 14

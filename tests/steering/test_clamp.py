@@ -8,8 +8,16 @@ from conftest import PROMPTS, random_sae
 from sae_lens import StandardSAE, StandardSAEConfig
 
 from refusal_atlas.lm.generation import generate
-from refusal_atlas.lm.modeling import block_hidden, decoder_layers, encode_chat
-from refusal_atlas.steering.clamp import FeatureClamp, FeatureSet, feature_set, random_feature_set, stable_shard
+from refusal_atlas.lm.interventions import _replace_output
+from refusal_atlas.lm.modeling import LayerGrab, block_hidden, decoder_layers, encode_chat, last_token_logits
+from refusal_atlas.steering.clamp import (
+    FeatureClamp,
+    FeatureSet,
+    PinnedFeatureClamp,
+    feature_set,
+    random_feature_set,
+    stable_shard,
+)
 from refusal_atlas.steering.conditions import clamp_name, format_number, parse_condition
 
 
@@ -184,3 +192,63 @@ def test_shards_partition_prompts_stably():
     assert set(shard) == {0, 1, 2, 3} and min(np.bincount(shard)) > 30
     assert list(stable_shard(ids[:50], 4)) == list(shard[:50])  # a grown set moves no prompt
 
+
+
+def test_a_pinned_clamp_holds_the_other_set_at_its_clean_values(tiny):
+    """Yeo et al.'s §4.2 clamp as their code runs it: f = E(h), f[A] *= c, f[B] = clean f[B],
+    h <- D(f) + (h - D(E(h))) at every SAE layer, written out here by hand in float64."""
+    model, tok = tiny
+    model = model.double()
+    d = model.config.hidden_size
+    layers = range(model.config.num_hidden_layers)
+    saes = {l: random_sae(d, 96, 8, l, seed=l) for l in layers}
+    clamped = global_set(saes, {0: [3, 5], 1: [7, 11]})
+    pinned = global_set(saes, {1: [2, 4, 6], 2: [1, 8], 3: [9]})
+    pinned.masks = {l: m for l, m in pinned.masks.items() if l in (1, 2, 3)}
+    ids = [f"p{i}" for i in range(len(PROMPTS))]
+    enc = encode_chat(tok, PROMPTS)
+    with torch.no_grad(), LayerGrab(model, list(layers)) as grab:
+        last_token_logits(model, enc)
+    clean = {l: saes[l].encode(grab.out[l]) for l in layers}
+
+    def by_hand(pin: bool):
+        def fn(l):
+            def edit(h):
+                f = saes[l].encode(h)
+                res = h - saes[l].decode(f)
+                a, b = clamped.masks[l][0], pinned.masks.get(l, torch.zeros_like(clamped.masks[l]))[0]
+                f = torch.where(a, -4.0 * f, f)
+                if pin:
+                    f = torch.where(b, clean[l], f)
+                return saes[l].decode(f) + res
+            return edit
+        handles = [decoder_layers(model)[l].register_forward_hook(_replace_output(fn(l))) for l in layers]
+        try:
+            with torch.no_grad():
+                return last_token_logits(model, enc)
+        finally:
+            for h in handles:
+                h.remove()
+
+    pc = PinnedFeatureClamp(saes, clamped, value=-4.0, record=True, pinned=pinned)
+    pc.record_clean(model, tok, PROMPTS, ids, batch_size=3)  # other batches, other padding
+    with pc.applied(model), pc.rows(ids), torch.no_grad():
+        ours = last_token_logits(model, enc)
+    assert torch.allclose(ours, by_hand(pin=True), atol=1e-9)
+    assert not torch.allclose(ours, by_hand(pin=False), atol=1e-3)  # the pin matters downstream
+    real = enc["attention_mask"].bool()
+    for l, pin in ((1, [2, 4, 6]), (2, [1, 8]), (3, [9])):
+        assert torch.allclose(pc.last[l][..., pin][real], clean[l][..., pin][real], atol=1e-9)
+    # unpinned, the clamp upstream moves those latents (empty sets on 2 and 3 only record them)
+    free = FeatureClamp(saes, global_set(saes, {0: [3, 5], 1: [7, 11], 2: [], 3: []}), value=-4.0, record=True)
+    with free.applied(model), torch.no_grad():
+        last_token_logits(model, enc)
+    assert not torch.allclose(free.last[2][..., [1, 8]][real], clean[2][..., [1, 8]][real], atol=1e-3)
+    # generation: each row's clean values line up with its prompt whatever the batch
+    batched = generate(model, tok, PROMPTS, max_new_tokens=4, batch_size=3, intervention=pc, prompt_ids=ids)
+    for i in (0, len(PROMPTS) - 1):
+        alone = generate(model, tok, [PROMPTS[i]], max_new_tokens=4, batch_size=1, intervention=pc,
+                         prompt_ids=[ids[i]])
+        assert alone[0] == batched[i]
+    with pytest.raises(ValueError, match="share latents"):
+        PinnedFeatureClamp(saes, clamped, value=-4.0, pinned=global_set(saes, {1: [7]}))

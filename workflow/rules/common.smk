@@ -137,6 +137,8 @@ def without(section, *keys):
 
 
 SAE_SOURCE_KEYS = ("source", "layers", "release", "sae_id", "path", "quality_targets")
+# what LA-IG reads (refusal_atlas.features.attribution.LAIGConfig.from_section)
+LA_IG_KEYS = ("ig_steps", "la_bz", "la_ig_path", "la_ig_positions", "la_ig_patch_error")
 
 
 def sae_train_params(model):

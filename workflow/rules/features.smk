@@ -30,9 +30,7 @@ rule feature_attribution:
             "fit_split",
             "eval_split",
             "max_prompts",
-            "ig_steps",
-            "la_bz",
-            "la_ig_path",
+            *LA_IG_KEYS,
             "stats_batch_size",
         ),
     script:

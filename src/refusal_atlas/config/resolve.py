@@ -138,7 +138,7 @@ def resolve(config: Mapping) -> Resolved:
     k_cat = cat["k_star"] or feats["k_star"]
     categories = {**_without(cat, "enabled", "promptset", "c"), "k_star": k_cat, "k0": feats["k0"],
                   "ig_steps": cat["ig_steps"] or feats["ig_steps"], "la_bz": cat["la_bz"] or feats["la_bz"],
-                  "la_ig_path": feats["la_ig_path"],
+                  **{k: feats[k] for k in ("la_ig_path", "la_ig_positions", "la_ig_patch_error")},
                   "clamp": asdict(Clamp(k_cat, steer["c"] if cat["c"] is None else cat["c"]))}
     gr = config["guardrails"]["refusal"]
     guardrail = {**_without(gr, "weights"), "k_star": gr["k_star"] or feats["k_star"],

@@ -158,12 +158,13 @@ def read_gsm8k(path: str | Path) -> list[tuple[str, str]]:
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def normalise_number(text: str) -> str | None:
-    """The last number in ``text`` without thousands separators or a trailing ``.0``; None if none."""
+def normalise_number(text: str, first: bool = False) -> str | None:
+    """The last (or ``first``) number in ``text`` without thousands separators or a trailing ``.0``;
+    None if none."""
     found = _NUMBER.findall(text.replace("$", ""))
     if not found:
         return None
-    value = found[-1].replace(",", "").rstrip(".")
+    value = found[0 if first else -1].replace(",", "").rstrip(".")
     if "." in value:
         value = value.rstrip("0").rstrip(".")
     return value

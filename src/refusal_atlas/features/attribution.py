@@ -76,6 +76,12 @@ class LAIGConfig:
     positions: str = "after_first"
     patch_error: str = "ablated"
 
+    @classmethod
+    def from_section(cls, section: Mapping) -> LAIGConfig:
+        """From a ``features`` (or resolved ``categories``) config section."""
+        return cls(steps=section["ig_steps"], batch_size=section["la_bz"], path=section["la_ig_path"],
+                   positions=section["la_ig_positions"], patch_error=section["la_ig_patch_error"])
+
     def __post_init__(self):
         for name, allowed in (("path", LA_IG_PATHS), ("positions", LA_IG_POSITIONS),
                               ("patch_error", LA_IG_PATCH_ERRORS)):

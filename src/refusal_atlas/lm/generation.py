@@ -56,9 +56,12 @@ def generate(
     desc: str = "generate",
     prompt_ids: Sequence[str] | None = None,
     share_prefix: bool = True,
+    prefills: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy completions of ``instructions`` in their input order.
 
+    ``prefills`` start each assistant turn with a given text, which the completion continues
+    (e.g. "The best answer is ("); it is not part of the returned text.
     ``prompt_ids`` name the prompts for per-prompt interventions (local feature sets). With
     ``share_prefix``, the chat template's header that all prompts share is run once and every
     batch starts from its KV cache, where the intervention allows it (see
@@ -66,7 +69,7 @@ def generate(
     """
     texts, _ = _generate(model, tokenizer, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          intervention=intervention, system_prompt=system_prompt, desc=desc, prompt_ids=prompt_ids,
-                         share_prefix=share_prefix, first_logprobs=False)
+                         share_prefix=share_prefix, first_logprobs=False, prefills=prefills)
     return texts
 
 
@@ -108,7 +111,7 @@ def _prefix_batch(tokenizer, rows: Sequence[Sequence[int]], prefix: tuple[torch.
 
 
 def _generate(model, tokenizer, instructions, *, max_new_tokens, batch_size=16, intervention=None, system_prompt=None,
-              desc="generate", prompt_ids=None, share_prefix=True,
+              desc="generate", prompt_ids=None, share_prefix=True, prefills=None,
               first_logprobs: bool) -> tuple[list[str], torch.Tensor | None]:
     intervention = intervention or Intervention()
     stop = end_of_turn_ids(tokenizer)
@@ -116,8 +119,10 @@ def _generate(model, tokenizer, instructions, *, max_new_tokens, batch_size=16, 
     firsts: torch.Tensor | None = None
     device = next(model.parameters()).device
     require_left_padding(tokenizer)
-    ids = [tokenizer(t, add_special_tokens=False).input_ids
-           for t in format_chat(tokenizer, instructions, system_prompt)]
+    if prefills is not None and len(prefills) != len(instructions):
+        raise ValueError(f"{len(prefills)} prefills for {len(instructions)} instructions")
+    ids = [tokenizer(t + (prefills[i] if prefills is not None else ""), add_special_tokens=False).input_ids
+           for i, t in enumerate(format_chat(tokenizer, instructions, system_prompt))]
     # [prefix | pads | rest] puts pads inside a row, and a sliding window counts them as positions:
     # a row would see fewer real tokens than alone (Gemma-2 with window 8: up to 0.04 in log-prob)
     window = sliding_window(model)

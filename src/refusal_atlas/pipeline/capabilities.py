@@ -52,13 +52,14 @@ def capabilities(*, model_dir: str, spec: Mapping, method: str, inputs: Mapping,
         items = benchmark_sample(name, inputs[name], cfg["benchmark_max_items"][name])
         if name == "gsm8k":
             correct = benchmarks.gsm8k(model, tok, items, max_new_tokens=cfg["gsm8k_max_new_tokens"],
-                                             system_prompt=system_prompt, **kw)
+                                       system_prompt=system_prompt, protocol=cfg["gsm8k_protocol"], **kw)
         else:
-            correct = benchmarks.multiple_choice(model, tok, items, system_prompt=system_prompt,
-                                                       desc=name, **kw)
+            correct = benchmarks.multiple_choice(model, tok, items, system_prompt=system_prompt, desc=name,
+                                                 protocol=cfg["choice_protocol"], **kw)
         r = bootstrap_rate(correct, **boot)
         out[name] = {"mean": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
-        out["sources"][name] = f"{Path(inputs[name]).name}, zero-shot accuracy"
+        protocol = cfg["gsm8k_protocol"] if name == "gsm8k" else cfg["choice_protocol"]
+        out["sources"][name] = f"{Path(inputs[name]).name}, zero-shot accuracy ({protocol})"
         log.info("%s %s: accuracy %s", method, name, r)
     write_json(out, output)
 

@@ -83,7 +83,7 @@ def category_features(*, model_dir: str, spec: Mapping, acts_path: str, index_pa
     model, tok, system_prompt = open_model(model_dir, spec)
     device = next(model.parameters()).device
     sae_map = open_saes(sae_dirs, spec, model)
-    ig_cfg = attribution.LAIGConfig(steps=cfg["ig_steps"], batch_size=cfg["la_bz"], path=cfg["la_ig_path"])
+    ig_cfg = attribution.LAIGConfig.from_section(cfg)
     r_all = direction.zero_dims(fit_direction(acts, index, cfg["fit_split"])[0], sinks)[layer_star]
     frames, meta = [], {}
     fit = index[(index.split == cfg["fit_split"]) & (index.label == "harmful") & (index.variant == "plain")]
@@ -128,6 +128,16 @@ def _condition_feature_set(rows: pd.DataFrame, row_of: Mapping[str, int], n_rows
     return clamp.FeatureSet(masks, scale, {pid: row_of[k] for pid, k in prompt_rows.items()})
 
 
+def _pinned_rows(conds: pd.DataFrame, condition: str) -> pd.DataFrame | None:
+    """What the reference pins to clean values under each clamp (its ``retain_feats``): the common
+    set under a specific or transfer clamp, each category's own specific set under the common one."""
+    if condition in ("specific", "transfer"):
+        return conds[conds.condition == "common"]
+    if condition == "common":
+        return conds[(conds.condition == "specific") & (conds.source == conds.category)]
+    return None
+
+
 def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditions: str, sae_dirs: Sequence[str],
                       hparams: str | None, cfg: Mapping, substrings: Sequence[str], boot: Mapping,
                       outputs: Mapping[str, str], caption: str) -> None:
@@ -147,8 +157,13 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
     sae_map = open_saes(sae_dirs, spec, model)
     d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
 
-    def run(name: str, fs: clamp.FeatureSet | None) -> list[bool]:
+    def run(name: str, fs: clamp.FeatureSet | None, pinned: clamp.FeatureSet | None = None) -> list[bool]:
         intervention = clamp.FeatureClamp(sae_map, fs, mode="multiply", value=c_value) if fs else None
+        if fs and pinned:
+            intervention = clamp.PinnedFeatureClamp(sae_map, fs, mode="multiply", value=c_value, pinned=pinned)
+            log.info("%s: %d latents per prompt pinned to their clean values", name, pinned.size)
+            intervention.record_clean(model, tok, list(ev.instruction), list(ev.id), system_prompt=system_prompt,
+                                      batch_size=cfg["batch_size"])
         gens = generate(model, tok, list(ev.instruction), max_new_tokens=cfg["max_new_tokens"],
                         batch_size=cfg["batch_size"], intervention=intervention, system_prompt=system_prompt,
                         desc=f"categories {name}", prompt_ids=list(ev.id) if fs else None)
@@ -165,9 +180,11 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
         if sel.empty:  # an empty set (no common latent) clamps nothing: its generations are the base's
             results[(cond, k)] = results[("base", 0)]
             continue
-        results[(cond, k)] = run(f"{cond} +{k}" if k else cond,
-                                 _condition_feature_set(sel.assign(key=sel.category), rows_of, len(cats), prompt_rows,
-                                                        d_sae))
+        as_set = lambda rows: _condition_feature_set(rows.assign(key=rows.category), rows_of, len(cats),  # noqa: E731
+                                                     prompt_rows, d_sae)
+        pin = _pinned_rows(conds, cond) if cfg["pin_other_set"] else None
+        results[(cond, k)] = run(f"{cond} +{k}" if k else cond, as_set(sel),
+                                 as_set(pin) if pin is not None and not pin.empty else None)
     rows = []
     sizes = conds.groupby(["category", "condition", "source"]).size()
     for (cond, k), refused in results.items():

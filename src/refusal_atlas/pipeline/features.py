@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,7 +63,7 @@ def feature_attribution(*, model_dir: str, spec: Mapping, acts_path: str, index_
     check_layers(layers, model.config.num_hidden_layers, "sae.layers")
     device = next(model.parameters()).device
     sae_map = open_saes(sae_dirs, spec, model)
-    ig_cfg = attribution.LAIGConfig(steps=cfg["ig_steps"], batch_size=cfg["la_bz"], path=cfg["la_ig_path"])
+    ig_cfg = attribution.LAIGConfig.from_section(cfg)
     start = time.perf_counter()
     run = partial(attribution.la_ig, model, tok, sae_map, direction=r.to(device), refusal_id=refusal_id, cfg=ig_cfg,
                   system_prompt=system_prompt)
@@ -86,7 +87,7 @@ def feature_attribution(*, model_dir: str, spec: Mapping, acts_path: str, index_
     write_json({
         "protocol": protocol, "fit_split": fit_split, "eval_split": cfg["eval_split"], "layer_star": layer_star,
         "refusal_token_id": refusal_id, "sae_layers": sorted(layers), "ig_steps": cfg["ig_steps"],
-        "la_bz": cfg["la_bz"], "la_ig_path": cfg["la_ig_path"],
+        "la_bz": cfg["la_bz"], "la_ig": asdict(ig_cfg),
         "n": {"fit_harmful": len(fit_harmful), "fit_harmless": len(fit_harmless), "local": len(local)},
         "metric": {"clean_mean": float(attr_fit.m_clean.mean()), "patch_mean": float(attr_fit.m_patch.mean())},
         # Each SAE layer is a cut of the residual stream: its attributions (errors included)

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from refusal_atlas.lm.generation import chat_batches
 from refusal_atlas.lm.interventions import Intervention, _replace_output
-from refusal_atlas.lm.modeling import decoder_layers
+from refusal_atlas.lm.modeling import LayerGrab, decoder_layers, last_token_logits
 
 if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
     from sae_lens import SAE
@@ -192,6 +193,94 @@ class FeatureClamp(Intervention):
                 raise ValueError(f"SAE layer {layer} is beyond the model's {len(blocks)} layers")
             out.append(blocks[layer].register_forward_hook(_replace_output(lambda h, l=layer: self._clamp(l, h))))
         return out
+
+
+@dataclass
+class PinnedFeatureClamp(FeatureClamp):
+    """A :class:`FeatureClamp` that also holds ``pinned`` latents at their clean values on the
+    prompt's positions: Yeo et al. 2025 §4.2 as their code runs it (``clamp_sae`` with
+    ``retain_feats``: the specific clamp pins the common set, the common clamp the specific one),
+    so that one set's effect cannot pass through the other set's latents downstream. Generated
+    tokens are not pinned, as in the reference. Fill ``clean`` with :meth:`record_clean` first.
+
+    The edit is ``h + Σ (f'_S - f_S) W_dec[S]`` over the clamped and the pinned latents, which is
+    ``D(f') + ε`` for the affine decoders this needs; the two sets must not overlap.
+    """
+
+    pinned: FeatureSet | None = None
+    clean: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # id -> layer -> [T, |pin|]
+    _ids: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pinned is None:
+            raise ValueError("a pinned clamp needs the pinned FeatureSet")
+        missing = set(self.pinned.masks) - set(self.saes)
+        if missing:
+            raise ValueError(f"no SAE for pinned layers {sorted(missing)}")
+        self._pin = {l: m.any(0).nonzero().squeeze(-1) for l, m in self.pinned.masks.items() if m.any()}
+        for l, pin in self._pin.items():
+            if not self._affine[l]:
+                raise ValueError(f"layer {l}: pinning latents needs an SAE without activation normalisation")
+            if l in self._sel and bool(torch.isin(pin, self._sel[l]).any()):
+                raise ValueError(f"layer {l}: the clamped and the pinned sets share latents")
+
+    @property
+    def shares_prefix(self) -> bool:
+        return False  # each row's prompt positions must line up with its recorded clean values
+
+    @contextmanager
+    def rows(self, prompt_ids: Sequence[str]) -> Iterator[None]:
+        self._ids = list(prompt_ids)
+        try:
+            with super().rows(prompt_ids):
+                yield
+        finally:
+            self._ids = None
+
+    @torch.no_grad()
+    def record_clean(self, model, tokenizer, instructions: Sequence[str], prompt_ids: Sequence[str], *,
+                     system_prompt: str | None = None, batch_size: int = 16) -> None:
+        """The pinned latents of an unclamped pass over each prompt, at its real positions."""
+        layers = sorted(self._pin)
+        device = next(model.parameters()).device
+        for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
+            with LayerGrab(model, layers) as grab:
+                last_token_logits(model, enc)
+            real = enc["attention_mask"].bool()
+            for l in layers:
+                sae = self.saes[l]
+                f = sae.encode(grab.out[l].to(sae.dtype))[..., self._pin[l].to(device)]
+                for row, i in enumerate(idx):
+                    self.clean.setdefault(prompt_ids[i], {})[l] = f[row, real[row]].cpu()
+
+    def _clamp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        out = super()._clamp(layer, h) if layer in self._sel else h
+        if layer not in self._pin or h.shape[1] == 1:
+            return out
+        if self._ids is None or len(self._ids) != h.shape[0]:
+            raise RuntimeError("a pinned clamp needs rows(prompt_ids) around each batch")
+        sae, pin = self.saes[layer], self._pin[layer].to(h.device)
+        f = sae.encode(h.to(sae.dtype))[..., pin]
+        target = f.clone()
+        for b, pid in enumerate(self._ids):
+            if pid not in self.clean:
+                raise KeyError(f"no clean latents recorded for prompt {pid!r}: call record_clean first")
+            c = self.clean[pid][layer]
+            target[b, h.shape[1] - c.shape[0]:] = c.to(target)  # left padding: the prompt ends the row
+        mask = self.pinned.masks[layer][self.pinned.rows_for(self._ids)][:, pin.cpu()].to(h.device)
+        target = torch.where(mask[:, None, :], target, f)
+        if self.record:  # the clamp's own record of this pass, or a fresh one on a pinned-only layer
+            base = self.last[layer] if layer in self._sel else sae.encode(h.to(sae.dtype)).detach()
+            base[..., pin] = target.detach()
+            self.last[layer] = base
+        return out + ((target - f) @ sae.W_dec[pin]).to(h.dtype)
+
+    def handles(self, model):
+        blocks = decoder_layers(model)
+        extra = sorted(set(self._pin) - set(self.features.masks))
+        return super().handles(model) + [
+            blocks[l].register_forward_hook(_replace_output(lambda h, l=l: self._clamp(l, h))) for l in extra]
 
 
 def stable_shard(ids: Sequence[str], n_shards: int) -> np.ndarray:
