@@ -1,9 +1,13 @@
+import pandas as pd
 import pytest
 import torch
 
+
 from refusal_atlas.features.direction import (
     LayerScore,
+    borrow_harmless,
     choose_layer,
+    fit_direction,
     diff_in_means,
     last_token_logprobs,
     massive_dims,
@@ -83,3 +87,41 @@ def test_ablation_depends_only_on_the_line_of_r(tiny):
         last_token_logprobs(model, tok, prompts, intervention=DirectionalAblation(-3 * r)),
         atol=1e-5,
     )  # ... and ablation depends only on the line, not on the sign or scale of r
+
+
+def _index(prefix, labels, split):
+    return pd.DataFrame({"id": [f"{prefix}{i}" for i in range(len(labels))], "label": labels, "variant": "plain",
+                         "split": split, "row": range(len(labels)), "instruction": "x"})
+
+
+def test_a_benchmark_s_own_direction_borrows_harmless_prompts_and_differs_from_the_pooled_one():
+    """Yeo et al.'s Table 1: each benchmark's r from its own harmful prompts against as many of
+    the direction promptset's harmless train prompts, not the pooled r of the direction promptset."""
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    pooled_shift, bench_shift = torch.zeros(2, d), torch.zeros(2, d)
+    pooled_shift[:, 0], bench_shift[:, 1] = 5.0, 5.0
+    # the direction promptset: 40 harmful and 60 harmless train prompts
+    own_labels = ["harmful"] * 40 + ["harmless"] * 60
+    own_acts = torch.randn(100, 2, d, generator=g)
+    own_acts[:40] += pooled_shift
+    own_index = _index("rd", own_labels, "train")
+    # a benchmark: 30 harmful test prompts and no harmless ones
+    bench_acts = torch.randn(30, 2, d, generator=g) + bench_shift
+    bench_index = _index("hb", ["harmful"] * 30, "test")
+    with pytest.raises(ValueError, match="needs harmful and harmless"):
+        fit_direction(bench_acts, bench_index, "test")
+    acts, index = borrow_harmless(bench_acts, bench_index, own_acts, own_index, "test")
+    assert len(acts) == len(index) == 60 and (index.label == "harmless").sum() == 30
+    assert index[index.label == "harmless"].id.str.startswith("rd").all() and index.row.is_unique
+    borrowed = index[index.label == "harmless"]
+    assert torch.equal(acts[torch.tensor(borrowed.row.to_numpy())],
+                       own_acts[torch.tensor([int(i[2:]) for i in borrowed.id])])
+    r_bench, _ = fit_direction(acts, index, "test")
+    r_pooled, _ = fit_direction(own_acts, own_index, "train")
+    assert r_bench[1].abs().argmax() == 1 and r_pooled[1].abs().argmax() == 0
+    assert torch.nn.functional.cosine_similarity(r_bench[1], r_pooled[1], dim=0) < 0.5
+    # a promptset with its own harmless prompts borrows nothing
+    assert borrow_harmless(own_acts, own_index, bench_acts, bench_index, "train")[0] is own_acts
+    with pytest.raises(ValueError, match="cannot be fitted"):
+        borrow_harmless(bench_acts, bench_index, bench_acts, bench_index, "test")

@@ -250,6 +250,11 @@ def _flat(d, prefix=""):
 
 # every key where the reference protocol differs from the project's, and its reference value
 REFERENCE_SWITCHES = {
+    "evaluation.fit_on": "each_promptset",
+    "evaluation.methods": ["base", "cossim-global-transductive", "actdiff-global-transductive",
+                           "ap-local-transductive", "la_ig-local-transductive", "as"],
+    "capabilities.methods": ["base", "as", "cossim-global-transductive", "actdiff-global-transductive",
+                             "ap-global-transductive", "la_ig-global-transductive"],
     "features.la_ig_path": "nested", "features.la_ig_positions": "after_header",
     "features.la_ig_patch_error": "pre_ablation", "direction.sink_dims": 0,
     "capabilities.choice_protocol": "prefill_greedy", "capabilities.gsm8k_protocol": "reasoning_then_answer",
@@ -269,12 +274,23 @@ REFERENCE_SWITCHES = {
 
 
 def test_the_reference_config_differs_from_the_paper_config_only_by_the_ledger_s_switches(tmp_path):
-    """Both models, prompt sets, methods and judges are the same, so the two runs compare row by
-    row; the reference config plans the nested LA-IG, pinned §4.2 clamps and the reference grid."""
+    """Both models, prompt sets and judges are the same, so the two runs compare row by row; the
+    reference config plans per-benchmark directions and local sets, the nested LA-IG, pinned §4.2
+    clamps and the reference guardrail grid."""
     ours = _flat(yaml.safe_load((ROOT / "config/paper.yaml").read_text()))
     ref = _flat(yaml.safe_load((ROOT / "config/paper-reference.yaml").read_text()))
     differ = {k: ref.get(k, "<absent>") for k in set(ours) | set(ref) if ours.get(k, "<absent>") != ref.get(k, "<absent>")}
     assert differ == REFERENCE_SWITCHES
-    counts = Counter(rule for rule, _, _ in paper_plan(tmp_path, "paper-reference"))
-    assert counts["feature_attribution"] == 4 and counts["category_steering"] == 2 and counts["steer_generate"] == 42
-    assert counts["guardrail_select"] == 2 and counts["capabilities"] == 14
+    blocks = planned_blocks(tmp_path, "--profile", "profiles/slurm", "--configfile",
+                            str(ROOT / "config/paper-reference.yaml"), "--replace-workflow-config")
+    counts = Counter(rule for rule, _ in blocks)
+    # per model: both protocols on refusal_direction, and each benchmark's own transductive fit
+    assert counts["feature_attribution"] == 2 * (2 + 3) and counts["category_steering"] == 2
+    assert counts["steer_generate"] == 2 * 3 * 6 and counts["guardrail_select"] == 2 and counts["capabilities"] == 12
+    for bench in ("harmbench", "jailbreakbench", "advbench"):
+        fits = [b for r, b in blocks if r == "feature_attribution" and f"/{bench}/attribution." in b]
+        assert len(fits) == 2 and all("transductive" in b and "refusal_direction.safetensors" in b for b in fits)
+        [ablate] = [b for r, b in blocks if r == "steer_generate" and f"gemma-2-2b-it/{bench}/as/" in b]
+        assert f"results/features/gemma-2-2b-it/{bench}/attribution.transductive.json" in ablate
+        [local] = [b for r, b in blocks if r == "steer_generate" and f"gemma-2-2b-it/{bench}/la_ig-local-" in b]
+        assert f"results/features/gemma-2-2b-it/{bench}/la_ig.parquet" in local

@@ -258,10 +258,17 @@ def intervention_inputs(wildcards):
     cond = parse_condition(wildcards.method)
     model = wildcards.model
     inputs = {}
+    own = (
+        own_fit(wildcards.promptset, cond) if hasattr(wildcards, "promptset") else False
+    )
+    fp = wildcards.promptset if own else feature_promptset(config)
     if cond.kind in ("ablate", "add"):
-        inputs["direction"] = f"results/directions/{model}.json"
+        inputs["direction"] = (
+            f"results/features/{model}/{fp}/attribution.transductive.json"
+            if own
+            else f"results/directions/{model}.json"
+        )
     if cond.kind == "clamp":
-        fp = feature_promptset(config)
         selector = "la_ig" if cond.selector == "random" else cond.selector
         inputs["saes"] = [f"results/saes/{model}/layer_{l}" for l in sae_layers(model)]
         inputs["features"] = f"results/features/{model}/{fp}/{selector}.parquet"
@@ -307,12 +314,36 @@ def feature_promptset_only(cond):
     return cond.scope == "local" or cond.protocol == "transductive"
 
 
+def fit_on_each():
+    """Whether every evaluation promptset has its own features and direction (Table 1's protocol)."""
+    return config["evaluation"]["fit_on"] == "each_promptset"
+
+
+def own_fit(promptset, cond):
+    """Whether a condition on this promptset reads the promptset's own fit, not the feature
+    promptset's: its transductive and local sets, and its direction, under fit_on each_promptset.
+    """
+    if not fit_on_each() or promptset == feature_promptset(config):
+        return False
+    return cond.kind in ("ablate", "add") or feature_promptset_only(cond)
+
+
+def feature_protocols(promptset):
+    """Protocols attributed on a promptset: an evaluation promptset fitted on its own prompts has
+    only the transductive one (a benchmark has no train split to hold out)."""
+    if promptset in config["features"]["promptsets"]:
+        return config["features"]["protocols"]
+    return ["transductive"]
+
+
 def evaluation_methods(promptset):
     fp = feature_promptset(config)
     return [
         m
         for m in config["evaluation"]["methods"]
-        if promptset == fp or not feature_promptset_only(parse_condition(m))
+        if promptset == fp
+        or fit_on_each()
+        or not feature_promptset_only(parse_condition(m))
     ]
 
 
@@ -375,13 +406,23 @@ def models_with_sae_source(source):
 
 def feature_attribution_inputs(wildcards):
     layers = sae_layers(wildcards.model)
-    return {
+    inputs = {
         "model": final_model_dir(wildcards),
         "acts": f"results/activations/{wildcards.model}/{wildcards.promptset}.safetensors",
         "index": f"results/activations/{wildcards.model}/{wildcards.promptset}.index.parquet",
         "direction": f"results/directions/{wildcards.model}.json",
         "saes": [f"results/saes/{wildcards.model}/layer_{l}" for l in layers],
     }
+    if wildcards.promptset not in config["features"]["promptsets"]:
+        # an evaluation promptset fitted on its own prompts: a benchmark holds harmful ones only
+        dp = config["direction"]["promptset"]
+        inputs["harmless_acts"] = (
+            f"results/activations/{wildcards.model}/{dp}.safetensors"
+        )
+        inputs["harmless_index"] = (
+            f"results/activations/{wildcards.model}/{dp}.index.parquet"
+        )
+    return inputs
 
 
 def prefetch_artifacts():

@@ -43,7 +43,7 @@ rule select_features:
             "results/features/{model}/{promptset}/attribution.{protocol}.safetensors",
             model=w.model,
             promptset=w.promptset,
-            protocol=config["features"]["protocols"],
+            protocol=feature_protocols(w.promptset),
         ),
     output:
         "results/features/{model}/{promptset}/{method}.parquet",
@@ -61,7 +61,7 @@ rule select_features:
         runtime=10,
     params:
         code=library_code("select_features"),
-        protocols=config["features"]["protocols"],
+        protocols=lambda w: feature_protocols(w.promptset),
         cfg=lambda w: section_keys(w.model, "features", "k0", "k_star"),
     script:
         "../scripts/select_features.py"

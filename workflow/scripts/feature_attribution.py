@@ -13,4 +13,6 @@ with job.logged(snakemake.log[0], snakemake.threads):
         cfg=snakemake.params.cfg,
         output=snakemake.output.scores,
         summary_out=snakemake.output.summary,
+        harmless_acts_path=snakemake.input.get("harmless_acts"),
+        harmless_index_path=snakemake.input.get("harmless_index"),
     )

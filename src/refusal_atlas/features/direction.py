@@ -210,3 +210,30 @@ def fit_direction(acts: torch.Tensor, index: pd.DataFrame, split: str) -> tuple[
                                   torch.tensor((fit.label == "harmful").to_numpy()))
     return raw, fit
 
+
+
+def borrow_harmless(acts: torch.Tensor, index: pd.DataFrame, harmless_acts: torch.Tensor,
+                    harmless_index: pd.DataFrame, split: str, from_split: str = "train",
+                    seed: int = 0) -> tuple[torch.Tensor, pd.DataFrame]:
+    """``acts`` and ``index`` with harmless prompts borrowed where ``split`` has none: as many of
+    ``harmless_index``'s plain harmless ``from_split`` prompts as ``split`` has plain harmful
+    ones (a fixed sample), filed under ``split``.
+
+    Yeo et al.'s Table 1 (github wj210/refusal_sae, src/benchmark.py) fits each benchmark's
+    direction on its harmful prompts against the first ``len(benchmark)`` of refusal_direction's
+    harmless train prompts; the benchmarks hold harmful prompts only.
+    """
+    plain = plain_prompts(index)
+    here = plain[plain.split == split]
+    if (here.label == "harmless").any():
+        return acts, index
+    n = int((here.label == "harmful").sum())
+    pool = plain_prompts(harmless_index)
+    pool = pool[(pool.split == from_split) & (pool.label == "harmless")]
+    if n == 0 or pool.empty:
+        raise ValueError(f"split {split!r} has {n} harmful prompts and the direction promptset "
+                         f"{len(pool)} harmless {from_split} prompts to borrow: r cannot be fitted")
+    take = pool.sample(n=min(n, len(pool)), random_state=seed).sort_index()
+    borrowed = take.assign(row=len(acts) + torch.arange(len(take)).numpy(), split=split, borrowed=True)
+    rows = torch.tensor(take.row.to_numpy())
+    return torch.cat([acts, harmless_acts[rows].to(acts.dtype)]), pd.concat([index, borrowed], ignore_index=True)

@@ -28,12 +28,17 @@ log = logging.getLogger("refusal_atlas")
 
 def feature_attribution(*, model_dir: str, spec: Mapping, acts_path: str, index_path: str, direction_summary: str,
                         sae_dirs: Sequence[str], layers: Sequence[int], protocol: str, cfg: Mapping,
-                        output: str, summary_out: str) -> None:
+                        output: str, summary_out: str, harmless_acts_path: str | None = None,
+                        harmless_index_path: str | None = None) -> None:
     """LA-IG scores and latent statistics for one protocol (Yeo et al. 2025 §3.2; ARCHITECTURE.md).
 
     transductive: r, the global set and the local sets all come from the eval split (the
     reference). heldout: r and the global set from the fit split; local sets are computed on the
     eval prompts with that r, as they would be at deployment.
+
+    A promptset without harmless prompts (a benchmark, fitted on its own prompts under
+    ``evaluation.fit_on: each_promptset``) borrows them from ``harmless_*_path``, the direction
+    promptset's activations (:func:`refusal_atlas.features.direction.borrow_harmless`).
     """
     import torch
     from safetensors.torch import load_file
@@ -49,6 +54,10 @@ def feature_attribution(*, model_dir: str, spec: Mapping, acts_path: str, index_
     index = pd.read_parquet(index_path)
     acts = load_file(acts_path)["resid_post"]
     fit_split = cfg["eval_split"] if protocol == "transductive" else cfg["fit_split"]
+    if harmless_acts_path is not None:
+        acts, index = direction.borrow_harmless(acts, index, load_file(harmless_acts_path)["resid_post"],
+                                                pd.read_parquet(harmless_index_path), fit_split)
+    n_borrowed = int(index["borrowed"].eq(True).sum()) if "borrowed" in index else 0
     raw, fit = fit_direction(acts, index, fit_split)
     r = direction.zero_dims(raw, sinks)[layer_star]
     plain = plain_prompts(index)
@@ -86,6 +95,9 @@ def feature_attribution(*, model_dir: str, spec: Mapping, acts_path: str, index_
     effect = attr_fit.m_patch - attr_fit.m_clean
     write_json({
         "protocol": protocol, "fit_split": fit_split, "eval_split": cfg["eval_split"], "layer_star": layer_star,
+        # r at l* as read_direction reads a direction summary: this fit's own r for the AS and add
+        # conditions of a promptset fitted on its own prompts
+        "directions": output, "layer": layer_star, "n_borrowed_harmless": n_borrowed,
         "refusal_token_id": refusal_id, "sae_layers": sorted(layers), "ig_steps": cfg["ig_steps"],
         "la_bz": cfg["la_bz"], "la_ig": asdict(ig_cfg),
         "n": {"fit_harmful": len(fit_harmful), "fit_harmless": len(fit_harmless), "local": len(local)},

@@ -60,9 +60,11 @@ def check_layers(layers: Sequence[int], n_layers: int, key: str) -> None:
 
 # ---------------------------------------------------------------------------- steering
 def read_direction(direction_summary: str) -> tuple[torch.Tensor, int]:
-    """The refusal direction r at l* (sink dimensions zeroed, not normalised) and l*."""
+    """The refusal direction r at l* (sink dimensions zeroed, not normalised) and l*, from the
+    direction stage's summary or a feature attribution's (whose r is stored at l* alone)."""
     info = json.loads(Path(direction_summary).read_text())
-    return load_file(info["directions"])["direction"][info["layer"]], info["layer"]
+    r = load_file(info["directions"])["direction"]
+    return (r[info["layer"]] if r.dim() == 2 else r), info["layer"]
 
 
 def open_saes(sae_dirs: Sequence[str], spec: Mapping, model) -> dict[int, SAE]:
