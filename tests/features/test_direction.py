@@ -9,6 +9,7 @@ from refusal_atlas.features.direction import (
     choose_layer,
     fit_direction,
     diff_in_means,
+    filter_by_refusal,
     last_token_logprobs,
     massive_dims,
     refusal_score,
@@ -125,3 +126,15 @@ def test_a_benchmark_s_own_direction_borrows_harmless_prompts_and_differs_from_t
     assert borrow_harmless(own_acts, own_index, bench_acts, bench_index, "train")[0] is own_acts
     with pytest.raises(ValueError, match="cannot be fitted"):
         borrow_harmless(bench_acts, bench_index, bench_acts, bench_index, "test")
+
+
+def test_the_refusal_score_filter_keeps_refused_harmful_and_answered_harmless_prompts():
+    """Arditi et al.'s filter before fitting r: a harmful prompt the model answers, or a harmless
+    one it refuses, would blur the contrast r is the mean difference of."""
+    fit = _index("p", ["harmful"] * 3 + ["harmless"] * 3, "train")
+    kept = filter_by_refusal(fit, torch.tensor([2.0, -1.0, 0.5, -3.0, 0.2, -0.1]))
+    assert kept.id.tolist() == ["p0", "p2", "p3", "p5"]
+    with pytest.raises(ValueError, match="keeps 0 harmful and 3 harmless"):
+        filter_by_refusal(fit, torch.tensor([-1.0, -1.0, -1.0, -3.0, -0.2, -0.1]))
+    with pytest.raises(ValueError, match="5 refusal scores for 6 prompts"):
+        filter_by_refusal(fit, torch.zeros(5))

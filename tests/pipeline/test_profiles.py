@@ -256,7 +256,7 @@ REFERENCE_SWITCHES = {
     "capabilities.methods": ["base", "as", "cossim-global-transductive", "actdiff-global-transductive",
                              "ap-global-transductive", "la_ig-global-transductive"],
     "features.la_ig_path": "nested", "features.la_ig_positions": "after_header",
-    "features.la_ig_patch_error": "pre_ablation", "direction.sink_dims": 0,
+    "features.la_ig_patch_error": "pre_ablation", "direction.sink_dims": 0, "direction.filter": "refusal_score",
     "capabilities.choice_protocol": "prefill_greedy", "capabilities.gsm8k_protocol": "reasoning_then_answer",
     "capabilities.gsm8k_max_new_tokens": 512, "capabilities.benchmarks": ["arc_challenge", "gsm8k"],
     "capabilities.benchmark_max_items.arc_challenge": None, "capabilities.benchmark_max_items.gsm8k": None,

@@ -237,3 +237,23 @@ def borrow_harmless(acts: torch.Tensor, index: pd.DataFrame, harmless_acts: torc
     borrowed = take.assign(row=len(acts) + torch.arange(len(take)).numpy(), split=split, borrowed=True)
     rows = torch.tensor(take.row.to_numpy())
     return torch.cat([acts, harmless_acts[rows].to(acts.dtype)]), pd.concat([index, borrowed], ignore_index=True)
+
+
+def filter_by_refusal(fit: pd.DataFrame, scores: torch.Tensor) -> pd.DataFrame:
+    """The rows of ``fit`` whose base behaviour matches their label: harmful prompts with a positive
+    refusal score (the model refuses them), harmless ones with a negative one.
+
+    Arditi et al. 2024 (github andyrdt/refusal_direction, ``filter_data``) drop the train and val
+    prompts that fail this before fitting r, so that r contrasts refused with answered requests;
+    ``scores`` are :func:`refusal_score` values aligned with ``fit``'s rows.
+    """
+    if len(scores) != len(fit):
+        raise ValueError(f"{len(scores)} refusal scores for {len(fit)} prompts")
+    s = scores.numpy()
+    keep = ((fit.label == "harmful").to_numpy() & (s > 0)) | ((fit.label == "harmless").to_numpy() & (s < 0))
+    kept = fit[keep]
+    if kept.label.nunique() < 2:
+        raise ValueError(f"the refusal-score filter keeps {int((kept.label == 'harmful').sum())} harmful and "
+                         f"{int((kept.label == 'harmless').sum())} harmless prompts: r cannot be fitted; "
+                         "set direction.filter: none")
+    return kept

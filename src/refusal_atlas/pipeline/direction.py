@@ -22,8 +22,20 @@ def refusal_direction(*, model_dir: str, spec: Mapping, acts_path: str, index_pa
                       substrings: Sequence[str], directions_out: str, layers_out: str, summary_out: str) -> None:
     acts = load_file(acts_path)["resid_post"]
     index = pd.read_parquet(index_path)
-    raw, train = fit_direction(acts, index, "train")
     model, tok, system_prompt = open_model(model_dir, spec)
+    refusal_ids = direction.refusal_token_ids(tok, cfg["refusal_tokens"])
+    dropped: list[str] = []
+    if cfg["filter"] == "refusal_score":
+        train = plain_prompts(index)
+        train = train[train.split == "train"]
+        with autocast(model, cfg["autocast_dtype"]):
+            lp = direction.last_token_logprobs(model, tok, list(train.instruction), batch_size=cfg["batch_size"],
+                                               system_prompt=system_prompt)
+        kept = direction.filter_by_refusal(train, direction.refusal_score(lp, refusal_ids))
+        dropped = sorted(set(train.id) - set(kept.id))
+        log.info("refusal-score filter: %d of %d train prompts kept", len(kept), len(train))
+        index = index[~index.id.isin(dropped)]
+    raw, train = fit_direction(acts, index, "train")
     # A fixed random subset (all categories) bounds the cost: every candidate layer generates on it.
     val = plain_prompts(index)
     val = val[val.split == "val"].sample(frac=1.0, random_state=0)
@@ -39,7 +51,6 @@ def refusal_direction(*, model_dir: str, spec: Mapping, acts_path: str, index_pa
     else:
         lo = int(cfg["min_layer_fraction"] * n_layers)
         candidates = list(range(lo, max(lo + 1, int(cfg["max_layer_fraction"] * n_layers))))
-    refusal_ids = direction.refusal_token_ids(tok, cfg["refusal_tokens"])
     # scoring only ranks layers; the direction itself comes from the float32 activation cache
     with autocast(model, cfg["autocast_dtype"]):
         scores = direction.score_layers(
@@ -60,6 +71,8 @@ def refusal_direction(*, model_dir: str, spec: Mapping, acts_path: str, index_pa
             f"argmin judged harmful-val refusal under ablation (first-token score breaks ties), among layers "
             f"with harmless KL < {cfg['kl_max']} and induce score > {cfg['min_induce_score']}",
             "n_train": train.label.value_counts().reindex(["harmful", "harmless"], fill_value=0).astype(int).to_dict(),
+            # the stages that refit r on the same train split drop these too
+            "filter": cfg["filter"], "filtered_out_ids": dropped,
             "n_val": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
             "refusal_token_ids": refusal_ids,
             "sink_dims_at_layer": sinks[chosen].tolist(),

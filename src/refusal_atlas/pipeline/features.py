@@ -54,9 +54,13 @@ def feature_attribution(*, model_dir: str, spec: Mapping, acts_path: str, index_
     index = pd.read_parquet(index_path)
     acts = load_file(acts_path)["resid_post"]
     fit_split = cfg["eval_split"] if protocol == "transductive" else cfg["fit_split"]
+    # r is refitted here on the prompts the direction stage kept (direction.filter)
+    dropped = set(info.get("filtered_out_ids", []))
+    index = index[~(index.id.isin(dropped) & (index.split == "train"))]
     if harmless_acts_path is not None:
+        pool = pd.read_parquet(harmless_index_path)
         acts, index = direction.borrow_harmless(acts, index, load_file(harmless_acts_path)["resid_post"],
-                                                pd.read_parquet(harmless_index_path), fit_split)
+                                                pool[~pool.id.isin(dropped)], fit_split)
     n_borrowed = int(index["borrowed"].eq(True).sum()) if "borrowed" in index else 0
     raw, fit = fit_direction(acts, index, fit_split)
     r = direction.zero_dims(raw, sinks)[layer_star]
