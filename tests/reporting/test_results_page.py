@@ -52,3 +52,30 @@ def test_a_directory_without_results_is_a_clear_error(tmp_path):
 
     with pytest.raises(SystemExit, match="results does not exist"):
         results_page.main(["--run", str(tmp_path), "--out", str(tmp_path / "x.md")])
+
+
+def test_a_second_run_s_benchmark_table_is_set_beside_row_by_row(tmp_path):
+    row = {"model": "m", "promptset": "harmbench", "split": "test", "variant": "plain", "judge": "substring",
+           "name": "x", "confidence": 0.95}
+    runs = {}
+    for name, rates in (("ours", {"base": 0.1, "as": 0.9}), ("reference", {"base": 0.1, "as": 0.6,
+                                                                          "la_ig-local-transductive": 0.8})):
+        run = fake_run(tmp_path / name)
+        (run / "results/tables").mkdir(parents=True)
+        pd.DataFrame([{**row, "method": m, "jailbreak_rate": r, "n": 100, "ci_low": r - 0.1, "ci_high": r + 0.1}
+                      for m, r in rates.items()]).to_csv(run / "results/tables/benchmark.csv", index=False)
+        runs[name] = run
+    out = tmp_path / "page.md"
+    results_page.main(["--run", str(runs["ours"]), "--out", str(out), "--repo", str(ROOT),
+                       "--beside", str(runs["reference"])])
+    page = out.read_text()
+    assert "## Beside `reference`" in page
+    [as_row] = [line for line in page.splitlines() if "| as " in line and "0.900 [0.80, 1.00]" in line]
+    assert "0.600 [0.50, 0.70]" in as_row and "-0.3" in as_row
+    [local] = [line for line in page.splitlines() if "la_ig-local-transductive" in line]
+    assert "0.800 [0.70, 0.90]" in local and "nan" not in local  # only the reference ran it: empty cells
+    import pytest
+
+    with pytest.raises(SystemExit, match="benchmark.csv does not exist"):
+        results_page.main(["--run", str(fake_run(tmp_path / "bare")), "--out", str(out), "--repo", str(ROOT),
+                           "--beside", str(runs["reference"])])

@@ -5,6 +5,9 @@ commit, the machine and the date, so the page cannot drift from the code that ma
 pandas and the standard library only, so it runs without torch.
 
     python -m refusal_atlas.reporting.results_page --run . --out docs/results.md
+
+``--beside OTHER_RUN`` sets another run's benchmark table beside this one's, row by row: the
+project's protocol (``config/paper.yaml``) beside the reference's (``config/paper-reference.yaml``).
 """
 from __future__ import annotations
 
@@ -73,7 +76,23 @@ def organism_rates(card: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["slice", "weights"])
 
 
-def build(run: Path, out: Path, repo: Path, invocation: str | None = None) -> str:
+BENCHMARK_KEYS = ["model", "promptset", "split", "variant", "judge", "method"]
+
+
+def side_by_side(ours: pd.DataFrame, theirs: pd.DataFrame, labels: tuple[str, str]) -> pd.DataFrame:
+    """Two runs' benchmark tables joined on the condition: each rate with its interval and n, and
+    the difference; a condition only one run has keeps an empty cell on the other side."""
+    def cells(df: pd.DataFrame, label: str) -> pd.DataFrame:
+        rate = df.apply(lambda r: f"{r.jailbreak_rate:.3f} [{r.ci_low:.2f}, {r.ci_high:.2f}]", axis=1)
+        return df[BENCHMARK_KEYS].assign(**{label: rate, f"n ({label})": df.n, f"_{label}": df.jailbreak_rate})
+    a, b = labels
+    both = cells(ours, a).merge(cells(theirs, b), on=BENCHMARK_KEYS, how="outer").sort_values(BENCHMARK_KEYS)
+    both[f"{b} - {a}"] = (both[f"_{b}"] - both[f"_{a}"]).round(3)
+    both = both.drop(columns=[f"_{a}", f"_{b}"]).astype({f"n ({a})": "Int64", f"n ({b})": "Int64"})
+    return both.astype(object).where(both.notna(), "").reset_index(drop=True)
+
+
+def build(run: Path, out: Path, repo: Path, invocation: str | None = None, beside: Path | None = None) -> str:
     """The page's markdown; figures it shows are copied beside it under ``figures/``."""
     results, lines = run / "results", []
     lines += ["# Results", "",
@@ -103,6 +122,13 @@ def build(run: Path, out: Path, repo: Path, invocation: str | None = None) -> st
                   _table(df[keep]), ""]
     for table in sorted(results.glob("tables/*.csv")):
         lines += [f"## `{table.relative_to(run)}`", "", _table(pd.read_csv(table)), ""]
+    if beside is not None:
+        labels = (run.resolve().name, beside.resolve().name)
+        joined = side_by_side(pd.read_csv(results / "tables/benchmark.csv"),
+                              pd.read_csv(beside / "results/tables/benchmark.csv"), labels)
+        lines += [f"## Beside `{labels[1]}`", "",
+                  f"Jailbreak rate [interval] and n of each condition in this run and in `{labels[1]}/`, "
+                  "and their difference.", "", _table(joined), ""]
     figures_dir = out.parent / "figures"
     shown = []
     for pattern in FIGURES:
@@ -137,10 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     ap.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[3], help="checkout to name")
     ap.add_argument("--invocation", help="the snakemake command the run was, to print on the page")
+    ap.add_argument("--beside", type=Path, help="another run's directory, whose benchmark table is set beside")
     args = ap.parse_args(argv)
-    if not (args.run / "results").is_dir():
-        raise SystemExit(f"{args.run}/results does not exist: run the workflow first")
-    text = build(args.run, args.out, args.repo, args.invocation)
+    for run in (args.run, args.beside):
+        if run is not None and not (run / "results").is_dir():
+            raise SystemExit(f"{run}/results does not exist: run the workflow first")
+    for run in (args.run, args.beside) if args.beside is not None else ():
+        if not (run / "results/tables/benchmark.csv").is_file():
+            raise SystemExit(f"{run}/results/tables/benchmark.csv does not exist: --beside compares benchmark tables")
+    text = build(args.run, args.out, args.repo, args.invocation, args.beside)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         tmp.write_text(text + "\n")
