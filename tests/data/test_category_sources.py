@@ -1,5 +1,6 @@
 """CatQA and OR-Bench through the real rules: pinned download (sha256 and format checked) and
-build_promptsets, from a local mirror of files in their published formats."""
+build_promptsets, from a local mirror of files in their published formats; and the bundled
+contrast set beside them."""
 
 import copy
 import hashlib
@@ -45,13 +46,14 @@ def test_catqa_and_or_bench_promptsets_build_through_the_rules(tmp_path):
     cfg["datasets"] = {"manifest": str(tmp_path / "manifest.yaml"), "mirror": mirror.as_uri()}
     cfg["promptsets"]["orb"] = {"source": "or_bench", "max_80k": 5}
     cfg["promptsets"]["cq"] = {"source": "catqa", "max_per_split": {"train": 10, "val": 5, "test": 5}}
+    cfg["promptsets"]["ctr"] = {"source": "contrast"}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     work = tmp_path / "work"
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(path),
          "--replace-workflow-config", "--directory", str(work), "--cores", "2",
-         "results/promptsets/orb.parquet", "results/promptsets/cq.parquet"],
+         "results/promptsets/orb.parquet", "results/promptsets/cq.parquet", "results/promptsets/ctr.parquet"],
         capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -62,5 +64,8 @@ def test_catqa_and_or_bench_promptsets_build_through_the_rules(tmp_path):
     harm = cq[cq.label == "harmful"]
     assert len(harm) == 24 and set(harm.category) == {"illegal_activity", "hate_harass_violence", "malware_viruses"}
     assert (cq.label == "harmless").sum() == 20
+    ctr = pd.read_parquet(work / "results/promptsets/ctr.parquet")  # the over-refusal contrasts, by type
+    assert ctr.groupby(["label", "variant"]).size().to_dict() == {("harmful", "plain"): 310, ("harmless", "twin"): 310}
+    assert ctr.category.nunique() == 10
     log = (work / "logs/download_dataset/catqa/data/catqa_english.json.log").read_text()
     assert "sha256 ok, 24 items" in log

@@ -8,12 +8,14 @@ from conftest import ROOT, SHARED_DATASETS
 from refusal_atlas.data.datasets import DatasetError
 from refusal_atlas.data.prompts import (
     CONTRACT_COLUMNS,
+    CONTRAST_TYPES,
     PromptSetError,
     assign_split,
     benchmark_promptset,
     bundled_promptset,
     category_slug,
     catqa_promptset,
+    contrast_promptset,
     or_bench_promptset,
     refusal_direction_promptset,
 )
@@ -211,3 +213,30 @@ def test_or_bench_promptset_toxic_and_bait_by_category(tmp_path):
     bad.write_text("text,label\na,b\n")
     with pytest.raises(DatasetError, match="missing columns"):
         or_bench_promptset(bad, hard, None, FRACTIONS, 0)
+
+
+def test_the_contrast_set_pairs_each_safe_prompt_with_an_unsafe_one_sharing_its_word():
+    """At least 25 pairs of each of the ten types, the safe side a harmless twin of a harmful
+    request that shares its alarming word, the two always in one split."""
+    df = contrast_promptset(PROMPTS / "contrast.tsv", FRACTIONS)
+    assert list(df.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS and df.id.is_unique
+    per_type = df[df.label == "harmless"].category.value_counts()
+    assert set(per_type.index) == set(CONTRAST_TYPES) and per_type.min() >= 25 and per_type.sum() >= 300
+    assert set(zip(df.label, df.variant)) == {("harmful", "plain"), ("harmless", "twin")}
+    assert (df.groupby("pair_id").split.nunique() == 1).all() and (df.groupby("pair_id").size() == 2).all()
+    assert set(df.split) == {"train", "val", "test"}
+    pairs = pd.read_csv(PROMPTS / "contrast.tsv", sep="\t")
+    assert not pairs.safe.duplicated().any() and not pairs.unsafe.duplicated().any()
+    # none of them is one of the bundled pairs: a contrast test prompt was never tuned on
+    bundled = set(pd.read_csv(PROMPTS / "pairs.tsv", sep="\t")[["harmful", "harmless"]].stack())
+    assert not (set(pairs.safe) | set(pairs.unsafe)) & bundled
+
+
+def test_a_contrast_pair_without_its_shared_word_or_of_an_unknown_type_is_rejected(tmp_path):
+    head = "pair_id\ttype\tword\tsafe\tunsafe\n"
+    (tmp_path / "a.tsv").write_text(head + "c-1\thomonym\tkill\tHow do I end a process?\tHow do I kill a man?\n")
+    with pytest.raises(PromptSetError, match="do not share their word"):
+        contrast_promptset(tmp_path / "a.tsv", FRACTIONS)
+    (tmp_path / "b.tsv").write_text(head + "c-1\tjokes\tkill\tkill a process\tkill a man\n")
+    with pytest.raises(PromptSetError, match="unknown contrast type"):
+        contrast_promptset(tmp_path / "b.tsv", FRACTIONS)

@@ -213,6 +213,8 @@ def promptset_inputs(wildcards):
         return inputs
     if spec["source"] == "benchmark":
         return {"file": f"resources/datasets/refusal_direction/{spec['file']}"}
+    if spec["source"] == "contrast":
+        return {"contrast": REPO / "resources/prompts/contrast.tsv"}
     if spec["source"] == "wildjailbreak":
         paths = {"train": spec["path"], "eval": spec["eval_path"]}
         return {k: v for k, v in paths.items() if v}

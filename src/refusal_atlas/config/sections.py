@@ -98,6 +98,7 @@ PROMPTSET_SOURCE_KEYS = {
     "wildjailbreak": {"source", "path", "eval_path", "max_per_type", "split_fractions", "seed"},
     "catqa": {"source", "split_fractions", "max_per_split", "seed"},
     "or_bench": {"source", "split_fractions", "max_80k", "seed"},
+    "contrast": {"source", "split_fractions", "seed"},
 }
 BENCHMARK_FILES = {"arc_challenge": "arc/ARC-Challenge/test-00000-of-00001.parquet",
                    "mmlu": "mmlu/all/test-00000-of-00001.parquet",

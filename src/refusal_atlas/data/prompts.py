@@ -108,6 +108,35 @@ def bundled_promptset(prompt_dir: str | Path, fractions: Mapping[str, float], se
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+CONTRAST_TYPES = ("figurative", "safe_context", "absurd_real_group", "homonym", "fictional_privacy",
+                  "nonsense_group", "safe_target", "history", "public_figure", "definition")
+
+
+def contrast_promptset(path: str | Path, fractions: Mapping[str, float], seed: int = 0) -> pd.DataFrame:
+    """Safe prompts that look unsafe (``resources/prompts/contrast.tsv``, written for refusal-atlas),
+    each beside an unsafe request that shares its alarming word: the unsafe one a ``plain`` harmful
+    prompt, the safe one its harmless ``twin``, both under the pair's split (by pair id, so the two
+    never straddle train and test) and with the type of safe prompt as the category.
+
+    A model that refuses the safe side refuses a word, not a harm (over-refusal by type).
+    """
+    pairs = _read_tsv(Path(path), ["pair_id", "type", "word", "safe", "unsafe"])
+    unknown = sorted(set(pairs.type) - set(CONTRAST_TYPES))
+    if unknown:
+        raise PromptSetError(f"{path}: unknown contrast type(s) {unknown}; known: {list(CONTRAST_TYPES)}")
+    unshared = [p.pair_id for p in pairs.itertuples() if p.word.lower() not in p.safe.lower()
+                or p.word.lower() not in p.unsafe.lower()]
+    if unshared:
+        raise PromptSetError(f"{path}: pairs {unshared[:5]} do not share their word between the safe and unsafe "
+                             "prompt")
+    rows = []
+    for p in pairs.itertuples(index=False):
+        split = assign_split(p.pair_id, fractions, seed)
+        rows.append((f"{p.pair_id}-unsafe", p.unsafe, p.type, "harmful", "contrast", split, "plain", p.pair_id))
+        rows.append((f"{p.pair_id}-safe", p.safe, p.type, "harmless", "contrast", split, "twin", p.pair_id))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def load_instructions(path: Path) -> list[dict]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list) or not all(isinstance(x, dict) and "instruction" in x for x in data):

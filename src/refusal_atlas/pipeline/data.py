@@ -32,6 +32,8 @@ def build_promptsets(*, spec: Mapping, inputs: Mapping[str, str], output: str) -
     elif spec["source"] == "or_bench":
         df = prompts.or_bench_promptset(inputs["toxic"], inputs["hard"], inputs.get("extra"), spec["split_fractions"],
                                         spec["max_80k"], spec["seed"])
+    elif spec["source"] == "contrast":
+        df = prompts.contrast_promptset(inputs["contrast"], spec["split_fractions"], spec["seed"])
     elif spec["source"] == "benchmark":
         df = prompts.benchmark_promptset(inputs["file"], Path(spec["file"]).stem, spec.get("max_prompts", 100))
     else:
