@@ -65,13 +65,17 @@ def test_completeness_single_layer_is_that_layers_patch(setup):
     assert torch.allclose(b.totals[:, 0].double(), expected, atol=0.02 * expected.abs().max().item())
 
 
+def _clean_and_patch(model, saes, enc, r):
+    """The clean run, the patch run under directional ablation, and the patch's target tokens."""
+    patch = record_latents(model, saes, enc, DirectionalAblation(r))
+    return record_latents(model, saes, enc), patch, patch.logits.argmax(-1)
+
+
 def test_gradients_match_finite_differences(setup):
     model, tok, saes, r = setup
     enc = encode_chat(tok, PROMPTS[:2])
     layers = sorted(saes)
-    clean = record_latents(model, saes, enc)
-    patch = record_latents(model, saes, enc, DirectionalAblation(r))
-    target = patch.logits.argmax(-1)
+    clean, patch, target = _clean_and_patch(model, saes, enc, r)
     f = {l: torch.lerp(clean.latents[l], patch.latents[l], 0.4).requires_grad_(True) for l in layers}
     e = {l: torch.lerp(clean.errors[l], patch.errors[l], 0.4).requires_grad_(True) for l in layers}
     anchors: dict[int, torch.Tensor] = {}
@@ -117,9 +121,7 @@ def test_nested_path_gradients_are_those_of_its_linearisation_and_match_finite_d
     model, tok, saes, r = setup
     enc = encode_chat(tok, PROMPTS[:2])
     layers = sorted(saes)
-    clean = record_latents(model, saes, enc)
-    patch = record_latents(model, saes, enc, DirectionalAblation(r))
-    target = patch.logits.argmax(-1)
+    clean, patch, target = _clean_and_patch(model, saes, enc, r)
     anchors: dict = {}
     with torch.enable_grad():
         m, interp = _nested(model, saes, enc, patch, target, 0.4, seen=anchors)

@@ -30,7 +30,7 @@ from refusal_atlas.config.sections import (
 )
 from refusal_atlas.data.manifest import load_manifest
 from refusal_atlas.pipeline.code_version import code_version
-from refusal_atlas.config.resolve import resolve
+from refusal_atlas.config.resolve import LA_IG_MODE_KEYS, resolve
 from refusal_atlas.steering.conditions import parse_condition
 
 # Files that ship with the workflow resolve against the repository, so --directory works.
@@ -138,7 +138,7 @@ def without(section, *keys):
 
 SAE_SOURCE_KEYS = ("source", "layers", "release", "sae_id", "path", "quality_targets")
 # what LA-IG reads (refusal_atlas.features.attribution.LAIGConfig.from_section)
-LA_IG_KEYS = ("ig_steps", "la_bz", "la_ig_path", "la_ig_positions", "la_ig_patch_error")
+LA_IG_KEYS = ("ig_steps", "la_bz", *LA_IG_MODE_KEYS)
 
 
 def sae_train_params(model):

@@ -29,6 +29,11 @@ from pathlib import Path
 from refusal_atlas.steering.conditions import Condition
 
 
+
+# The features keys that choose LA-IG's mode; the category study takes them as they are, while
+# its steps and batch have their own fallbacks (LAIGConfig.from_section reads them all).
+LA_IG_MODE_KEYS = ("la_ig_path", "la_ig_positions", "la_ig_patch_error")
+
 @dataclass(frozen=True)
 class Clamp:
     """K* and c of a feature clamp as the config fixes them; a None is chosen by the search.
@@ -138,7 +143,7 @@ def resolve(config: Mapping) -> Resolved:
     k_cat = cat["k_star"] or feats["k_star"]
     categories = {**_without(cat, "enabled", "promptset", "c"), "k_star": k_cat, "k0": feats["k0"],
                   "ig_steps": cat["ig_steps"] or feats["ig_steps"], "la_bz": cat["la_bz"] or feats["la_bz"],
-                  **{k: feats[k] for k in ("la_ig_path", "la_ig_positions", "la_ig_patch_error")},
+                  **{k: feats[k] for k in LA_IG_MODE_KEYS},
                   "clamp": asdict(Clamp(k_cat, steer["c"] if cat["c"] is None else cat["c"]))}
     gr = config["guardrails"]["refusal"]
     guardrail = {**_without(gr, "weights"), "k_star": gr["k_star"] or feats["k_star"],

@@ -34,7 +34,7 @@ attribution formula is the same, A_l = (f^p_l - f^c_l)·g_l with g_l the mean ov
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -146,6 +146,19 @@ def record_latents(
     return RunLatents(latents, errors, logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
 
+def _logits_with_replaced_outputs(model: PreTrainedModel, enc: Mapping[str, torch.Tensor],
+                                  fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """Last-token logits (float32 or finer) with each block ``l``'s output replaced by ``fns[l]``."""
+    blocks = decoder_layers(model)
+    handles = [blocks[layer].register_forward_hook(_replace_output(fn)) for layer, fn in fns.items()]
+    try:
+        logits = last_token_logits(model, enc)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def replaced_logits(
     model: PreTrainedModel,
     saes: Mapping[int, SAE],
@@ -161,8 +174,6 @@ def replaced_logits(
     replacements are linearised; passing a base point's anchors gives the function whose
     derivative the IG pass computes, for finite-difference checks. ``seen`` collects the inputs.
     """
-    blocks = decoder_layers(model)
-
     def make_fn(layer: int, sae: SAE):
         def fn(h: torch.Tensor) -> torch.Tensor:
             if seen is not None:
@@ -172,13 +183,7 @@ def replaced_logits(
 
         return fn
 
-    handles = [blocks[layer].register_forward_hook(_replace_output(make_fn(layer, sae))) for layer, sae in saes.items()]
-    try:
-        logits = last_token_logits(model, enc)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
-    finally:
-        for h in handles:
-            h.remove()
+    return _logits_with_replaced_outputs(model, enc, {layer: make_fn(layer, sae) for layer, sae in saes.items()})
 
 
 def nested_replaced_logits(
@@ -197,8 +202,6 @@ def nested_replaced_logits(
     value with the reference's identity backward. ``seen`` collects each layer's live input, the
     anchor at which :func:`replaced_logits` reproduces this pass.
     """
-    blocks = decoder_layers(model)
-
     def make_fn(layer: int, sae: SAE):
         def fn(h: torch.Tensor) -> torch.Tensor:
             live = h.detach()
@@ -214,13 +217,7 @@ def nested_replaced_logits(
 
         return fn
 
-    handles = [blocks[layer].register_forward_hook(_replace_output(make_fn(layer, sae))) for layer, sae in saes.items()]
-    try:
-        logits = last_token_logits(model, enc)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
-    finally:
-        for h in handles:
-            h.remove()
+    return _logits_with_replaced_outputs(model, enc, {layer: make_fn(layer, sae) for layer, sae in saes.items()})
 
 
 def logit_diff_metric(logits: torch.Tensor, target: torch.Tensor, refusal_id: int) -> torch.Tensor:

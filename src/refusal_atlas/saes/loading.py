@@ -30,14 +30,13 @@ def hook_layer(sae: SAE) -> int:
 
 def check_fits(sae: SAE, layer: int, d_model: int | None, what: str, model: str) -> None:
     """An SAE is used only where it was trained: this layer's resid_post, at the model's width."""
-    name = sae.cfg.metadata.hook_name or ""
-    read = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", name)
-    if read is None:
-        raise ValueError(f"SAE {what} reads {name!r}; refusal-atlas hooks SAEs on resid_post "
-                         f"(blocks.{layer}.hook_resid_post for layer {layer} of model {model})")
-    if int(read.group(1)) != layer:
-        raise ValueError(f"SAE {what} reads layer {read.group(1)} ({name}), but is configured for layer {layer} "
-                         f"of model {model}")
+    try:
+        read = hook_layer(sae)
+    except ValueError as e:
+        raise ValueError(f"SAE {what}: {e} ({hook_name(layer)} for layer {layer} of model {model})") from None
+    if read != layer:
+        raise ValueError(f"SAE {what} reads layer {read} ({sae.cfg.metadata.hook_name}), but is configured for "
+                         f"layer {layer} of model {model}")
     if d_model is not None and sae.cfg.d_in != d_model:
         raise ValueError(f"SAE {what} has d_in {sae.cfg.d_in}, but model {model}'s residual stream is {d_model} "
                          "wide: it was trained on another model")

@@ -169,8 +169,12 @@ class FeatureClamp(Intervention):
 
     def _clamp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         sae = self.saes[layer]
+        return h + self._change(layer, h, sae.encode(h.to(sae.dtype))).to(h.dtype)
+
+    def _change(self, layer: int, h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """``D(f') - D(f)`` of the clamp at ``layer``, for ``f = E(h)``."""
+        sae = self.saes[layer]
         sel, mask, scale = self._row_params(layer, h.shape[0], h.device)
-        f = sae.encode(h.to(sae.dtype))
         f_sel = f[..., sel]
         target = f_sel * self.value if self.mode == "multiply" else (self.value * scale).to(f.dtype).expand_as(f_sel)
         new_sel = torch.where(mask, target, f_sel)
@@ -182,8 +186,8 @@ class FeatureClamp(Intervention):
             if self.record:
                 self.last[layer] = f_new.detach()
             if not affine:
-                return h + (sae.decode(f_new) - sae.decode(f)).to(h.dtype)
-        return h + ((new_sel - f_sel) @ sae.W_dec[sel]).to(h.dtype)
+                return sae.decode(f_new) - sae.decode(f)
+        return (new_sel - f_sel) @ sae.W_dec[sel]
 
     def handles(self, model):
         blocks = decoder_layers(model)
@@ -255,13 +259,14 @@ class PinnedFeatureClamp(FeatureClamp):
                     self.clean.setdefault(prompt_ids[i], {})[l] = f[row, real[row]].cpu()
 
     def _clamp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        out = super()._clamp(layer, h) if layer in self._sel else h
         if layer not in self._pin or h.shape[1] == 1:
-            return out
+            return super()._clamp(layer, h) if layer in self._sel else h
         if self._ids is None or len(self._ids) != h.shape[0]:
             raise RuntimeError("a pinned clamp needs rows(prompt_ids) around each batch")
         sae, pin = self.saes[layer], self._pin[layer].to(h.device)
-        f = sae.encode(h.to(sae.dtype))[..., pin]
+        f_all = sae.encode(h.to(sae.dtype))  # once, for the clamp's change and the pin's
+        out = h + self._change(layer, h, f_all).to(h.dtype) if layer in self._sel else h
+        f = f_all[..., pin]
         target = f.clone()
         for b, pid in enumerate(self._ids):
             if pid not in self.clean:
@@ -271,7 +276,7 @@ class PinnedFeatureClamp(FeatureClamp):
         mask = self.pinned.masks[layer][self.pinned.rows_for(self._ids)][:, pin.cpu()].to(h.device)
         target = torch.where(mask[:, None, :], target, f)
         if self.record:  # the clamp's own record of this pass, or a fresh one on a pinned-only layer
-            base = self.last[layer] if layer in self._sel else sae.encode(h.to(sae.dtype)).detach()
+            base = self.last[layer] if layer in self._sel else f_all.detach().clone()
             base[..., pin] = target.detach()
             self.last[layer] = base
         return out + ((target - f) @ sae.W_dec[pin]).to(h.dtype)
