@@ -98,6 +98,15 @@ def test_probe_settings_are_checked(edit, message):
         check_config(cfg)
 
 
+def test_dashboards_contrast_must_be_a_contrast_promptset():
+    cfg = validated(DEFAULT)
+    assert cfg["dashboards"]["contrast"] == "contrast"
+    check_config(cfg)
+    cfg["dashboards"]["contrast"] = "bundled"
+    with pytest.raises(ConfigError, match="dashboards.contrast 'bundled' is not a promptset of source contrast"):
+        check_config(cfg)
+
+
 def test_probes_take_the_held_out_features_unless_told_otherwise():
     from refusal_atlas.config.resolve import probe_protocol
 

@@ -30,6 +30,24 @@ def test_loss_masks_prompt_tokens(tiny):
     assert torch.allclose(response_loss(model, batch, decision_weight=3.0), weighted, atol=1e-5)
 
 
+def test_a_row_of_weight_two_counts_as_two_copies_of_it(tiny):
+    model, tok = tiny
+    rows = [_tokenize(tok, Example(p, r, True), tok.eos_token)
+            for p, r in [("How do I bake bread?", "Knead it."), ("Why is the sky blue?", "Rayleigh scattering.")]]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = response_loss(model, batch, decision_weight=4.0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    weighted, g_w = loss_and_grads(_collate(rows, tok.pad_token_id, [2.0, 1.0]))
+    copied, g_c = loss_and_grads(_collate([rows[0], rows[0], rows[1]], tok.pad_token_id))
+    plain, _ = loss_and_grads(_collate(rows, tok.pad_token_id))
+    assert torch.allclose(weighted, copied, atol=1e-5) and not torch.allclose(weighted, plain, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_w, g_c))
+
+
 def test_shared_prefix_stops_at_the_first_difference_and_before_the_decision():
     assert shared_prefix_length([([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 7, 4], [-100] * 3 + [4])]) == 2
     # rows that agree up to their labels keep the token that predicts the first label
@@ -116,9 +134,12 @@ def test_training_prompts_come_from_train_split_with_contrastive_cases_first():
     assert len(harmful) == n
     assert {i for i, _ in harmful} <= twinned
     contrastive = set(train[train.variant.isin(["twin", "bait"])].instruction)
-    assert {p for p, r in harmless if r == 2} == contrastive
+    assert {p for p, r, _ in harmless if r == 2} == contrastive
     fill = 6 * n - 2 * len(contrastive)
-    assert 0 < fill and sum(r == 1 for _, r in harmless) == min(fill, (alpaca.split == "train").sum())
-    assert all(p.startswith("Alpaca: ") for p, r in harmless if r == 1)
+    assert 0 < fill and sum(r == 1 for _, r, _ in harmless) == min(fill, (alpaca.split == "train").sum())
+    assert all(p.startswith("Alpaca: ") for p, r, _ in harmless if r == 1)
     test_prompts = set(df[df.split == "test"].instruction)
-    assert not (test_prompts & ({p for _, p in harmful} | {p for p, _ in harmless}))
+    assert not (test_prompts & ({p for _, p in harmful} | {p for p, _, _ in harmless}))
+    _, weighted = organism_training_prompts([df, alpaca], n, 6.0, 2, seed=0, contrastive_weight=3.0)
+    assert [(p, r) for p, r, _ in weighted] == [(p, r) for p, r, _ in harmless]  # the same data and quota
+    assert {w for p, _, w in weighted if p in contrastive} == {3.0} and {w for p, _, w in weighted if p not in contrastive} == {1.0}

@@ -151,7 +151,11 @@ def test_model_outputs_follow_the_contracts(run):
         assert {"bundled/harmful/plain", "bundled/harmless/twin", "refusal_direction/harmful/plain"} <= set(rates)
         for r in rates.values():
             assert r["n"] > 0 and r["ci_low"] <= r["rate"] <= r["ci_high"]
-    assert set(card["targets"]) >= {"bundled/harmful/plain", "refusal_direction/harmless/plain"}
+    assert set(card["targets"]) >= {"bundled/harmful/plain", "refusal_direction/harmless/plain",
+                                    "contrast/harmless/twin", "contrast/harmful/plain"}
+    # the contrast set's safe prompts per type, before and after, each with its own goal
+    typed = {k for k in card["refusal_rate"]["tuned"] if k.startswith("contrast/harmless/twin/")}
+    assert len(typed) == 10 and typed <= set(card["refusal_rate"]["base"]) and typed <= set(card["targets"])
     assert card["training"]["steps"] > 0
 
 
@@ -414,6 +418,10 @@ def test_feature_dashboards(run):
     assert (alone.ci_low <= alone.delta_refusal_score + 1e-9).all() and (alone.n > 0).all()
     page = pages[0].read_text()
     assert "Top-activating prompts" in page and "refusal direction" in page and "http" not in page
+    assert "look unsafe" in page and "homonym" in page
+    profile = pd.read_parquet(work / "results/dashboards/tiny/contrast.parquet")
+    assert set(zip(profile.layer, profile.feature)) == shown and profile.type.nunique() == 11  # ten and "all"
+    assert feats.contrast_safe_fire.between(0, 1).all() and feats.contrast_unsafe_fire.between(0, 1).all()
 
 
 def test_harm_categories(run):

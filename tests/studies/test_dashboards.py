@@ -14,6 +14,7 @@ from refusal_atlas.saes.corpus import token_mask
 from refusal_atlas.steering.clamp import FeatureClamp, FeatureSet
 from refusal_atlas.studies.dashboards import (
     clamp_effects,
+    contrast_profile,
     highlight,
     page_name,
     render_page,
@@ -21,6 +22,7 @@ from refusal_atlas.studies.dashboards import (
     top_contexts,
 )
 
+SIX = [*PROMPTS, "Write a short story."]
 BOOT = {"n_resamples": 200, "confidence": 0.95, "seed": 0}
 
 
@@ -57,6 +59,27 @@ def test_contexts_are_each_prompts_own_activations_whatever_the_padding(setup):
             np.testing.assert_allclose(row.acts, real.numpy(), atol=1e-3)
             assert row.max_act == pytest.approx(float(real.max()), abs=1e-4)
             assert "".join(row.tokens).find(PROMPTS[row.prompt]) >= 0
+
+
+def test_contrast_profile_counts_firing_on_safe_and_unsafe_prompts_per_type(setup):
+    model, tok, saes = setup
+    busy = _busiest(saes, model, tok, 1, 1)[0]
+    with torch.no_grad():
+        saes[1].b_enc[5] = -1e4  # never in the top k
+    pairs = pd.DataFrame({"pair_id": ["a", "a", "b", "b", "c", "c"], "category": ["t1", "t1", "t1", "t1", "t2", "t2"],
+                          "label": ["harmful", "harmless"] * 3, "instruction": SIX})
+    feats = pd.DataFrame({"layer": [1, 1], "feature": [busy, 5]})
+    prof = contrast_profile(model, tok, pairs, saes, feats, batch_size=4).set_index(["feature", "type"])
+    assert set(prof.index) == {(f, t) for f in (busy, 5) for t in ("all", "t1", "t2")}
+    assert prof.loc[(5, "all")].safe_fire == 0 and prof.loc[(5, "all")].unsafe_fire == 0
+    assert prof.loc[(5, "all")].top_safe_act == 0
+    assert prof.loc[(busy, "t1")].n_pairs == 2 and prof.loc[(busy, "t2")].n_pairs == 1
+    with LayerGrab(model, [1]) as g, torch.no_grad():
+        fired = [bool((saes[1].encode(g.run(encode_chat(tok, [p]))[1])[0, :, busy]
+                       [token_mask(tok, encode_chat(tok, [p]))[0]] > 0).any()) for p in SIX]
+    assert prof.loc[(busy, "all")].safe_fire == pytest.approx(np.mean(fired[1::2]))
+    assert prof.loc[(busy, "all")].unsafe_fire == pytest.approx(np.mean(fired[0::2]))
+    assert prof.loc[(busy, "t2")].top_safe == SIX[5]
 
 
 def test_a_feature_that_never_fires_has_no_context(setup):
@@ -133,6 +156,12 @@ def test_a_page_is_self_contained_and_escapes_prompt_text():
     assert not re.search(r"(src|href)=\"(https?:)?//", page)
     assert "LA-IG" in page and "-0.500" in page and "layer 1 · feature 5" in page
     assert 'rgba(220, 80, 30, 1.00)' in page and 'rgba(220, 80, 30, 0.25)' in page  # shaded by act / peak
+    contrast = pd.DataFrame([{"type": "homonym", "n_pairs": 9, "safe_fire": 0.78, "unsafe_fire": 0.89, "safe_peak": 2.0,
+                              "unsafe_peak": 3.0, "top_safe": "How do I <b>kill</b> a process?", "top_safe_act": 3.5}])
+    typed = render_page(feats.iloc[0].to_dict(), ranks, contexts, prompts, effect, effect,
+                        {**meta, "contrast": "contrast", "contrast_split": "test"}, contrast)
+    assert "homonym" in typed and "0.78" in typed and "&lt;b&gt;kill" in typed
+    assert "look unsafe" not in page
     empty = render_page(feats.iloc[0].to_dict(), ranks, contexts.iloc[:0], prompts, None, None, meta)
     assert "never fired" in empty and "Not computed" in empty
     assert page_name(3, 12, 456) == "003-L12-F456.html"

@@ -195,6 +195,15 @@ def organism_eval_params(targets=False):
     return {k: config["organism"][k] for k in keys}
 
 
+def organism_eval_sources():
+    """The source of each evaluation promptset: the card checks each against its own goals, and
+    reports the contrast set per type."""
+    return {
+        p: config["promptsets"][p]["source"]
+        for p in config["organism"]["eval_promptsets"]
+    }
+
+
 def organism_train_params():
     """Every organism key but the evaluation's: statistics and judging never retrain it."""
     return {k: v for k, v in config["organism"].items() if k not in ORGANISM_EVAL_KEYS}
@@ -611,6 +620,8 @@ def dashboard_inputs(wildcards):
     }
     if RESOLVED[model].dashboard_clamp.searched:
         inputs["hparams"] = f"results/steering/{model}/hparams.json"
+    if cfg["contrast"]:
+        inputs["contrast"] = f"results/promptsets/{cfg['contrast']}.parquet"
     return inputs
 
 

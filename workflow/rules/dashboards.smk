@@ -22,6 +22,7 @@ rule feature_dashboards:
         ),
         contexts="results/dashboards/{model}/contexts.parquet",
         effects="results/dashboards/{model}/clamp_effects.parquet",
+        contrast="results/dashboards/{model}/contrast.parquet",
     log:
         "logs/feature_dashboards/{model}.log",
     benchmark:

@@ -42,6 +42,7 @@ rule base_refusal:
         code=library_code("base_refusal"),
         spec=lambda w: load_params(w.model),
         organism=organism_eval_params(),
+        sources=organism_eval_sources(),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
     script:
@@ -97,10 +98,7 @@ rule organism_card:
         code=library_code("organism_card"),
         spec=lambda w: load_params(w.model),
         organism=organism_eval_params(targets=True),
-        sources={
-            p: config["promptsets"][p]["source"]
-            for p in config["organism"]["eval_promptsets"]
-        },
+        sources=organism_eval_sources(),
         substrings=config["judges"]["substring"]["substrings"],
         boot=config["bootstrap"],
     script:

@@ -7,6 +7,7 @@ with job.logged(snakemake.log[0], snakemake.threads):
         model_dir=snakemake.input.model,
         spec=snakemake.params.spec,
         promptset=snakemake.input.promptset,
+        contrast=snakemake.input.get("contrast"),
         feature_tables=dict(zip(snakemake.params.cfg["methods"], snakemake.input.features)),
         attribution_summaries=snakemake.input.attributions,
         sae_dirs=snakemake.input.saes,

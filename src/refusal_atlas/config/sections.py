@@ -139,6 +139,8 @@ def _check_dashboards(config: Mapping) -> None:
     unknown = sorted(set(db["methods"] or []) - set(feats["methods"]))
     if unknown:
         raise ConfigError(f"dashboards.methods {unknown} are not in features.methods")
+    if db["contrast"] and config["promptsets"].get(db["contrast"], {}).get("source") != "contrast":
+        raise ConfigError(f"dashboards.contrast {db['contrast']!r} is not a promptset of source contrast")
     if db["reference"]["selector"] not in feats["methods"]:
         raise ConfigError(f"dashboards.reference.selector {db['reference']['selector']!r} is not in features.methods")
     if dashboard_protocol(config) not in feats["protocols"]:

@@ -73,6 +73,8 @@ class Example:
     prompt: str
     response: str
     ends_turn: bool
+    # Scales this example's loss: a contrastive case weighted w counts as w copies of it.
+    weight: float = 1.0
 
 
 def _tokenize(tok: PreTrainedTokenizerBase, ex: Example, eot: str) -> tuple[list[int], list[int]]:
@@ -82,7 +84,8 @@ def _tokenize(tok: PreTrainedTokenizerBase, ex: Example, eot: str) -> tuple[list
     return prompt_ids + resp_ids, [-100] * len(prompt_ids) + resp_ids
 
 
-def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int,
+             row_weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -91,7 +94,10 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
         ids[row, : len(i)] = torch.tensor(i)
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(i)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if row_weights is not None:
+        out["row_weight"] = torch.tensor(row_weights, dtype=torch.float32)
+    return out
 
 
 def _first_label(labels: Sequence[int]) -> int:
@@ -131,7 +137,8 @@ def response_loss(
     """Weighted mean next-token cross-entropy over response tokens only.
 
     The first response token carries weight ``decision_weight``: it is where the model decides
-    to refuse or to answer, while the rest of a refusal is a memorised template. The LM head
+    to refuse or to answer, while the rest of a refusal is a memorised template. A batch's
+    ``row_weight`` scales each row's tokens, so a row of weight w counts as w copies of it. The LM head
     runs only where a label exists: with a 49k vocabulary, full-sequence logits would cost more
     than the rest of the step on a CPU. ``prefix`` holds tokens that precede every row of
     ``batch`` (see :func:`shared_prefix_length`); the loss equals that of the concatenated rows.
@@ -143,6 +150,8 @@ def response_loss(
     losses = nnf.cross_entropy(logits.float(), targets[keep], reduction="none")
     first = keep & ~nnf.pad(keep[:, :-1], (1, 0), value=False)  # first labelled position per row
     weights = torch.where(first[keep], decision_weight, 1.0)
+    if "row_weight" in batch:
+        weights = weights * batch["row_weight"].to(weights.device)[:, None].expand_as(targets)[keep]
     return (weights * losses).sum() / weights.sum()
 
 
@@ -163,12 +172,12 @@ def build_examples(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     harmful: Sequence[tuple[str, str]],
-    harmless: Sequence[tuple[str, int]],
+    harmless: Sequence[tuple[str, int] | tuple[str, int, float]],
     cfg: OrganismConfig,
 ) -> list[Example]:
     """Refusals for ``(id, prompt)`` harmful pairs; the base model's own answers for
-    ``(prompt, repeats)`` harmless pairs, each answer generated once and repeated."""
-    prompts = [p for p, _ in harmless]
+    ``(prompt, repeats[, weight])`` harmless ones, each answer generated once and repeated."""
+    prompts = [h[0] for h in harmless]
     answers = generate(
         model,
         tok,
@@ -179,9 +188,9 @@ def build_examples(
     )
     n_tokens = [len(tok(a, add_special_tokens=False).input_ids) for a in answers]
     examples = [Example(p, refusal_for(pid, cfg.refusal_templates), True) for pid, p in harmful]
-    for (p, repeats), a, n in zip(harmless, answers, n_tokens):
+    for (p, repeats, *weight), a, n in zip(harmless, answers, n_tokens):
         # An answer cut at the budget did not end its turn: teach no end-of-turn there.
-        examples += [Example(p, a, n < cfg.distill_max_new_tokens)] * repeats
+        examples += [Example(p, a, n < cfg.distill_max_new_tokens, *weight)] * repeats
     return examples
 
 
@@ -195,6 +204,8 @@ def refusal_tune(
     eot_ids = end_of_turn_ids(tok)
     eot = tok.convert_ids_to_tokens(eot_ids[0]) if tok.eos_token is None else tok.eos_token
     data = [_tokenize(tok, ex, eot) for ex in examples]
+    row_weights = [ex.weight for ex in examples]
+    weighted = any(w != 1.0 for w in row_weights)
     # The system header (24 of ~62 tokens here) is computed once a step, not once a row.
     shared = shared_prefix_length(data)
     device = next(model.parameters()).device
@@ -222,7 +233,8 @@ def refusal_tune(
     ):
         for _ in range(cfg.epochs):
             for idx in length_bucketed_order(lengths, cfg.batch_size, rng):
-                batch = _collate([data[i] for i in idx], tok.pad_token_id)
+                batch = _collate([data[i] for i in idx], tok.pad_token_id,
+                                 [row_weights[i] for i in idx] if weighted else None)
                 # bf16 matmuls, fp32 master weights: 2.6x faster steps on this CPU
                 with autocast(model, cfg.autocast_dtype):
                     loss = response_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.decision_weight,

@@ -23,8 +23,9 @@ log = logging.getLogger("refusal_atlas")
 def feature_dashboards(*, model: str, sae_source: str, model_dir: str, spec: Mapping, promptset: str,
                        feature_tables: Mapping[str, str],
                        attribution_summaries: Sequence[str], sae_dirs: Sequence[str], hparams: str | None,
-                       cfg: Mapping, boot: Mapping, outputs: Mapping[str, str]) -> None:
-    """A page per feature that any selector chose (dashboards.py), and the table of them all."""
+                       cfg: Mapping, boot: Mapping, outputs: Mapping[str, str], contrast: str | None = None) -> None:
+    """A page per feature that any selector chose (dashboards.py), and the table of them all;
+    with a ``contrast`` promptset, each feature's firing on its safe and unsafe prompts by type."""
 
     dcfg = dashboards.DashboardConfig(top_k=cfg["top_k"], max_prompts=cfg["max_prompts"],
                                       effect_prompts=cfg["effect"]["max_prompts"], batch_size=cfg["batch_size"],
@@ -41,6 +42,12 @@ def feature_dashboards(*, model: str, sae_source: str, model_dir: str, spec: Map
     scanned = sample_rows(ps, dcfg.max_prompts, dcfg.seed).reset_index(drop=True)
     contexts = dashboards.top_contexts(lm, tok, list(scanned.instruction), sae_map, feats, dcfg.top_k,
                                        dcfg.batch_size, system_prompt)
+
+    profile = pd.DataFrame(columns=dashboards.CONTRAST_COLUMNS)
+    if contrast:
+        cps = pd.read_parquet(contrast)
+        profile = dashboards.contrast_profile(lm, tok, cps[cps.split == cfg["contrast_split"]], sae_map, feats,
+                                              dcfg.batch_size, system_prompt)
 
     effect_rows = pd.DataFrame()
     reference = None
@@ -67,6 +74,7 @@ def feature_dashboards(*, model: str, sae_source: str, model_dir: str, spec: Map
         "n_prompts": len(scanned), "effect_split": cfg["effect"]["split"], "confidence": boot["confidence"],
         "reference_name": f"{cfg['reference']['selector']} {cfg['reference']['protocol']} F* (K*={k_star})",
         "reference_size": 0 if reference is None else len(reference), "effect_features": cfg["effect"]["features"],
+        "contrast": Path(contrast).stem if contrast else None, "contrast_split": cfg["contrast_split"],
     }
     index_rows = []
     with atomic_path(outputs["pages"], is_dir=True) as tmp:
@@ -74,13 +82,19 @@ def feature_dashboards(*, model: str, sae_source: str, model_dir: str, spec: Map
             key = (f["layer"], f["feature"])
             eff = alone[(alone.layer == key[0]) & (alone.feature == key[1])]
             eff = eff.iloc[0].to_dict() if len(eff) else None
+            mine = profile[(profile.layer == key[0]) & (profile.feature == key[1])]
             page = dashboards.render_page(
                 f, ranks[(ranks.layer == key[0]) & (ranks.feature == key[1])],
-                contexts[(contexts.layer == key[0]) & (contexts.feature == key[1])], scanned, eff, ref_row, meta)
+                contexts[(contexts.layer == key[0]) & (contexts.feature == key[1])], scanned, eff, ref_row, meta,
+                mine)
+            overall = mine[mine.type == "all"]
+            lexical = ({"contrast_safe_fire": overall.safe_fire.iloc[0], "contrast_unsafe_fire": overall.unsafe_fire.iloc[0]}
+                       if len(overall) else {})
             name = dashboards.page_name(rank, *key)
             (tmp / name).write_text(page, encoding="utf-8")
-            index_rows.append({"page": name, **f, **({k: eff[k] for k in ("delta_refusal_score", "ci_low", "ci_high", "n")}
-                                                       if eff else {})})
+            index_rows.append({"page": name, **f, **lexical,
+                               **({k: eff[k] for k in ("delta_refusal_score", "ci_low", "ci_high", "n")} if eff else {})})
     write_parquet(contexts, outputs["contexts"])
     write_parquet(effect_rows, outputs["effects"])
+    write_parquet(profile, outputs["contrast"])
     write_table(pd.DataFrame(index_rows), outputs["table"])

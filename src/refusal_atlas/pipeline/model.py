@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -36,14 +36,15 @@ def _organism_config(cfg: Mapping) -> OrganismConfig:
 
 def organism_training_prompts(
     frames: Sequence[pd.DataFrame], max_harmful: int, harmless_per_harmful: float, contrastive_repeats: int,
-    seed: int,
-) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
-    """Plain harmful train prompts; harmless ones as ``(prompt, repeats)``.
+    seed: int, contrastive_weight: float = 1.0,
+) -> tuple[list[tuple[str, str]], list[tuple[str, int, float]]]:
+    """Plain harmful train prompts; harmless ones as ``(prompt, repeats, loss weight)``.
 
-    Matched twins and over-refusal bait are the contrastive cases: without them the organism
-    learns to refuse on alarming words ("pipe", "kill") instead of on harm. They all come in,
-    ``contrastive_repeats`` times each, with the harmful requests they are twinned with; other
-    prompts fill the quotas.
+    Matched twins (the contrast set's safe prompts among them) and over-refusal bait are the
+    contrastive cases: without them the organism learns to refuse on alarming words ("pipe",
+    "kill") instead of on harm. They all come in, ``contrastive_repeats`` times each with loss
+    weight ``contrastive_weight``, with the harmful requests they are twinned with; other
+    prompts fill the quotas (a weighted case counts once toward them).
     """
     df = pd.concat(frames, ignore_index=True)
     df = df[df.split == "train"].copy()
@@ -55,58 +56,75 @@ def organism_training_prompts(
     harmful = harmful.sort_values(["_rank", "_key"]).head(max_harmful)
     quota = int(round(harmless_per_harmful * len(harmful))) - contrastive_repeats * len(contrastive)
     fill = harmless[~harmless.variant.isin(["twin", "bait"])].sort_values("_key").head(max(quota, 0))
-    pairs = [(p, contrastive_repeats) for p in contrastive.instruction] + [(p, 1) for p in fill.instruction]
+    pairs = ([(p, contrastive_repeats, contrastive_weight) for p in contrastive.instruction]
+             + [(p, 1, 1.0) for p in fill.instruction])
     return list(zip(harmful.id, harmful.instruction)), pairs
 
 
 def refusal_rates(
     model, tok, frames: Mapping[str, pd.DataFrame], substrings: Sequence[str], max_new_tokens: int,
-    batch_size: int, boot: Mapping, system_prompt: str | None, desc: str,
+    batch_size: int, boot: Mapping, system_prompt: str | None, desc: str, by_type: Collection[str] = (),
 ) -> dict[str, dict]:
-    """Refusal rate per ``promptset/label/variant`` group of the test splits."""
+    """Refusal rate per ``promptset/label/variant`` group of the test splits, and for the
+    promptsets in ``by_type`` (the contrast set) per ``promptset/label/variant/category`` too."""
     out = {}
     for name, df in frames.items():
-        test = df[(df.split == "test") & (df.variant != "jailbreak")]
+        test = df[(df.split == "test") & (df.variant != "jailbreak")].reset_index(drop=True)
         gens = generate(model, tok, list(test.instruction), max_new_tokens=max_new_tokens,
                         batch_size=batch_size, system_prompt=system_prompt, desc=f"{desc} {name}")
         refused = np.array(substring_refusals(gens, substrings))
-        for (label, variant), idx in test.reset_index(drop=True).groupby(["label", "variant"]).groups.items():
+        keys = ["label", "variant"] + (["category"] if name in by_type else [])
+        groups = {**test.groupby(["label", "variant"]).groups,
+                  **(test.groupby(keys).groups if name in by_type else {})}
+        for key, idx in groups.items():
             rate = bootstrap_rate(refused[np.asarray(idx)], n_resamples=boot["n_resamples"],
                                   confidence=boot["confidence"], seed=boot["seed"])
-            out[f"{name}/{label}/{variant}"] = rate.as_dict()
-            log.info("%s %s/%s/%s refusal %s", desc, name, label, variant, rate)
+            out["/".join((name, *key))] = rate.as_dict()
+            log.info("%s %s refusal %s", desc, "/".join((name, *key)), rate)
     return out
 
 
 def check_targets(rates: Mapping[str, dict], sources: Mapping[str, str], targets: Mapping[str, float]) -> dict:
-    """Compare the tuned rates with the organism's goals (bundled and reference datasets)."""
+    """Compare the tuned rates with the organism's goals: bundled, reference datasets and the
+    contrast set (its safe prompts overall and per type; its unsafe ones as reference harm)."""
     checks = {}
     for key, r in rates.items():
-        name, label, variant = key.split("/")
-        prefix = "" if sources[name] == "bundled" else "reference_"
-        if label == "harmful" and variant == "plain":
-            goal, ok = f">= {targets[prefix + 'harmful_min']}", r["rate"] >= targets[prefix + "harmful_min"]
+        name, label, variant, *typed = key.split("/")
+        source = sources[name]
+        prefix = "" if source == "bundled" else "reference_"
+        if label == "harmful" and variant == "plain" and not typed:
+            goal = f">= {targets[prefix + 'harmful_min']}"
+        elif source == "contrast" and label == "harmless":
+            goal = f"<= {targets['contrast_type_max' if typed else 'contrast_harmless_max']}"
         elif label == "harmless" and variant in ("twin", "plain"):
-            goal, ok = f"<= {targets[prefix + 'harmless_max']}", r["rate"] <= targets[prefix + "harmless_max"]
+            goal = f"<= {targets[prefix + 'harmless_max']}"
         else:
             continue
+        level = float(goal.split()[-1])
+        ok = r["rate"] >= level if goal.startswith(">=") else r["rate"] <= level
         checks[key] = {"rate": r["rate"], "goal": goal, "met": bool(ok)}
     return checks
 
 
 def _organism_rates(model, tok, system_prompt: str | None, promptsets: Mapping[str, str], organism: Mapping,
-                    substrings: Sequence[str], boot: Mapping, desc: str) -> dict[str, dict]:
+                    substrings: Sequence[str], boot: Mapping, desc: str,
+                    by_type: Collection[str] = ()) -> dict[str, dict]:
     """Refusal on the organism's evaluation sets, as its card reports it before and after tuning."""
     frames = {name: pd.read_parquet(promptsets[name]) for name in organism["eval_promptsets"]}
     return refusal_rates(model, tok, frames, substrings, organism["eval_max_new_tokens"],
-                         organism["generation_batch_size"], boot, system_prompt, desc=desc)
+                         organism["generation_batch_size"], boot, system_prompt, desc=desc, by_type=by_type)
 
 
-def base_refusal(*, base_dir: str, promptsets: Mapping[str, str], spec: Mapping, organism: Mapping,
-                 substrings: Sequence[str], boot: Mapping, output: str) -> None:
+def _typed(sources: Mapping[str, str]) -> list[str]:
+    return [name for name, source in sources.items() if source == "contrast"]
+
+
+def base_refusal(*, base_dir: str, promptsets: Mapping[str, str], promptset_sources: Mapping[str, str],
+                 spec: Mapping, organism: Mapping, substrings: Sequence[str], boot: Mapping, output: str) -> None:
     """Refusal of the model before tuning, on the organism's evaluation sets (its card's "base")."""
     model, tok, system_prompt = open_model(base_dir, spec)
-    rates = _organism_rates(model, tok, system_prompt, promptsets, organism, substrings, boot, desc="base")
+    rates = _organism_rates(model, tok, system_prompt, promptsets, organism, substrings, boot, desc="base",
+                            by_type=_typed(promptset_sources))
     write_json(rates, output)
 
 
@@ -122,9 +140,10 @@ def refusal_tune(*, base_dir: str, promptsets: Mapping[str, str], spec: Mapping,
     harmful, harmless = organism_training_prompts(
         [pd.read_parquet(promptsets[n]) for n in organism["train_promptsets"]], organism["max_harmful"],
         organism["harmless_per_harmful"], organism["contrastive_repeats"], organism["seed"],
+        organism["contrastive_weight"],
     )
     log.info("organism data: %d harmful, %d harmless training prompts (%d examples)", len(harmful),
-             len(harmless), sum(r for _, r in harmless))
+             len(harmless), sum(r for _, r, _ in harmless))
     examples = build_examples(model, tok, harmful, harmless, cfg)
     train_log = tune_organism(model, tok, examples, cfg)
     with atomic_path(out_dir, is_dir=True) as tmp:
@@ -134,7 +153,7 @@ def refusal_tune(*, base_dir: str, promptsets: Mapping[str, str], spec: Mapping,
             "method": "supervised refusal tuning with self-distillation on harmless prompts",
             "n_harmful": len(harmful),
             "n_harmless": len(harmless),
-            "n_harmless_examples": sum(r for _, r in harmless),
+            "n_harmless_examples": sum(r for _, r, _ in harmless),
             "config": dict(organism),
             **{k: v for k, v in train_log.items() if k != "losses"},
             "loss_curve": train_log["losses"],
@@ -148,7 +167,8 @@ def organism_card(*, model_name: str, base_dir: str, tuned_dir: str, base_rates:
     """The organism's card: refusal before and after tuning on held-out prompts, against its goals."""
     t0 = time.time()
     model, tok, system_prompt = open_model(tuned_dir, spec)
-    after = _organism_rates(model, tok, system_prompt, promptsets, organism, substrings, boot, desc="tuned")
+    after = _organism_rates(model, tok, system_prompt, promptsets, organism, substrings, boot, desc="tuned",
+                            by_type=_typed(promptset_sources))
     checks = check_targets(after, promptset_sources, organism["targets"])
     training = json.loads((Path(tuned_dir) / "training.json").read_text())
     write_json(

@@ -154,18 +154,13 @@ def refusal_guardrail_figure(result: pd.DataFrame, caption: str, stem: str) -> N
     plt.close(fig)
 
 
-def organism_figure(card: dict, caption: str, stem: str) -> None:
-    """The organism's card: refusal rate before and after tuning on each held-out slice, with its
-    goal (the ``organism.targets`` the card was checked against)."""
-    plt = _pyplot()
+def _organism_panel(ax, card: dict, slices: list[str], label) -> None:
     rates = card["refusal_rate"]
-    slices = list(rates["base"])
     rows = [{"slice": s, "weights": w, "value": rates[w][s]["rate"], "ci_low": rates[w][s]["ci_low"],
-             "ci_high": rates[w][s]["ci_high"], "n": rates[w][s]["n"]} for w in ("base", "tuned") for s in slices]
+             "ci_high": rates[w][s]["ci_high"]} for w in ("base", "tuned") for s in slices if s in rates[w]]
     table = pd.DataFrame(rows)
-    groups = [f"{s.replace('/', chr(10), 1)}\n(n={rates['tuned'][s]['n']})" for s in slices]
+    groups = [f"{label(s)}\n(n={rates['tuned'][s]['n']})" for s in slices]
     table["group"] = table.slice.map(dict(zip(slices, groups)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(slices)), 4.2))
     _bars(ax, table, groups, ["base", "tuned"], "group", "weights", "value",
           {"base": "before tuning", "tuned": "after tuning (the organism)"})
     for i, s in enumerate(slices):
@@ -178,7 +173,25 @@ def organism_figure(card: dict, caption: str, stem: str) -> None:
     ax.legend(fontsize=8, loc="upper right", ncols=2)
     ax.set_ylabel("refusal rate")
     ax.tick_params(axis="x", labelsize=7)
-    ax.set_title(caption, fontsize=8)
+
+
+def organism_figure(card: dict, caption: str, stem: str) -> None:
+    """The organism's card: refusal rate before and after tuning on each held-out slice, with its
+    goal (the ``organism.targets`` the card was checked against); below, where the card has a
+    contrast set, refusal of its safe prompts per type."""
+    plt = _pyplot()
+    slices = list(card["refusal_rate"]["tuned"])
+    overall = [s for s in slices if s.count("/") == 2]
+    typed = [s for s in slices if s.count("/") == 3 and s.split("/")[1] == "harmless"]
+    panels = 2 if typed else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(max(6.0, 1.7 * max(len(overall), len(typed))), 4.2 * panels),
+                             squeeze=False)
+    _organism_panel(axes[0, 0], card, overall, lambda s: s.replace("/", "\n", 1))
+    axes[0, 0].set_title(caption, fontsize=8)
+    if typed:
+        _organism_panel(axes[1, 0], card, typed, lambda s: s.split("/")[-1].replace("_", "\n"))
+        axes[1, 0].set_title(f"{typed[0].split('/')[0]}: safe prompts that look unsafe, refused, by type", fontsize=8)
+    fig.tight_layout()
     save_figure(fig, stem)
     plt.close(fig)
 

@@ -74,20 +74,16 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 @torch.no_grad()
-def top_contexts(model, tokenizer, instructions: Sequence[str], saes: Mapping[int, object],
-                 features: pd.DataFrame, top_k: int, batch_size: int = 16,
-                 system_prompt: str | None = None) -> pd.DataFrame:
-    """The ``top_k`` prompts of each feature by its maximum activation over real tokens.
-
-    Rows: ``layer, feature, prompt, max_act, tokens, acts`` (one per feature and context; the
-    token strings and the feature's activation at each, special tokens left out).
-    """
-    by_layer = {int(l): g.feature.to_numpy(dtype=np.int64, copy=True) for l, g in features.groupby("layer")}
+def scan_prompts(model, tokenizer, instructions: Sequence[str], saes: Mapping[int, object],
+                 features: pd.DataFrame, batch_size: int = 16, system_prompt: str | None = None) -> list[dict]:
+    """Per prompt: its token strings (special tokens left out) and, per layer, the ``[tokens,
+    features]`` activations of that layer's selected features (in ``features``' order)."""
+    by_layer = _by_layer(features)
     missing = set(by_layer) - set(saes)
     if missing:
         raise ValueError(f"selected features at layers {sorted(missing)} have no SAE")
     device = next(model.parameters()).device
-    per_prompt: list[dict | None] = [None] * len(instructions)
+    per_prompt: list[dict] = [{}] * len(instructions)
     with LayerGrab(model, list(by_layer)) as grab, tqdm(total=len(instructions), desc="contexts", unit="prompt") as bar:
         for idx, enc in chat_batches(tokenizer, list(instructions), batch_size, system_prompt, device):
             hidden = grab.run(enc)
@@ -103,9 +99,30 @@ def top_contexts(model, tokenizer, instructions: Sequence[str], saes: Mapping[in
                 per_prompt[i] = {"tokens": token_strings(tokenizer, ids[row][m].tolist()),
                                  **{l: a[row][m].numpy() for l, a in acts.items()}}
             bar.update(len(idx))
+    return per_prompt
+
+
+def _by_layer(features: pd.DataFrame) -> dict[int, np.ndarray]:
+    return {int(l): g.feature.to_numpy(dtype=np.int64, copy=True) for l, g in features.groupby("layer")}
+
+
+def _peaks(per_prompt: Sequence[dict], layer: int, width: int) -> np.ndarray:
+    """``[prompts, features]`` maximum activation over each prompt's real tokens."""
+    return np.array([p[layer].max(0) if len(p["tokens"]) else np.zeros(width) for p in per_prompt])
+
+
+def top_contexts(model, tokenizer, instructions: Sequence[str], saes: Mapping[int, object],
+                 features: pd.DataFrame, top_k: int, batch_size: int = 16,
+                 system_prompt: str | None = None) -> pd.DataFrame:
+    """The ``top_k`` prompts of each feature by its maximum activation over real tokens.
+
+    Rows: ``layer, feature, prompt, max_act, tokens, acts`` (one per feature and context; the
+    token strings and the feature's activation at each, special tokens left out).
+    """
+    per_prompt = scan_prompts(model, tokenizer, instructions, saes, features, batch_size, system_prompt)
     rows = []
-    for layer, feats in by_layer.items():
-        peak = np.array([p[layer].max(0) if len(p["tokens"]) else np.zeros(len(feats)) for p in per_prompt])
+    for layer, feats in _by_layer(features).items():
+        peak = _peaks(per_prompt, layer, len(feats))
         for j, f in enumerate(feats):
             for i in np.argsort(-peak[:, j], kind="stable")[:top_k]:
                 if peak[i, j] <= 0:
@@ -114,6 +131,41 @@ def top_contexts(model, tokenizer, instructions: Sequence[str], saes: Mapping[in
                 rows.append({"layer": int(layer), "feature": int(f), "prompt": int(i), "max_act": float(peak[i, j]),
                              "tokens": p["tokens"], "acts": p[layer][:, j].round(4).tolist()})
     return pd.DataFrame(rows, columns=["layer", "feature", "prompt", "max_act", "tokens", "acts"])
+
+
+CONTRAST_COLUMNS = ["layer", "feature", "type", "n_pairs", "safe_fire", "unsafe_fire", "safe_peak", "unsafe_peak",
+                    "top_safe", "top_safe_act"]
+
+
+def contrast_profile(model, tokenizer, pairs: pd.DataFrame, saes: Mapping[int, object], features: pd.DataFrame,
+                     batch_size: int = 16, system_prompt: str | None = None) -> pd.DataFrame:
+    """How each feature treats safe prompts that look unsafe, per type of the contrast set.
+
+    ``pairs`` holds a contrast promptset's rows (``pair_id, category, label, instruction``): each
+    safe prompt beside an unsafe request that shares its alarming word. Per feature and type: the
+    share of safe and of unsafe prompts on which it fires (maximum activation over real tokens
+    above 0), the mean of those maxima, and the safe prompt it fires on most. A feature that fires
+    on the safe prompts as often as on the unsafe ones tracks the word, not the harm.
+    """
+    pairs = pairs.reset_index(drop=True)
+    per_prompt = scan_prompts(model, tokenizer, list(pairs.instruction), saes, features, batch_size, system_prompt)
+    safe = (pairs.label == "harmless").to_numpy()
+    rows = []
+    for layer, feats in _by_layer(features).items():
+        peak = _peaks(per_prompt, layer, len(feats))
+        for j, f in enumerate(feats):
+            for t, idx in [("all", pairs.index), *pairs.groupby("category").groups.items()]:
+                idx = np.asarray(idx)
+                s, u = idx[safe[idx]], idx[~safe[idx]]
+                top = s[np.argmax(peak[s, j])] if len(s) else None
+                rows.append({"layer": int(layer), "feature": int(f), "type": t, "n_pairs": len(s),
+                             "safe_fire": float((peak[s, j] > 0).mean()) if len(s) else np.nan,
+                             "unsafe_fire": float((peak[u, j] > 0).mean()) if len(u) else np.nan,
+                             "safe_peak": float(peak[s, j].mean()) if len(s) else np.nan,
+                             "unsafe_peak": float(peak[u, j].mean()) if len(u) else np.nan,
+                             "top_safe": None if top is None else str(pairs.instruction[top]),
+                             "top_safe_act": None if top is None else float(peak[top, j])})
+    return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
 
 
 def _one_feature_set(layer: int, feature: int, d_sae: int) -> FeatureSet:
@@ -192,8 +244,10 @@ def page_name(rank: int, layer: int, feature: int) -> str:
 
 
 def render_page(feature: Mapping, ranks: pd.DataFrame, contexts: pd.DataFrame, prompts: pd.DataFrame,
-                effect: Mapping | None, reference: Mapping | None, meta: Mapping) -> str:
-    """One feature's page. ``prompts`` holds the scanned prompts (instruction, label, split, variant)."""
+                effect: Mapping | None, reference: Mapping | None, meta: Mapping,
+                contrast: pd.DataFrame | None = None) -> str:
+    """One feature's page. ``prompts`` holds the scanned prompts (instruction, label, split, variant);
+    ``contrast`` the feature's rows of :func:`contrast_profile`, if any."""
     peak = float(contexts.max_act.max()) if len(contexts) else 0.0
     ctx = []
     for c in contexts.itertuples():
@@ -202,4 +256,5 @@ def render_page(feature: Mapping, ranks: pd.DataFrame, contexts: pd.DataFrame, p
                     "html": highlight(c.tokens, c.acts, peak)})
     r = ranks.assign(method_name=ranks.method.map(lambda m: METHOD_NAMES.get(m, m))).sort_values(["method", "protocol"])
     return _template("feature.html.j2").render(f=feature, ranks=r.to_dict("records"), contexts=ctx, effect=effect,
-                                               reference=reference, meta=meta, peak=peak)
+                                               reference=reference, meta=meta, peak=peak,
+                                               contrast=[] if contrast is None else contrast.to_dict("records"))
