@@ -107,6 +107,14 @@ def test_dashboards_contrast_must_be_a_contrast_promptset():
         check_config(cfg)
 
 
+def test_the_judge_reference_model_must_be_configured():
+    cfg = validated(DEFAULT)
+    assert cfg["judges"]["fourlabel"]["reference_model"] is None
+    cfg["judges"]["fourlabel"]["reference_model"] = "gemma"
+    with pytest.raises(ConfigError, match="judges.fourlabel.reference_model 'gemma' is not a key of models"):
+        check_config(cfg)
+
+
 def test_probes_take_the_held_out_features_unless_told_otherwise():
     from refusal_atlas.config.resolve import probe_protocol
 

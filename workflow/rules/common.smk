@@ -256,6 +256,26 @@ def promptset_params(name):
     return {k: v for k, v in spec.items() if k in keys}
 
 
+def fourlabel_reference():
+    """The model whose untuned weights the four-label judge reads relevance with."""
+    return config["judges"]["fourlabel"]["reference_model"] or next(
+        iter(config["models"])
+    )
+
+
+def fourlabel_labelled():
+    """The hand-labelled set; a relative path is the repository's (resources/judge/labels.tsv)."""
+    path = Path(config["judges"]["fourlabel"]["labelled"])
+    return path if path.is_absolute() else REPO / path
+
+
+def summary_inputs(wildcards):
+    inputs = {"scores": score_files(wildcards.model)}
+    if "fourlabel" in config["evaluation"]["judges"]:
+        inputs["fourlabel"] = "results/judges/fourlabel.json"
+    return inputs
+
+
 def harmbench_gpus():
     """GPUs of the HarmBench judge: none only for the transformers backend on a CPU."""
     hb = config["judges"]["harmbench"]

@@ -80,6 +80,9 @@ def check_config(config: Mapping) -> None:
         _check_dashboards(for_model(config, model))
         _check_categories(for_model(config, model))
     _check_probes(config)
+    ref = config["judges"]["fourlabel"]["reference_model"]
+    if ref is not None and ref not in config["models"]:
+        raise ConfigError(f"judges.fourlabel.reference_model {ref!r} is not a key of models {sorted(config['models'])}")
     for name, spec in config["models"].items():
         sae = spec["sae"]
         if sae["source"] == "train" and sae["k"] > sae["d_sae"]:

@@ -53,12 +53,13 @@ def _token_ce(model: PreTrainedModel, seqs: Sequence[list[int]], scored: Sequenc
 def response_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str],
                 responses: Sequence[str], *, intervention: Intervention | None = None, batch_size: int = 16,
                 system_prompt: str | None = None, prompt_ids: Sequence[str] | None = None,
-                desc: str = "response CE") -> np.ndarray:
+                desc: str = "response CE", end_of_turn: bool = True) -> np.ndarray:
     """Per response, the mean CE (nats/token) of its tokens after the chat prompt.
 
     The response is scored through its end-of-turn token, so a steer that makes the model stop
     early or ramble is charged for it; an empty response (the model ended its turn at once) is
-    scored on that token alone.
+    scored on that token alone. ``end_of_turn=False`` scores the text alone, for responses cut at
+    a token budget (an empty one is then NaN).
     """
     prompts = format_chat(tokenizer, instructions, system_prompt)
     eot = end_of_turn_id(tokenizer)
@@ -66,7 +67,7 @@ def response_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inst
     for p, r in zip(prompts, responses):
         p_ids = tokenizer(p, add_special_tokens=False).input_ids
         r_ids = tokenizer(r, add_special_tokens=False).input_ids
-        r_ids = r_ids + [eot]
+        r_ids = r_ids + [eot] if end_of_turn else r_ids
         seqs.append(p_ids + r_ids)
         scored.append([False] * len(p_ids) + [True] * len(r_ids))
     return _token_ce(model, seqs, scored, tokenizer.pad_token_id, batch_size, intervention or Intervention(),

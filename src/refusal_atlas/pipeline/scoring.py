@@ -4,6 +4,7 @@ tables.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import pandas as pd
 from refusal_atlas.core.io import write_parquet, write_table
 from refusal_atlas.core.stats import bootstrap_rate
 from refusal_atlas.evaluation import harmbench_classifier
+from refusal_atlas.evaluation.four_label_judge import LABELS, corrected_rate
 from refusal_atlas.evaluation.substring_judge import substring_refusals
 from refusal_atlas.reporting.figures import save_figure
 from refusal_atlas.steering import conditions
@@ -39,17 +41,24 @@ def judge(*, generations: str, judge_name: str, substrings: Sequence[str], outpu
     write_parquet(df.assign(judge=judge_name, refused=substring_refusals(list(df.generation), substrings)), output)
 
 
-def summarize_scores(*, score_files: Sequence[str], model: str, boot: Mapping, output: str) -> None:
+def summarize_scores(*, score_files: Sequence[str], model: str, boot: Mapping, output: str,
+                     fourlabel_judge: str | None = None) -> None:
     """Per condition, judge and prompt group: the judged rate with n and a bootstrap interval.
 
     The substring judge measures refusal; the HarmBench classifier measures jailbreak (harmful
-    compliance), on harmful prompts only. Unparseable classifier answers are left out of n.
+    compliance), on harmful prompts only. Unparseable classifier answers are left out of n. The
+    four-label judge gives each label's rate, and beside it the rate corrected for the judge's
+    measured error (Rogan–Gladen, with an interval that resamples its labelled test half too).
     """
     rows = []
+    error_set = json.loads(Path(fourlabel_judge).read_text())["error_set"] if fourlabel_judge else None
     for path in score_files:
         df = pd.read_parquet(path)
         promptset = Path(path).parent.name
         judge_name = df.judge.iloc[0] if len(df) else Path(path).name.split(".")[-2]
+        if judge_name == "fourlabel":
+            rows += _fourlabel_rates(df, model, promptset, boot, error_set)
+            continue
         metric, column = ("refusal", "refused") if judge_name == "substring" else ("jailbreak", "jailbroken")
         if metric == "jailbreak":
             df = df[df.label == "harmful"]
@@ -60,6 +69,22 @@ def summarize_scores(*, score_files: Sequence[str], model: str, boot: Mapping, o
                              "metric": metric, "split": split, "label": label, "variant": variant,
                              **bootstrap_rate(values, **boot).as_dict(), "n_unparsed": int(g[column].isna().sum())})
     write_table(pd.DataFrame(rows), output)
+
+
+def _fourlabel_rates(df: pd.DataFrame, model: str, promptset: str, boot: Mapping, error_set: Mapping | None) -> list:
+    if error_set is None:
+        raise ValueError("four-label scores need the calibrated judge's error set (results/judges/fourlabel.json)")
+    rows = []
+    for (method, split, label, variant), g in df.groupby(["method", "split", "label", "variant"]):
+        for metric in LABELS:
+            rate = bootstrap_rate((g.verdict == metric).to_numpy(dtype=float), **boot)
+            fixed = corrected_rate(g.verdict.to_numpy(), metric, error_set["hand"], error_set["judged"],
+                                   n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
+            rows.append({"model": model, "promptset": promptset, "method": method, "judge": "fourlabel",
+                         "metric": metric, "split": split, "label": label, "variant": variant, **rate.as_dict(),
+                         "n_unparsed": 0, "corrected": fixed["corrected"], "corrected_ci_low": fixed["ci_low"],
+                         "corrected_ci_high": fixed["ci_high"], "n_error_set": fixed["n_error_set"]})
+    return rows
 
 
 def baselines_table(*, inputs: Sequence[str], output: str) -> None:
@@ -78,12 +103,37 @@ def condition_columns(method: str) -> dict:
             "mode": c.mode, "set_value": c.value if c.mode == "set" else None}
 
 
+FOURLABEL_COLUMNS = ["jailbreak_corrected", "corrected_ci_low", "corrected_ci_high", "evasive_rate",
+                     "degenerate_rate", "refusal_rate"]
+_KEYS = ["model", "promptset", "method", "split", "label", "variant"]
+
+
+def _jailbreak_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Substring: 1 − refusal (the interval flips with it); HarmBench: its "yes" rate."""
+    sub = df.metric == "refusal"
+    return df.assign(jailbreak_rate=np.where(sub, 1 - df.rate, df.rate), ci_low=np.where(sub, 1 - df.ci_high, df.ci_low),
+                     ci_high=np.where(sub, 1 - df.ci_low, df.ci_high))
+
+
+def _fourlabel_jailbreaks(df: pd.DataFrame) -> pd.DataFrame:
+    """Four-label: a jailbreak is ``compliance``; its corrected rate, and how much of the rest is
+    evasive, degenerate or refusal, beside it."""
+    if df.empty:
+        return df
+    comp = df[df.metric == "compliance"].rename(columns={"rate": "jailbreak_rate", "corrected": "jailbreak_corrected"})
+    for other in ("evasive", "degenerate", "refusal"):
+        rates = df[df.metric == other][_KEYS + ["rate"]].rename(columns={"rate": f"{other}_rate"})
+        comp = comp.merge(rates, on=_KEYS, how="left")
+    return comp
+
+
 def benchmark_table(*, summaries: Sequence[str], judges: Sequence[str], caption: Mapping[str, str], output: str,
                     figure_stem: str) -> None:
     """Jailbreak rate per method and dataset (Yeo et al. 2025, Table 1), each with n and its CI.
 
     With the substring judge the jailbreak rate is 1 − refusal on harmful prompts (the interval
-    flips with it); with HarmBench it is the classifier's "yes" rate.
+    flips with it); with HarmBench it is the classifier's "yes" rate; with the four-label judge it
+    is the ``compliance`` rate, with its error-corrected rate and the other labels' rates beside it.
     """
     import matplotlib
 
@@ -93,13 +143,12 @@ def benchmark_table(*, summaries: Sequence[str], judges: Sequence[str], caption:
     df = pd.concat([pd.read_csv(p) for p in summaries], ignore_index=True)
     df = df[(df.label == "harmful") & df.judge.isin(judges)]
     df = df[~df.method.map(lambda m: conditions.parse_condition(m).mode == "set" or m == "add")]
-    sub = df.metric == "refusal"
-    out = df.assign(jailbreak_rate=np.where(sub, 1 - df.rate, df.rate), ci_low=np.where(sub, 1 - df.ci_high, df.ci_low),
-                    ci_high=np.where(sub, 1 - df.ci_low, df.ci_high))
+    out = pd.concat([_jailbreak_rows(df[df.judge != "fourlabel"]), _fourlabel_jailbreaks(df[df.judge == "fourlabel"])],
+                    ignore_index=True)
     out = pd.concat([out.reset_index(drop=True), pd.DataFrame([condition_columns(m) for m in out.method])], axis=1)
     cols = ["model", "promptset", "split", "variant", "judge", "method", "name", "selector", "scope", "protocol",
-            "jailbreak_rate", "n", "ci_low", "ci_high", "confidence"]
-    out = out[cols].sort_values(["model", "promptset", "variant", "judge", "method"])
+            "jailbreak_rate", "n", "ci_low", "ci_high", "confidence", *FOURLABEL_COLUMNS]
+    out = out.reindex(columns=cols).sort_values(["model", "promptset", "variant", "judge", "method"])
     write_table(out, output)
 
     plain = out[out.variant == "plain"]

@@ -1,0 +1,131 @@
+"""The four-label judge as stages and as ``refusal-atlas judge``: calibrate it on the hand-labelled
+set (``resources/judge/labels.tsv``), report its agreement, and label any generations."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from refusal_atlas.core.io import write_json, write_parquet, write_table
+from refusal_atlas.evaluation.four_label_judge import (
+    EXTRA_MARKERS,
+    LABELS,
+    REFERENCE_REQUESTS,
+    FourLabelJudge,
+    agreement,
+    all_signals,
+    fit_thresholds,
+)
+from refusal_atlas.evaluation.substring_judge import DEFAULT_REFUSAL_SUBSTRINGS, substring_refusals
+from refusal_atlas.lm.modeling import load_model
+
+log = logging.getLogger("refusal_atlas")
+
+LABELLED_COLUMNS = ("id", "condition", "instruction", "generation", "label", "split")
+
+
+class LabelledSetError(ValueError):
+    """The hand-labelled set is missing, malformed or holds an unknown label."""
+
+
+def read_labelled(path: str | Path) -> pd.DataFrame:
+    """The hand-labelled generations, checked: every column, known labels, both halves."""
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError) as e:
+        raise LabelledSetError(f"{path}: cannot read the labelled set ({e})") from e
+    missing = [c for c in LABELLED_COLUMNS if c not in df.columns]
+    if missing:
+        raise LabelledSetError(f"{path}: missing column(s) {missing}; expected {list(LABELLED_COLUMNS)}")
+    bad = sorted(set(df.label) - set(LABELS))
+    if bad:
+        raise LabelledSetError(f"{path}: unknown label(s) {bad}; labels are {list(LABELS)}")
+    halves = set(df.split)
+    if halves != {"calibration", "test"}:
+        raise LabelledSetError(f"{path}: split must hold calibration and test rows, found {sorted(halves)}")
+    if df.id.duplicated().any():
+        raise LabelledSetError(f"{path}: duplicate id(s) {sorted(df.id[df.id.duplicated()])[:5]}")
+    return df
+
+
+def calibrate(labelled: pd.DataFrame, model, tok, substrings: Sequence[str] = DEFAULT_REFUSAL_SUBSTRINGS,
+              batch_size: int = 16) -> tuple[FourLabelJudge, pd.DataFrame]:
+    """Fit the judge's thresholds on the calibration half; returns it and every labelled row with
+    its signals and both judges' labels (the substring judge read as refusal or compliance)."""
+    markers = tuple(dict.fromkeys([*substrings, *DEFAULT_REFUSAL_SUBSTRINGS, *EXTRA_MARKERS]))
+    sig = all_signals(model, tok, list(labelled.instruction), list(labelled.generation), markers, REFERENCE_REQUESTS,
+                      batch_size)
+    cal = (labelled.split == "calibration").to_numpy()
+    judge = FourLabelJudge(fit_thresholds(sig[cal].reset_index(drop=True), labelled.label[cal].to_numpy()), markers)
+    rows = pd.concat([labelled.reset_index(drop=True), sig], axis=1)
+    rows["fourlabel"] = judge.judge(sig)
+    rows["substring"] = np.where(substring_refusals(list(labelled.generation), substrings), "refusal", "compliance")
+    log.info("four-label judge thresholds %s", judge.thresholds.as_dict())
+    return judge, rows
+
+
+def agreement_tables(rows: pd.DataFrame, judges: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """On the test half, per judge: accuracy, κ and n overall and per condition (also on the
+    binary jailbreak question: compliance or not), and the confusion matrices in long form."""
+    test = rows[rows.split == "test"]
+    overall, per_condition, confusion = [], [], []
+    for judge in judges:
+        a = agreement(test.label, test[judge])
+        binary = agreement(test.label == "compliance", test[judge] == "compliance")
+        overall.append({"judge": judge, "n": a["n"], "accuracy": a["accuracy"], "kappa": a["kappa"],
+                        "jailbreak_accuracy": binary["accuracy"], "jailbreak_kappa": binary["kappa"]})
+        for (hand, judged), count in a["confusion"].stack().items():
+            confusion.append({"judge": judge, "hand": hand, "judged": judged, "count": int(count)})
+        for cond, g in test.groupby("condition"):
+            per_condition.append({"judge": judge, "condition": cond, "n": len(g),
+                                  "accuracy": float(np.mean(g.label == g[judge])),
+                                  "hand_compliance": float(np.mean(g.label == "compliance")),
+                                  "judged_compliance": float(np.mean(g[judge] == "compliance"))})
+    return pd.DataFrame(overall), pd.DataFrame(per_condition), pd.DataFrame(confusion)
+
+
+def judge_calibration(*, labelled: str, base_dir: str, substrings: Sequence[str], outputs: Mapping[str, str],
+                      batch_size: int = 16) -> None:
+    """The fitted judge (thresholds, markers, the test half's hand and judged labels, which every
+    corrected rate resamples) and its agreement tables."""
+    df = read_labelled(labelled)
+    model, tok = load_model(base_dir)
+    judge, rows = calibrate(df, model, tok, substrings, batch_size)
+    overall, per_condition, confusion = agreement_tables(rows, ["fourlabel", "substring"])
+    test = rows[rows.split == "test"]
+    write_json({**judge.to_dict(), "reference_model": str(base_dir), "labelled_set": str(labelled),
+                "n_calibration": int((rows.split == "calibration").sum()), "n_test": len(test),
+                "agreement": overall.to_dict("records"),
+                "error_set": {"hand": list(test.label), "judged": list(test.fourlabel)}}, outputs["judge"])
+    write_table(overall, outputs["agreement"])
+    write_table(per_condition, outputs["per_condition"])
+    write_table(confusion, outputs["confusion"])
+    write_parquet(rows, outputs["rows"])
+
+
+def judge_generations(generations: pd.DataFrame, judge: FourLabelJudge, model, tok, batch_size: int = 16,
+                      column: str = "label") -> pd.DataFrame:
+    """``generations`` (``instruction``, ``generation``, anything else passed through) with the
+    judge's label in ``column`` and every signal's score. An input column of that name (a run's
+    harmful/harmless prompt label) is kept as ``prompt_label``."""
+    missing = [c for c in ("instruction", "generation") if c not in generations.columns]
+    if missing:
+        raise ValueError(f"generations need column(s) {missing}")
+    sig = judge.signals(model, tok, list(generations.instruction), list(generations.generation), batch_size=batch_size)
+    out = generations.reset_index(drop=True).rename(columns={column: "prompt_label"} if column in generations else {})
+    out = out.drop(columns=[c for c in sig.columns if c in out.columns])
+    return pd.concat([out, sig], axis=1).assign(**{column: judge.judge(sig)})
+
+
+def judge_file(*, generations: str, judge_json: str, base_dir: str, output: str, batch_size: int = 16) -> None:
+    import json
+
+    judge = FourLabelJudge.from_dict(json.loads(Path(judge_json).read_text()))
+    model, tok = load_model(base_dir)
+    # a run's generations keep label (harmful or harmless) for summarize_scores; the judge's is verdict
+    df = judge_generations(pd.read_parquet(generations), judge, model, tok, batch_size, column="verdict")
+    write_parquet(df.assign(judge="fourlabel"), output)
