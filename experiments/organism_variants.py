@@ -26,7 +26,7 @@ from refusal_atlas.lm.generation import generate
 from refusal_atlas.lm.modeling import load_model
 from refusal_atlas.lm.organism import build_examples
 from refusal_atlas.lm.organism import refusal_tune as tune
-from refusal_atlas.pipeline.model import _organism_config, organism_training_prompts
+from refusal_atlas.pipeline.model import _organism_config, organism_training_prompts, training_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,8 +67,9 @@ def main() -> None:
     info: dict = {}
     if not args.untuned:
         ocfg = _organism_config(organism)
+        files = {n: str(results / f"promptsets/{n}.parquet") for n in organism["train_promptsets"]}
         harmful, harmless = organism_training_prompts(
-            [pd.read_parquet(results / f"promptsets/{n}.parquet") for n in organism["train_promptsets"]],
+            training_frames(files, organism),
             organism["max_harmful"], organism["harmless_per_harmful"], organism["contrastive_repeats"],
             organism["seed"], organism.get("contrastive_weight", 1.0))
         examples = build_examples(model, tok, harmful, harmless, ocfg)

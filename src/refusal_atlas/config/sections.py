@@ -46,6 +46,8 @@ def check_config(config: Mapping) -> None:
     refs = {
         **({"organism.train_promptsets": config["organism"]["train_promptsets"],
             "organism.eval_promptsets": config["organism"]["eval_promptsets"]} if tuned else {}),
+        **({"organism.harmful_promptsets": config["organism"]["harmful_promptsets"]}
+           if tuned and config["organism"]["harmful_promptsets"] else {}),
         "activations.promptsets": config["activations"]["promptsets"],
         "evaluation.promptsets": config["evaluation"]["promptsets"],
         "direction.promptset": [config["direction"]["promptset"]],

@@ -96,24 +96,33 @@ def text_signals(generations: Sequence[str], markers: Sequence[str]) -> pd.DataF
 
 def relevance(model, tokenizer, instructions: Sequence[str], generations: Sequence[str], *,
               references: Sequence[str] = REFERENCE_REQUESTS, batch_size: int = 16,
-              system_prompt: str | None = None) -> np.ndarray:
+              system_prompt: str | None = None, autocast_dtype: str | None = None) -> np.ndarray:
     """PMI of each generation with its request (nats per token; NaN for an empty generation)."""
     from refusal_atlas.evaluation.cross_entropy import response_ce
+    from refusal_atlas.lm.modeling import autocast
 
     kw = {"batch_size": batch_size, "system_prompt": system_prompt, "end_of_turn": False}
-    own = response_ce(model, tokenizer, instructions, generations, desc="relevance: own request", **kw)
-    other = np.mean([response_ce(model, tokenizer, [r] * len(generations), generations,
-                                 desc=f"relevance: reference {i + 1}", **kw) for i, r in enumerate(references)], axis=0)
+    with autocast(model, autocast_dtype):
+        own = response_ce(model, tokenizer, instructions, generations, desc="relevance: own request", **kw)
+        other = np.mean([response_ce(model, tokenizer, [r] * len(generations), generations,
+                                     desc=f"relevance: reference {i + 1}", **kw) for i, r in enumerate(references)],
+                        axis=0)
     return other - own  # CE is −mean log p, so this is mean log p(own) − mean log p(reference)
 
 
 def all_signals(model, tokenizer, instructions: Sequence[str], generations: Sequence[str], markers: Sequence[str],
                 references: Sequence[str] = REFERENCE_REQUESTS, batch_size: int = 16,
-                system_prompt: str | None = None) -> pd.DataFrame:
-    """:func:`text_signals` and :func:`relevance` of each generation."""
+                system_prompt: str | None = None, autocast_dtype: str | None = "bfloat16") -> pd.DataFrame:
+    """:func:`text_signals` of each generation, and :func:`relevance` of those without a refusal
+    marker (the cascade never reads it for the others: NaN there, which saves most of the cost
+    where a model refuses)."""
     sig = text_signals(generations, markers)
-    sig["relevance"] = relevance(model, tokenizer, instructions, generations, references=references,
-                                 batch_size=batch_size, system_prompt=system_prompt)
+    need = np.flatnonzero(~sig.marker.to_numpy())
+    sig["relevance"] = np.nan
+    if len(need):
+        sig.loc[need, "relevance"] = relevance(
+            model, tokenizer, [instructions[i] for i in need], [generations[i] for i in need], references=references,
+            batch_size=batch_size, system_prompt=system_prompt, autocast_dtype=autocast_dtype)
     return sig
 
 
@@ -229,19 +238,22 @@ class FourLabelJudge:
     thresholds: JudgeThresholds
     markers: tuple[str, ...] = DEFAULT_REFUSAL_SUBSTRINGS + EXTRA_MARKERS
     references: tuple[str, ...] = REFERENCE_REQUESTS
+    # bf16 matmuls for the relevance passes: calibration and judging share it, so thresholds hold
+    autocast_dtype: str | None = "bfloat16"
 
     def signals(self, model, tokenizer, instructions: Sequence[str], generations: Sequence[str], *,
                 batch_size: int = 16, system_prompt: str | None = None) -> pd.DataFrame:
         return all_signals(model, tokenizer, instructions, generations, self.markers, self.references, batch_size,
-                           system_prompt)
+                           system_prompt, self.autocast_dtype)
 
     def judge(self, signals: pd.DataFrame) -> np.ndarray:
         return classify(signals, self.thresholds)
 
     def to_dict(self) -> dict:
         return {"thresholds": self.thresholds.as_dict(), "markers": list(self.markers),
-                "references": list(self.references)}
+                "references": list(self.references), "autocast_dtype": self.autocast_dtype}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> FourLabelJudge:
-        return cls(JudgeThresholds.from_dict(d["thresholds"]), tuple(d["markers"]), tuple(d["references"]))
+        return cls(JudgeThresholds.from_dict(d["thresholds"]), tuple(d["markers"]), tuple(d["references"]),
+                   d.get("autocast_dtype"))

@@ -61,6 +61,18 @@ def organism_training_prompts(
     return list(zip(harmful.id, harmful.instruction)), pairs
 
 
+def training_frames(promptsets: Mapping[str, str], organism: Mapping) -> list[pd.DataFrame]:
+    """The organism's training promptsets; those outside ``harmful_promptsets`` (when set) give
+    their harmless prompts only, e.g. the contrast set's safe look-alikes without their unsafe
+    twins, so the harmful side keeps its own mix."""
+    keep = organism.get("harmful_promptsets")
+    frames = []
+    for name in organism["train_promptsets"]:
+        df = pd.read_parquet(promptsets[name])
+        frames.append(df if keep is None or name in keep else df[df.label != "harmful"])
+    return frames
+
+
 def refusal_rates(
     model, tok, frames: Mapping[str, pd.DataFrame], substrings: Sequence[str], max_new_tokens: int,
     batch_size: int, boot: Mapping, system_prompt: str | None, desc: str, by_type: Collection[str] = (),
@@ -138,7 +150,7 @@ def refusal_tune(*, base_dir: str, promptsets: Mapping[str, str], spec: Mapping,
     cfg = _organism_config(organism)
     model, tok, _ = open_model(base_dir, spec)
     harmful, harmless = organism_training_prompts(
-        [pd.read_parquet(promptsets[n]) for n in organism["train_promptsets"]], organism["max_harmful"],
+        training_frames(promptsets, organism), organism["max_harmful"],
         organism["harmless_per_harmful"], organism["contrastive_repeats"], organism["seed"],
         organism["contrastive_weight"],
     )

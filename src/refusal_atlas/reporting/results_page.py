@@ -120,6 +120,8 @@ def build(run: Path, out: Path, repo: Path, invocation: str | None = None, besid
         lines += [f"## Judged rates: {summary.parent.name}", "",
                   "Every rate with its n and bootstrap interval (`" + str(summary.relative_to(run)) + "`).", "",
                   _table(df[keep]), ""]
+    for table in sorted(results.glob("judges/*.csv")):
+        lines += [f"## Judge agreement: `{table.relative_to(run)}`", "", _table(pd.read_csv(table)), ""]
     for table in sorted(results.glob("tables/*.csv")):
         lines += [f"## `{table.relative_to(run)}`", "", _table(pd.read_csv(table)), ""]
     if beside is not None:
