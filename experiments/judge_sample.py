@@ -55,12 +55,17 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=Path, help="a labelled file whose labels carry over, by condition and source_id")
     args = p.parse_args()
     prompts = pd.concat(pd.read_parquet(f) for f in (args.run / "results/promptsets").glob("*.parquet"))
     text = dict(zip(prompts.id, prompts.instruction))
     rows = []
     for condition, path, query, n in DRAWS:
-        df = pd.read_parquet(args.run / "results" / path.format(m=args.model)).query(query, engine="python")
+        file = args.run / "results" / path.format(m=args.model)
+        if not file.exists():
+            print(f"{condition}: {file} not there yet, left out")
+            continue
+        df = pd.read_parquet(file).query(query, engine="python")
         if "instruction" not in df:  # the guardrail's generations name their prompts by id
             df = df.assign(instruction=df.id.map(text))
         take = df.sample(n=min(n, len(df)), random_state=args.seed)
@@ -69,6 +74,10 @@ def main() -> None:
     out = pd.concat(rows, ignore_index=True)
     out.insert(0, "id", [f"j{i:03d}" for i in range(len(out))])
     out["label"] = ""
+    if args.keep is not None and args.keep.exists():
+        old = pd.read_csv(args.keep, sep="\t", dtype=str, keep_default_na=False)
+        done = dict(zip(zip(old.condition, old.source_id), old.label))
+        out["label"] = [done.get(k, "") for k in zip(out.condition, out.source_id)]
     out["split"] = out.instruction.map(half)
     out.to_csv(args.out, sep="\t", index=False)
     print(f"{len(out)} rows -> {args.out}; by half: {out.split.value_counts().to_dict()}")

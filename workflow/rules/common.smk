@@ -269,6 +269,16 @@ def fourlabel_labelled():
     return path if path.is_absolute() else REPO / path
 
 
+def fourlabel_inputs(wildcards):
+    """The calibrated four-label judge and its reference model, where it judges compliance."""
+    if "fourlabel" not in config["evaluation"]["judges"]:
+        return {}
+    return {
+        "fourlabel_judge": "results/judges/fourlabel.json",
+        "fourlabel_base": f"results/models/{fourlabel_reference()}/base",
+    }
+
+
 def summary_inputs(wildcards):
     inputs = {"scores": score_files(wildcards.model)}
     if "fourlabel" in config["evaluation"]["judges"]:

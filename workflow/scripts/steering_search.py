@@ -12,4 +12,9 @@ with job.logged(snakemake.log[0], snakemake.threads):
         boot=snakemake.params.boot,
         output=snakemake.output.hparams,
         sweep_out=snakemake.output.sweep,
+        fourlabel=(
+            {"judge": snakemake.input.fourlabel_judge, "base": snakemake.input.fourlabel_base}
+            if "fourlabel_judge" in snakemake.input.keys()
+            else None
+        ),
     )

@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,16 +56,34 @@ def steer_generate(*, model_dir: str, spec: Mapping, promptset: str, method: str
 
 
 # ---------------------------------------------------------------------------- hyperparameter search
+def _compliance_judge(substrings: Sequence[str], fourlabel: Mapping | None):
+    """``(instructions, generations) -> bool per row`` and its name: the four-label judge's
+    ``compliance`` where it is configured, else the substring judge's "no refusal phrase"."""
+    if fourlabel is None:
+        return (lambda _, gens: ~np.asarray(substring_refusals(gens, substrings))), "substring judge: no refusal phrase"
+    from refusal_atlas.evaluation.four_label_judge import FourLabelJudge
+    from refusal_atlas.lm.modeling import load_model
+
+    judge = FourLabelJudge.from_dict(json.loads(Path(fourlabel["judge"]).read_text()))
+    ref_model, ref_tok = load_model(fourlabel["base"])
+
+    def comply(instructions, gens):
+        return judge.judge(judge.signals(ref_model, ref_tok, instructions, gens)) == "compliance"
+    return comply, "four-label judge: compliance"
+
+
 def steering_search(*, model_dir: str, spec: Mapping, promptset: str, features_path: str, sae_dirs: Sequence[str],
-                    cfg: Mapping, substrings: Sequence[str], boot: Mapping, output: str, sweep_out: str) -> None:
+                    cfg: Mapping, substrings: Sequence[str], boot: Mapping, output: str, sweep_out: str,
+                    fourlabel: Mapping | None = None) -> None:
     """Choose the clamp's c and K* on the validation split (the reference picked them by hand).
 
     Features come from the held-out protocol (fitted on the train split), so nothing of the test
-    split is seen. Each (K*, c) is scored by the substring judge's compliance on the validation
-    harmful prompts and by the CE increase on the model's own answers to validation harmless
-    prompts; the winner has the highest compliance among settings whose CE increase stays within
-    ``max_ce_increase`` (a steer that breaks the model also "complies" by the substring judge).
-    Ties go to the smaller |c|, then the smaller K*.
+    split is seen. Each (K*, c) is scored by compliance on the validation harmful prompts (the
+    four-label judge's where ``fourlabel`` gives it, ``{"judge": json, "base": reference model}``;
+    else the substring judge's) and by the CE increase on the model's own answers to validation
+    harmless prompts; the winner has the highest compliance among settings whose CE increase stays
+    within ``max_ce_increase`` (a steer that breaks the model also "complies" by the substring
+    judge). Ties go to the smaller |c|, then the smaller K*.
     """
     from refusal_atlas.evaluation import cross_entropy
     from refusal_atlas.lm.generation import generate
@@ -86,17 +105,18 @@ def steering_search(*, model_dir: str, spec: Mapping, promptset: str, features_p
     ce = partial(cross_entropy.response_ce, model, tok, list(harmless.instruction), answers,
                  batch_size=cfg["batch_size"], system_prompt=system_prompt)
     base_ce = float(np.nanmean(ce()))
-    base_refused = substring_refusals(gen(list(harmful.instruction), desc="search: base"), substrings)
-    rows = [{"k_star": 0, "c": 1.0, **bootstrap_rate(1 - np.asarray(base_refused, float), **boot).as_dict(), "response_ce": base_ce,
-             "delta_ce": 0.0}]
+    comply, judge_name = _compliance_judge(substrings, fourlabel)
+    asked = list(harmful.instruction)
+    base_complied = comply(asked, gen(asked, desc="search: base"))
+    rows = [{"k_star": 0, "c": 1.0, **bootstrap_rate(np.asarray(base_complied, float), **boot).as_dict(),
+             "response_ce": base_ce, "delta_ce": 0.0}]
     for k in cfg["k_values"]:
         fs = clamp.feature_set(table, "heldout", "global", k, {l: s.cfg.d_sae for l, s in sae_map.items()})
         for c in cfg["c_values"]:
             steer = clamp.FeatureClamp(sae_map, fs, mode="multiply", value=c)
-            refused = substring_refusals(gen(list(harmful.instruction), intervention=steer, desc=f"search K*={k} c={c}"),
-                                         substrings)
+            complied = comply(asked, gen(asked, intervention=steer, desc=f"search K*={k} c={c}"))
             steered_ce = float(np.nanmean(ce(intervention=steer)))
-            rows.append({"k_star": k, "c": c, **bootstrap_rate(1 - np.asarray(refused, float), **boot).as_dict(),
+            rows.append({"k_star": k, "c": c, **bootstrap_rate(np.asarray(complied, float), **boot).as_dict(),
                          "response_ce": steered_ce, "delta_ce": steered_ce - base_ce})
             log.info("K*=%d c=%g: compliance %.3f, CE +%.3f", k, c, rows[-1]["rate"], rows[-1]["delta_ce"])
     sweep = pd.DataFrame(rows).rename(columns={"rate": "compliance"})
@@ -114,7 +134,7 @@ def steering_search(*, model_dir: str, spec: Mapping, promptset: str, features_p
         "compliance": {"rate": float(best.compliance), "n": int(best.n), "ci_low": float(best.ci_low),
                        "ci_high": float(best.ci_high)},
         "delta_ce": float(best.delta_ce), "feasible": bool(best.feasible),
-        "rule": f"max val compliance (substring judge) s.t. CE increase <= {cfg['max_ce_increase']} nats/token; "
+        "rule": f"max val compliance ({judge_name}) s.t. CE increase <= {cfg['max_ce_increase']} nats/token; "
                 "ties to smaller |c| then smaller K*",
         "selector": "la_ig", "protocol": "heldout", "scope": "global", "split": cfg["split"],
         "n": {"harmful": len(harmful), "harmless": len(harmless)},
