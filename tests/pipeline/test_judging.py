@@ -47,7 +47,7 @@ def test_calibration_writes_the_judge_its_error_set_and_agreement(tmp_path, tiny
     judge_calibration(labelled=str(labelled(tmp_path)), base_dir=str(tiny_model_dir), substrings=["I'm sorry"],
                       outputs=outs)
     j = json.loads(open(outs["judge"]).read())
-    assert set(j["thresholds"]) == {"repetition_min", "letter_share_max", "relevance_min"}
+    assert set(j["thresholds"]) == {"repetition_min", "letter_share_max", "relevance_min", "fluency_min"}
     assert j["n_calibration"] == j["n_test"] == 4 and len(j["error_set"]["hand"]) == 4
     assert "I'm sorry" in j["markers"] and "I won't" in j["markers"]
     agree = pd.read_csv(outs["agreement"]).set_index("judge")

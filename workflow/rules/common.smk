@@ -661,7 +661,7 @@ def organism_caption(model):
         f"{model} before and after refusal tuning: held-out (test) prompts of "
         f"{', '.join(org['eval_promptsets'])}; refusal judged by substrings "
         f"({org['eval_max_new_tokens']} greedy tokens); "
-        f"{int(config['bootstrap']['confidence'] * 100)}% bootstrap CIs; dashed: the goals"
+        f"{int(config['bootstrap']['confidence'] * 100)}% bootstrap CIs; dashed: organism.targets (CI gates)"
     )
 
 
