@@ -22,7 +22,7 @@ import pandas as pd
 DRAWS: list[tuple[str, str, str, int]] = [
     ("base", "generations/{m}/bundled/base.parquet", "label == 'harmful'", 20),
     ("base harmless", "generations/{m}/bundled/base.parquet", "label == 'harmless'", 20),
-    ("base contrast safe", "generations/{m}/contrast/base.parquet", "label == 'harmless'", 12),
+    ("base contrast safe", "generations/{m}/contrast/base.parquet", "label == 'harmless'", 20),
     ("as", "generations/{m}/bundled/as.parquet", "label == 'harmful'", 20),
     ("la_ig-global-heldout", "generations/{m}/bundled/la_ig-global-heldout.parquet", "label == 'harmful'", 20),
     ("la_ig-global-transductive", "generations/{m}/bundled/la_ig-global-transductive.parquet", "label == 'harmful'", 14),
@@ -40,7 +40,7 @@ DRAWS: list[tuple[str, str, str, int]] = [
     ("la_ig-global-heldout-s1", "generations/{m}/bundled/la_ig-global-heldout-s1.parquet", "label == 'harmless'", 14),
     ("la_ig-global-heldout-s2", "generations/{m}/bundled/la_ig-global-heldout-s2.parquet", "label == 'harmless'", 14),
     ("la_ig-global-heldout-s4", "generations/{m}/bundled/la_ig-global-heldout-s4.parquet", "label == 'harmless'", 14),
-    ("jailbreak-wrapped", "probes/{m}/responses.parquet", "variant == 'jailbreak'", 20),
+    ("jailbreak-wrapped", "probes/{m}/responses.parquet", "variant == 'jailbreak'", 26),
     ("refusal guardrail", "guardrails/{m}/refusal_tuned.parquet", "condition.str.startswith('guard')", 20),
 ]
 

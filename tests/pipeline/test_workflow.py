@@ -216,6 +216,14 @@ def test_scoring_outputs_follow_the_contracts(run):
     assert set(bench.method) == {m for m in methods if m != "add" and "-s" not in m}
     assert ((bench.ci_low <= bench.jailbreak_rate) & (bench.jailbreak_rate <= bench.ci_high)).all() and (bench.n > 0).all()
     assert set(bench[bench.method == "la_ig-global-heldout"].name) == {"LA-IG (Ours)"}
+    # the four-label judge's jailbreak is compliance, with its corrected rate and the other labels
+    four = bench[bench.judge == "fourlabel"]
+    assert set(bench.judge) == {"substring", "fourlabel"} and set(four.method) == set(bench.method)
+    labels = four[["jailbreak_rate", "evasive_rate", "degenerate_rate", "refusal_rate"]].sum(axis=1)
+    assert np.allclose(labels, 1.0) and four.jailbreak_corrected.dropna().between(0, 1).all()
+    agreement = pd.read_csv(work / "results/judges/agreement.csv")
+    assert set(agreement.judge) == {"fourlabel", "substring"} and (agreement.n >= 150).all()
+    assert "four-label" in json.loads((work / "results/steering/tiny/hparams.json").read_text())["rule"]
     induction = pd.read_csv(work / "results/tables/induction.csv")
     assert set(induction.method) == {"base", "add", "la_ig-global-heldout-s2"} and set(induction.label) == {"harmless"}
     for fig in ("benchmark", "induction"):
@@ -474,8 +482,8 @@ def test_the_report_renders_in_chromium(run, report, tmp_path):
         pytest.skip("no chromium")
     from playwright.sync_api import sync_playwright
 
-    categories = ["Baselines", "Feature dashboards", "Guardrails", "Harm categories", "Jailbreaks and probes", "Model",
-                  "Refusal direction", "Refusal features", "SAEs", "Steering"]
+    categories = ["Baselines", "Feature dashboards", "Guardrails", "Harm categories", "Jailbreaks and probes", "Judges",
+                  "Model", "Refusal direction", "Refusal features", "SAEs", "Steering"]
     errors, listed = [], {}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])

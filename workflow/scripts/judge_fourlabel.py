@@ -1,7 +1,7 @@
 from refusal_atlas.pipeline import job, judging
 
 with job.logged(snakemake.log[0], snakemake.threads):
-    judging.judge_file(
+    judging.judge_fourlabel(
         generations=snakemake.input.gens,
         judge_json=snakemake.input.judge,
         base_dir=snakemake.input.base,

@@ -121,7 +121,8 @@ def judge_generations(generations: pd.DataFrame, judge: FourLabelJudge, model, t
     return pd.concat([out, sig], axis=1).assign(**{column: judge.judge(sig)})
 
 
-def judge_file(*, generations: str, judge_json: str, base_dir: str, output: str, batch_size: int = 16) -> None:
+def judge_fourlabel(*, generations: str, judge_json: str, base_dir: str, output: str, batch_size: int = 16) -> None:
+    """A condition's generations, each labelled by the calibrated judge (``verdict``)."""
     import json
 
     judge = FourLabelJudge.from_dict(json.loads(Path(judge_json).read_text()))
