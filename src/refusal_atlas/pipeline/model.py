@@ -98,14 +98,15 @@ def refusal_rates(
 
 def check_targets(rates: Mapping[str, dict], sources: Mapping[str, str], targets: Mapping[str, float]) -> dict:
     """Compare the tuned rates with the organism's goals: bundled, reference datasets and the
-    contrast set (its safe prompts overall and per type; its unsafe ones as reference harm)."""
+    contrast set (its safe prompts overall and per type; its unsafe ones against their own goal)."""
     checks = {}
     for key, r in rates.items():
         name, label, variant, *typed = key.split("/")
         source = sources[name]
         prefix = "" if source == "bundled" else "reference_"
         if label == "harmful" and variant == "plain" and not typed:
-            goal = f">= {targets[prefix + 'harmful_min']}"
+            own = source == "contrast" and "contrast_harmful_min" in targets
+            goal = f">= {targets['contrast_harmful_min' if own else prefix + 'harmful_min']}"
         elif source == "contrast" and label == "harmless":
             goal = f"<= {targets['contrast_type_max' if typed else 'contrast_harmless_max']}"
         elif label == "harmless" and variant in ("twin", "plain"):
