@@ -3,6 +3,7 @@ set (``resources/judge/labels.tsv``), report its agreement, and label any genera
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -123,8 +124,6 @@ def judge_generations(generations: pd.DataFrame, judge: FourLabelJudge, model, t
 
 def judge_fourlabel(*, generations: str, judge_json: str, base_dir: str, output: str, batch_size: int = 16) -> None:
     """A condition's generations, each labelled by the calibrated judge (``verdict``)."""
-    import json
-
     judge = FourLabelJudge.from_dict(json.loads(Path(judge_json).read_text()))
     model, tok = load_model(base_dir)
     # a run's generations keep label (harmful or harmless) for summarize_scores; the judge's is verdict
