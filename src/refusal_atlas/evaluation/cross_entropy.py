@@ -38,9 +38,14 @@ def _token_ce(model: PreTrainedModel, seqs: Sequence[list[int]], scored: Sequenc
             mask = _left_pad([[1] * len(seqs[i]) for i in idx], 0).to(device)
             flags = _left_pad([scored[i] for i in idx], False).to(device)
             rows = intervention.rows([prompt_ids[i] for i in idx]) if prompt_ids is not None else nullcontext()
+            # Left padding ends every row at the same position, so the scored targets and the
+            # positions predicting them lie in the last ``tail`` columns: the LM head (a large
+            # share of a small model's compute) runs on those alone.
+            tail = max(2, max(len(seqs[i]) - scored[i].index(True) + 1 if any(scored[i]) else 1 for i in idx))
             with rows:
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                               use_cache=False).logits
+                               use_cache=False, logits_to_keep=tail).logits
+            ids, mask, flags = ids[:, -tail:], mask[:, -tail:], flags[:, -tail:]
             ce = nnf.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             # a target counts only when the position predicting it is a real token, not padding
             keep = (flags[:, 1:] & mask[:, :-1].bool()).float()

@@ -129,3 +129,28 @@ def judge_fourlabel(*, generations: str, judge_json: str, base_dir: str, output:
     # a run's generations keep label (harmful or harmless) for summarize_scores; the judge's is verdict
     df = judge_generations(pd.read_parquet(generations), judge, model, tok, batch_size, column="verdict")
     write_parquet(df.assign(judge="fourlabel"), output)
+
+
+def stage_judge(substrings: Sequence[str], fourlabel: Mapping | None, batch_size: int = 16):
+    """The judge of a stage that judges its own generations (steering search, categories,
+    guardrails, adversarial answers): ``(instructions, generations) -> labels`` and its name.
+
+    With ``fourlabel`` (``{"judge": calibrated json, "base": reference model dir}``) the labels are
+    the four-label judge's; without it the substring judge's, read as ``refusal`` or ``compliance``
+    (everything without a refusal phrase counts as compliance).
+    """
+    if fourlabel is None:
+        return (lambda _, gens: np.where(substring_refusals(list(gens), substrings), "refusal", "compliance")), \
+            "substring"
+    judge = FourLabelJudge.from_dict(json.loads(Path(fourlabel["judge"]).read_text()))
+    model, tok = load_model(fourlabel["base"])
+
+    def label(instructions, gens):
+        return judge.judge(judge.signals(model, tok, list(instructions), list(gens), batch_size=batch_size))
+    return label, "fourlabel"
+
+
+def error_set(fourlabel: Mapping | None) -> Mapping | None:
+    """The calibrated judge's labelled test half (hand and judged labels) that corrected rates
+    resample; None for the substring judge, whose rates are reported raw."""
+    return json.loads(Path(fourlabel["judge"]).read_text())["error_set"] if fourlabel else None

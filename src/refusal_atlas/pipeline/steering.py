@@ -6,7 +6,6 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,6 @@ import pandas as pd
 from refusal_atlas.core.io import write_json, write_parquet, write_table
 from refusal_atlas.core.stats import bootstrap_rate
 from refusal_atlas.data.prompts import sample_rows
-from refusal_atlas.evaluation.substring_judge import substring_refusals
 from refusal_atlas.steering.conditions import Condition, parse_condition
 
 log = logging.getLogger("refusal_atlas")
@@ -56,22 +54,6 @@ def steer_generate(*, model_dir: str, spec: Mapping, promptset: str, method: str
 
 
 # ---------------------------------------------------------------------------- hyperparameter search
-def _compliance_judge(substrings: Sequence[str], fourlabel: Mapping | None):
-    """``(instructions, generations) -> bool per row`` and its name: the four-label judge's
-    ``compliance`` where it is configured, else the substring judge's "no refusal phrase"."""
-    if fourlabel is None:
-        return (lambda _, gens: ~np.asarray(substring_refusals(gens, substrings))), "substring judge: no refusal phrase"
-    from refusal_atlas.evaluation.four_label_judge import FourLabelJudge
-    from refusal_atlas.lm.modeling import load_model
-
-    judge = FourLabelJudge.from_dict(json.loads(Path(fourlabel["judge"]).read_text()))
-    ref_model, ref_tok = load_model(fourlabel["base"])
-
-    def comply(instructions, gens):
-        return judge.judge(judge.signals(ref_model, ref_tok, instructions, gens)) == "compliance"
-    return comply, "four-label judge: compliance"
-
-
 def steering_search(*, model_dir: str, spec: Mapping, promptset: str, features_path: str, sae_dirs: Sequence[str],
                     cfg: Mapping, substrings: Sequence[str], boot: Mapping, output: str, sweep_out: str,
                     fourlabel: Mapping | None = None) -> None:
@@ -87,6 +69,7 @@ def steering_search(*, model_dir: str, spec: Mapping, promptset: str, features_p
     """
     from refusal_atlas.evaluation import cross_entropy
     from refusal_atlas.lm.generation import generate
+    from refusal_atlas.pipeline.judging import stage_judge
     from refusal_atlas.pipeline.openers import open_model, open_saes
     from refusal_atlas.steering import clamp
 
@@ -105,7 +88,11 @@ def steering_search(*, model_dir: str, spec: Mapping, promptset: str, features_p
     ce = partial(cross_entropy.response_ce, model, tok, list(harmless.instruction), answers,
                  batch_size=cfg["batch_size"], system_prompt=system_prompt)
     base_ce = float(np.nanmean(ce()))
-    comply, judge_name = _compliance_judge(substrings, fourlabel)
+    label, judge_name = stage_judge(substrings, fourlabel)
+    judge_name = {"substring": "substring judge: no refusal phrase", "fourlabel": "four-label judge: compliance"}[judge_name]
+
+    def comply(instructions, gens):
+        return label(instructions, gens) == "compliance"
     asked = list(harmful.instruction)
     base_complied = comply(asked, gen(asked, desc="search: base"))
     rows = [{"k_star": 0, "c": 1.0, **bootstrap_rate(np.asarray(base_complied, float), **boot).as_dict(),
