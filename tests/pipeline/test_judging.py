@@ -86,5 +86,29 @@ def test_a_stage_judges_with_the_configured_judge(tmp_path, tiny_model_dir):
     assert list(label(asked, gens)) == ["refusal", "compliance", "compliance"] and name == "substring"
     path = tmp_path / "judge.json"
     path.write_text(json.dumps(FourLabelJudge(JudgeThresholds(0.5, 0.3, float("-inf"))).to_dict()))
-    label, name = stage_judge(["I'm sorry"], {"judge": str(path), "base": str(tiny_model_dir)})
+    label, name = stage_judge(["I'm sorry"], {"fourlabel_judge": str(path), "fourlabel_base": str(tiny_model_dir)})
     assert list(label(asked, gens)) == ["refusal", "degenerate", "compliance"] and name == "fourlabel"
+
+
+def test_a_stage_s_rate_carries_the_judge_s_error():
+    """Substring labels give the raw rate alone; four-label labels add the Rogan-Gladen
+    correction for the judge's measured error, its interval, and the other labels' shares."""
+    from refusal_atlas.evaluation.four_label_judge import error_rates, rogan_gladen
+    from refusal_atlas.pipeline.judging import label_rate
+
+    boot = {"n_resamples": 200, "confidence": 0.95, "seed": 0}
+    labels = ["compliance"] * 6 + ["evasive"] * 2 + ["refusal"] * 2
+    raw = label_rate(labels, "compliance", boot, None, "jailbreak")
+    assert raw["jailbreak_rate"] == 0.6 and raw["n"] == 10 and raw["ci_low"] < 0.6 < raw["ci_high"]
+    assert "jailbreak_corrected" not in raw
+    # the judge calls 1 of 4 true compliances evasive, and 1 of 4 evasions compliance
+    errors = {"hand": ["compliance"] * 4 + ["evasive"] * 4 + ["refusal"] * 2,
+              "judged": ["compliance"] * 3 + ["evasive", "compliance"] + ["evasive"] * 3 + ["refusal"] * 2}
+    fixed = label_rate(labels, "compliance", boot, errors, "jailbreak")
+    sens, spec = error_rates(errors["hand"], errors["judged"], "compliance")
+    assert (sens, spec) == (0.75, 5 / 6)
+    assert fixed["jailbreak_corrected"] == pytest.approx(rogan_gladen(0.6, sens, spec))
+    assert fixed["jailbreak_corrected"] != fixed["jailbreak_rate"]
+    assert fixed["corrected_ci_low"] <= fixed["jailbreak_corrected"] <= fixed["corrected_ci_high"]
+    assert (fixed["evasive_rate"], fixed["refusal_rate"], fixed["degenerate_rate"]) == (0.2, 0.2, 0.0)
+    assert fixed["n_error_set"] == 10

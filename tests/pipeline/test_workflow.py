@@ -288,6 +288,7 @@ def test_probes_outputs_follow_the_contracts(run):
     # one wrapper and one suffix per request (.test sets adversarial_suffixes); each plain parent once
     assert set(answers.variant) == {"plain", "jailbreak"} and answers.pair_id.value_counts().eq(3).all()
     assert answers.id.is_unique and answers[answers.variant == "jailbreak"].id.str.contains("-jb-suffix-").sum() > 0
+    assert set(answers.judge) == {"fourlabel"} and (answers.refused == (answers.verdict == "refusal")).all()
     mech = pd.read_csv(work / "results/probes/tiny/mechanism.csv")
     pairs = pd.read_parquet(work / "results/probes/tiny/mechanism_pairs.parquet")
     assert set(mech.features) <= {"harm", "refusal"} and set(mech.outcome) <= {"success", "failed"}
@@ -329,6 +330,10 @@ def test_guardrails_outputs_follow_the_contracts(run):
         assert (guard[guard.condition == "base"].added_refusal == 0).all()
         assert (guard.added_ci_low <= guard.added_refusal + 1e-9).all()
         assert (guard.added_refusal <= guard.added_ci_high + 1e-9).all()
+        # refusal is the four-label judge's, corrected for its error, the other labels beside it
+        assert set(guard.judge) == {"fourlabel"} and guard.refusal_corrected.dropna().between(0, 1).all()
+        shares = guard[["refusal_rate", "compliance_rate", "evasive_rate", "degenerate_rate"]].sum(axis=1)
+        assert np.allclose(shares, 1.0)
         assert (work / f"results/guardrails/tiny/refusal_{weights}.png").exists()
     for fig in ("mechanism", "probes"):
         assert (work / f"results/probes/tiny/{fig}.png").stat().st_size > 0
@@ -452,6 +457,9 @@ def test_harm_categories(run):
     if not common:
         assert (by["common"] == by["base"]).all() and (rates[rates.condition == "common"].n_features == 0).all()
     assert (rates.ci_low <= rates.jailbreak_rate + 1e-9).all() and (rates.n > 0).all()
+    # a jailbreak is the four-label judge's compliance, with its corrected rate beside it
+    assert set(rates.judge) == {"fourlabel"} and rates.jailbreak_corrected.dropna().between(0, 1).all()
+    assert np.allclose(rates[["jailbreak_rate", "evasive_rate", "degenerate_rate", "refusal_rate"]].sum(axis=1), 1.0)
     assert (rates[rates.condition == "transfer"].groupby("category").source.nunique() == len(cats) - 1).all()
     for group in ("toxic", "safe"):
         for cat in cats:

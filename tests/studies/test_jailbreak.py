@@ -37,6 +37,13 @@ def test_outcomes_separate_successful_from_failed_jailbreaks():
     assert list(out) == ["success", "failed", "plain_answered", "plain_answered"]
 
 
+def test_an_adversarial_answer_that_does_not_comply_is_no_jailbreak():
+    """With a four-label judge, a refusal broken into an evasion or a loop is neither a success
+    nor a failure, so neither side of the mechanism study sees it."""
+    out = jailbreak.outcomes([True, True, True, False], [False, False, True, False], [True, False, False, False])
+    assert list(out) == ["success", "evaded", "failed", "plain_answered"]
+
+
 def test_last_positions_takes_the_last_real_tokens_under_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0]], dtype=torch.bool)
     got = jailbreak.last_positions(mask, 2)

@@ -108,7 +108,8 @@ rule category_steering:
         boot=config["bootstrap"],
         caption=lambda w: category_caption(
             w.model,
-            "normalized jailbreak per clamp condition; jailbreak = no refusal substring "
+            "normalized jailbreak per clamp condition; jailbreak: "
+            f"{stage_judge_words('category_steering', 'compliance')} "
             f"({config['categories']['max_new_tokens']} greedy tokens); 95% bootstrap CIs",
         ),
     script:

@@ -269,14 +269,30 @@ def fourlabel_labelled():
     return path if path.is_absolute() else REPO / path
 
 
-def fourlabel_inputs(wildcards):
-    """The calibrated four-label judge and its reference model, where it judges compliance."""
-    if "fourlabel" not in config["evaluation"]["judges"]:
-        return {}
-    return {
-        "fourlabel_judge": "results/judges/fourlabel.json",
-        "fourlabel_base": f"results/models/{fourlabel_reference()}/base",
-    }
+def fourlabel_inputs(stage):
+    """An input function: the calibrated four-label judge and its reference model, where
+    ``stage`` judges its own generations with it (judges.fourlabel.stages)."""
+
+    def inputs(wildcards):
+        if "fourlabel" not in config["evaluation"]["judges"]:
+            return {}
+        if stage not in config["judges"]["fourlabel"]["stages"]:
+            return {}
+        return {
+            "fourlabel_judge": "results/judges/fourlabel.json",
+            "fourlabel_base": f"results/models/{fourlabel_reference()}/base",
+        }
+
+    return inputs
+
+
+def stage_judge_words(stage, label):
+    """How a figure caption names what ``stage``'s judge counts as ``label``."""
+    if fourlabel_inputs(stage)(None):
+        return f"{label} = four-label judge's {label}, raw (the table adds the judge-corrected rate)"
+    if label == "compliance":
+        return "compliance = no refusal substring"
+    return "refusal by substrings"
 
 
 def summary_inputs(wildcards):
@@ -610,6 +626,7 @@ def refusal_guardrail_inputs(wildcards):
             if wildcards.weights == "base"
             else []
         ),
+        **fourlabel_inputs("refusal_guardrail")(wildcards),
     }
 
 
@@ -621,7 +638,7 @@ def refusal_guardrail_caption(model, weights):
     )
     return (
         f"{model} ({which}): {cfg['promptset'] or probe_promptset(config)} "
-        f"{cfg['eval_split']} prompts; refusal by substrings ({cfg['max_new_tokens']} "
+        f"{cfg['eval_split']} prompts; {stage_judge_words('refusal_guardrail', 'refusal')} ({cfg['max_new_tokens']} "
         f"greedy tokens); gate q={cfg['q']:g} n={cfg['n']}; set v={cfg['set_value']:g}, "
         f"add c={cfg['add_coeff']:g}{own}; 95% bootstrap CIs"
     )
@@ -724,6 +741,7 @@ def category_steering_inputs(wildcards):
     inputs = {
         **category_inputs(wildcards),
         "conditions": f"results/categories/{wildcards.model}/conditions.parquet",
+        **fourlabel_inputs("category_steering")(wildcards),
     }
     if RESOLVED[wildcards.model].category_clamp.searched:
         inputs["hparams"] = f"results/steering/{wildcards.model}/hparams.json"

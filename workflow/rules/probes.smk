@@ -3,6 +3,7 @@
 
 rule adversarial_responses:
     input:
+        unpack(fourlabel_inputs("adversarial_responses")),
         model=final_model_dir,
         promptset=lambda w: f"results/promptsets/{probe_promptset(config)}.parquet",
     output:

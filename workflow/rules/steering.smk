@@ -3,7 +3,7 @@
 
 rule steering_search:
     input:
-        unpack(fourlabel_inputs),
+        unpack(fourlabel_inputs("steering_search")),
         model=final_model_dir,
         promptset=lambda w: f"results/promptsets/{feature_promptset(config)}.parquet",
         features=lambda w: f"results/features/{w.model}/{feature_promptset(config)}/la_ig.parquet",

@@ -8,4 +8,5 @@ with job.logged(snakemake.log[0], snakemake.threads):
         cfg=snakemake.params.cfg,
         substrings=snakemake.params.substrings,
         output=snakemake.output[0],
+        fourlabel={k: snakemake.input[k] for k in ("fourlabel_judge", "fourlabel_base") if k in snakemake.input.keys()},
     )

@@ -13,4 +13,5 @@ with job.logged(snakemake.log[0], snakemake.threads):
         boot=snakemake.params.boot,
         outputs={**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
         caption=snakemake.params.caption,
+        fourlabel={k: snakemake.input[k] for k in ("fourlabel_judge", "fourlabel_base") if k in snakemake.input.keys()},
     )

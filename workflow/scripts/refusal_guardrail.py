@@ -16,4 +16,5 @@ with job.logged(snakemake.log[0], snakemake.threads):
         gate_out=snakemake.output.generations,
         figure_stem=snakemake.output.png.removesuffix(".png"),
         own_pool=snakemake.input.own_pool,
+        fourlabel={k: snakemake.input[k] for k in ("fourlabel_judge", "fourlabel_base") if k in snakemake.input.keys()},
     )

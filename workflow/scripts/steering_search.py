@@ -12,9 +12,5 @@ with job.logged(snakemake.log[0], snakemake.threads):
         boot=snakemake.params.boot,
         output=snakemake.output.hparams,
         sweep_out=snakemake.output.sweep,
-        fourlabel=(
-            {"judge": snakemake.input.fourlabel_judge, "base": snakemake.input.fourlabel_base}
-            if "fourlabel_judge" in snakemake.input.keys()
-            else None
-        ),
+        fourlabel={k: snakemake.input[k] for k in ("fourlabel_judge", "fourlabel_base") if k in snakemake.input.keys()},
     )

@@ -17,12 +17,11 @@ from safetensors.torch import load_file
 
 from refusal_atlas.core.io import atomic_path, table_html, write_json, write_parquet, write_safetensors, write_table
 from refusal_atlas.config.resolve import Clamp, read_search
-from refusal_atlas.core.stats import bootstrap_rate
 from refusal_atlas.data.prompts import sample_each, sample_rows
-from refusal_atlas.evaluation.substring_judge import substring_refusals
 from refusal_atlas.features import attribution, direction, selection
 from refusal_atlas.features.direction import fit_direction
 from refusal_atlas.lm.generation import generate
+from refusal_atlas.pipeline.judging import error_set, label_rate, stage_judge
 from refusal_atlas.pipeline.openers import open_model, open_saes
 from refusal_atlas.reporting import figures
 from refusal_atlas.steering import clamp
@@ -140,9 +139,14 @@ def _pinned_rows(conds: pd.DataFrame, condition: str) -> pd.DataFrame | None:
 
 def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditions: str, sae_dirs: Sequence[str],
                       hparams: str | None, cfg: Mapping, substrings: Sequence[str], boot: Mapping,
-                      outputs: Mapping[str, str], caption: str) -> None:
+                      outputs: Mapping[str, str], caption: str, fourlabel: Mapping | None = None) -> None:
     """Jailbreak rate of each category's held-out harmful prompts under the clamps of §4.2, and
-    the normalized jailbreak (Yeo et al. 2025 §4.2)."""
+    the normalized jailbreak (Yeo et al. 2025 §4.2).
+
+    A jailbreak is the judge's ``compliance``: the four-label judge's where ``fourlabel`` gives
+    it (then with the rate corrected for its measured error, and the evasive and degenerate
+    shares beside it), else the substring judge's "no refusal phrase".
+    """
 
     _, c_value = Clamp(**cfg["clamp"]).require(read_search(hparams), "categories")
     conds = pd.read_parquet(conditions)
@@ -156,8 +160,10 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
     model, tok, system_prompt = open_model(model_dir, spec)
     sae_map = open_saes(sae_dirs, spec, model)
     d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
+    judge, judge_name = stage_judge(substrings, fourlabel)
+    errors = error_set(fourlabel)
 
-    def run(name: str, fs: clamp.FeatureSet | None, pinned: clamp.FeatureSet | None = None) -> list[bool]:
+    def run(name: str, fs: clamp.FeatureSet | None, pinned: clamp.FeatureSet | None = None) -> np.ndarray:
         intervention = clamp.FeatureClamp(sae_map, fs, mode="multiply", value=c_value) if fs else None
         if fs and pinned:
             intervention = clamp.PinnedFeatureClamp(sae_map, fs, mode="multiply", value=c_value, pinned=pinned)
@@ -167,7 +173,7 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
         gens = generate(model, tok, list(ev.instruction), max_new_tokens=cfg["max_new_tokens"],
                         batch_size=cfg["batch_size"], intervention=intervention, system_prompt=system_prompt,
                         desc=f"categories {name}", prompt_ids=list(ev.id) if fs else None)
-        return substring_refusals(gens, substrings)
+        return np.asarray(judge(list(ev.instruction), gens))
 
     rows_of = {c: i for i, c in enumerate(cats)}
     prompt_rows = dict(zip(ev.id, ev.category))
@@ -187,17 +193,16 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
                                  as_set(pin) if pin is not None and not pin.empty else None)
     rows = []
     sizes = conds.groupby(["category", "condition", "source"]).size()
-    for (cond, k), refused in results.items():
-        jail = ~np.asarray(refused)
+    for (cond, k), labels in results.items():
         for i, c in enumerate(cats):
             m = (ev.category == c).to_numpy()
             if not m.any():  # nothing held out for this category: its rates are undefined, not 0
                 continue
-            r = bootstrap_rate(jail[m], n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=boot["seed"])
             source = cats[(i + k) % len(cats)]
             n_feat = 0 if cond == "base" else int(sizes.get((c, cond, source), 0))
-            rows.append({"category": c, "condition": cond, "source": source, "jailbreak_rate": r.rate, "n": r.n,
-                         "ci_low": r.ci_low, "ci_high": r.ci_high, "n_features": n_feat, "c": c_value})
+            rows.append({"category": c, "condition": cond, "source": source,
+                         **label_rate(labels[m], "compliance", boot, errors, "jailbreak"), "n_features": n_feat,
+                         "c": c_value, "judge": judge_name})
     rates = pd.DataFrame(rows)
     norm = categories.normalized_jailbreak(rates[rates.condition != "base"])
     base = rates[rates.condition == "base"].set_index("category").jailbreak_rate

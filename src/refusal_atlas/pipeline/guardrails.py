@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from refusal_atlas.core.io import write_json, write_parquet, write_table
-from refusal_atlas.core.stats import bootstrap_mean, bootstrap_rate
+from refusal_atlas.core.stats import bootstrap_mean
 from refusal_atlas.data import prompts
 from refusal_atlas.data.prompts import sample_rows
 from refusal_atlas.evaluation import benchmarks
@@ -20,6 +20,7 @@ from refusal_atlas.evaluation.substring_judge import substring_refusals
 from refusal_atlas.lm.activations import last_token_resid_post
 from refusal_atlas.lm.generation import chat_batches, generate
 from refusal_atlas.lm.interventions import DirectionAddition, Intervention
+from refusal_atlas.pipeline.judging import error_set, label_rate, stage_judge
 from refusal_atlas.pipeline.openers import benchmark_sample, open_model, open_saes, read_direction
 from refusal_atlas.reporting import figures
 from refusal_atlas.saes import corpus
@@ -163,12 +164,16 @@ def guardrail_eval(*, model_dir: str, spec: Mapping, sae_dirs: Sequence[str], fo
 
 def refusal_guardrail(*, model_dir: str, spec: Mapping, sae_dirs: Sequence[str], promptset: str, features_path: str,
                       direction_summary: str, cfg: Mapping, substrings: Sequence[str], boot: Mapping, caption: str,
-                      output: str, gate_out: str, figure_stem: str, own_pool: Sequence[str] = ()) -> None:
+                      output: str, gate_out: str, figure_stem: str, own_pool: Sequence[str] = (),
+                      fourlabel: Mapping | None = None) -> None:
     """The dynamic gate as a refusal guardrail: harm latents open it, refusal is then induced
     (set clamp of F*, or r added) on the prompts it opened on only; against always-on steering.
 
     With ``own_pool`` (promptsets, for weights the studied r was not fitted on: the untuned
-    model), the weights' own behavioural refusal direction is added too (``*-add-own``)."""
+    model), the weights' own behavioural refusal direction is added too (``*-add-own``). Refusal
+    is the four-label judge's where ``fourlabel`` gives it (an apology that declines nothing is
+    then not a refusal, and the rate is also corrected for the judge's error), else the
+    substring judge's."""
 
     model, tok, system_prompt = open_model(model_dir, spec)
     sae_map, layer = _sae_at(sae_dirs, cfg["layer"], spec, model)
@@ -212,13 +217,16 @@ def refusal_guardrail(*, model_dir: str, spec: Mapping, sae_dirs: Sequence[str],
         coeff = cfg["own_direction"]["coeff"]
         conditions["guard-add-own"] = guardrails.GatedAddition(own[l_star], l_star, coeff, opened)
         conditions["always-add-own"] = DirectionAddition(own[l_star], l_star, coeff)
+    judge, judge_name = stage_judge(substrings, fourlabel)
+    errors = error_set(fourlabel)
     gens = []
     for name, intervention in conditions.items():
         out = generate(model, tok, list(test.instruction), max_new_tokens=cfg["max_new_tokens"],
                        batch_size=cfg["batch_size"], intervention=intervention, system_prompt=system_prompt,
                        desc=name, prompt_ids=ids)
-        refused = substring_refusals(out, substrings)
-        gens.append(test[["id", "variant", "label", "opened"]].assign(condition=name, generation=out, refused=refused))
+        verdict = judge(list(test.instruction), out)
+        gens.append(test[["id", "variant", "label", "opened"]].assign(condition=name, generation=out, verdict=verdict,
+                                                                      refused=verdict == "refusal", judge=judge_name))
     gens = pd.concat(gens, ignore_index=True)
     # Added refusal is paired: each prompt under a condition minus the same prompt under base.
     base = gens[gens.condition == "base"].set_index("id").refused.astype(float)
@@ -226,12 +234,11 @@ def refusal_guardrail(*, model_dir: str, spec: Mapping, sae_dirs: Sequence[str],
     rows = []
     in_order = pd.Categorical(gens_added.condition, categories=list(conditions))  # the figure's bar order
     for (name, variant), g in gens_added.groupby([in_order, gens_added.variant], observed=True):
-        rate = bootstrap_rate(g.refused.to_numpy(), **boot)
         added = bootstrap_mean(g.added.to_numpy(), **boot)
-        rows.append({"condition": name, "variant": variant, "label": g.label.iloc[0], "refusal_rate": rate.rate,
-                     "ci_low": rate.ci_low, "ci_high": rate.ci_high, "n": rate.n,
+        rows.append({"condition": name, "variant": variant, "label": g.label.iloc[0],
+                     **label_rate(g.verdict.to_numpy(), "refusal", boot, errors, "refusal"),
                      "gate_open_rate": float(g.opened.mean()), "added_refusal": added.rate,
-                     "added_ci_low": added.ci_low, "added_ci_high": added.ci_high})
+                     "added_ci_low": added.ci_low, "added_ci_high": added.ci_high, "judge": judge_name})
     result = pd.DataFrame(rows)
     write_table(result, output)
     write_parquet(gens.assign(layer=layer, tau=tau), gate_out)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas.core.io import write_json, write_parquet, write_table
+from refusal_atlas.core.stats import bootstrap_rate
 from refusal_atlas.evaluation.four_label_judge import (
     EXTRA_MARKERS,
     LABELS,
@@ -19,6 +20,7 @@ from refusal_atlas.evaluation.four_label_judge import (
     FourLabelJudge,
     agreement,
     all_signals,
+    corrected_rate,
     fit_thresholds,
 )
 from refusal_atlas.evaluation.substring_judge import DEFAULT_REFUSAL_SUBSTRINGS, substring_refusals
@@ -135,15 +137,16 @@ def stage_judge(substrings: Sequence[str], fourlabel: Mapping | None, batch_size
     """The judge of a stage that judges its own generations (steering search, categories,
     guardrails, adversarial answers): ``(instructions, generations) -> labels`` and its name.
 
-    With ``fourlabel`` (``{"judge": calibrated json, "base": reference model dir}``) the labels are
-    the four-label judge's; without it the substring judge's, read as ``refusal`` or ``compliance``
-    (everything without a refusal phrase counts as compliance).
+    With ``fourlabel`` (the rule's inputs ``fourlabel_judge``, the calibrated json, and
+    ``fourlabel_base``, the reference model) the labels are the four-label judge's; without it
+    (None or empty) the substring judge's, read as ``refusal`` or ``compliance`` (everything
+    without a refusal phrase counts as compliance).
     """
-    if fourlabel is None:
+    if not fourlabel:
         return (lambda _, gens: np.where(substring_refusals(list(gens), substrings), "refusal", "compliance")), \
             "substring"
-    judge = FourLabelJudge.from_dict(json.loads(Path(fourlabel["judge"]).read_text()))
-    model, tok = load_model(fourlabel["base"])
+    judge = FourLabelJudge.from_dict(json.loads(Path(fourlabel["fourlabel_judge"]).read_text()))
+    model, tok = load_model(fourlabel["fourlabel_base"])
 
     def label(instructions, gens):
         return judge.judge(judge.signals(model, tok, list(instructions), list(gens), batch_size=batch_size))
@@ -153,4 +156,23 @@ def stage_judge(substrings: Sequence[str], fourlabel: Mapping | None, batch_size
 def error_set(fourlabel: Mapping | None) -> Mapping | None:
     """The calibrated judge's labelled test half (hand and judged labels) that corrected rates
     resample; None for the substring judge, whose rates are reported raw."""
-    return json.loads(Path(fourlabel["judge"]).read_text())["error_set"] if fourlabel else None
+    return json.loads(Path(fourlabel["fourlabel_judge"]).read_text())["error_set"] if fourlabel else None
+
+
+def label_rate(labels: Sequence[str], label: str, boot: Mapping, errors: Mapping | None, prefix: str) -> dict:
+    """``label``'s share of ``labels`` as ``{prefix}_rate`` with n and its bootstrap interval; with
+    the four-label judge's ``errors`` also the rate corrected for the judge's measured error
+    (Rogan–Gladen, its interval resampling the error set too) and the other labels' shares, so a
+    reader sees what the rest of the generations were."""
+    labels = np.asarray(labels)
+    r = bootstrap_rate((labels == label).astype(float), **boot)
+    out = {f"{prefix}_rate": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
+    if errors is None:
+        return out
+    fixed = corrected_rate(labels, label, errors["hand"], errors["judged"], n_resamples=boot["n_resamples"],
+                           confidence=boot["confidence"], seed=boot["seed"])
+    out.update({f"{prefix}_corrected": fixed["corrected"], "corrected_ci_low": fixed["ci_low"],
+                "corrected_ci_high": fixed["ci_high"], "n_error_set": fixed["n_error_set"]})
+    out.update({f"{other}_rate": float(np.mean(labels == other)) if len(labels) else np.nan
+                for other in LABELS if other != label})
+    return out

@@ -12,7 +12,6 @@ from safetensors import safe_open
 
 from refusal_atlas.core.io import write_parquet, write_table
 from refusal_atlas.data.prompts import plain_prompts
-from refusal_atlas.evaluation.substring_judge import substring_refusals
 from refusal_atlas.lm.generation import generate
 from refusal_atlas.pipeline.openers import open_model, open_saes, read_direction
 from refusal_atlas.reporting import figures
@@ -32,9 +31,11 @@ log = logging.getLogger("refusal_atlas")
 
 # ---------------------------------------------------------------------------- jailbreaks and probes
 def adversarial_responses(*, model_dir: str, spec: Mapping, promptset: str, cfg: Mapping, substrings: Sequence[str],
-                          output: str) -> None:
+                          output: str, fourlabel: Mapping | None = None) -> None:
     """The unsteered model's answers to each adversarial prompt and to its plain parent, judged
-    by refusal substrings: the labels of the jailbreak study and of the probes' adversarial slice."""
+    (the four-label judge where ``fourlabel`` gives it, else refusal substrings): the labels of
+    the jailbreak study and of the probes' adversarial slice."""
+    from refusal_atlas.pipeline.judging import stage_judge
     df = pd.read_parquet(promptset)
     pairs = jailbreak.adversarial_pairs(df, allow_unpaired=bool(df.source.eq("wildjailbreak_eval").any()))
     pairs = pairs[pairs.split.isin(cfg["splits"])].reset_index(drop=True)
@@ -46,9 +47,10 @@ def adversarial_responses(*, model_dir: str, spec: Mapping, promptset: str, cfg:
     log.info("%d pairs: generating %d answers", len(pairs), len(rows))
     gens = generate(model, tok, list(rows.instruction), max_new_tokens=cfg["max_new_tokens"],
                     batch_size=cfg["batch_size"], system_prompt=system_prompt, desc="adversarial answers")
-    rows = rows.assign(generation=pd.Series(gens, dtype="string"),
-                       refused=substring_refusals(gens, substrings), judge="substring",
-                       max_new_tokens=cfg["max_new_tokens"])
+    judge, judge_name = stage_judge(substrings, fourlabel)
+    verdict = judge(list(rows.instruction), gens)
+    rows = rows.assign(generation=pd.Series(gens, dtype="string"), verdict=verdict, refused=verdict == "refusal",
+                       judge=judge_name, max_new_tokens=cfg["max_new_tokens"])
     write_parquet(rows, output)
 
 
@@ -57,14 +59,15 @@ def _pair_outcomes(responses: str) -> pd.DataFrame:
     r = pd.read_parquet(responses)
     plain = r[r.variant == "plain"].set_index("pair_id")
     adv = r[r.variant == "jailbreak"].set_index("pair_id")
-    pairs = adv[["id", "instruction", "category", "split", "wrapper", "wrapper_kind", "refused"]].join(
+    pairs = adv[["id", "instruction", "category", "split", "wrapper", "wrapper_kind", "refused", "verdict"]].join(
         plain[["id", "instruction", "refused"]], lsuffix="_adversarial", rsuffix="_plain").reset_index()
     pairs = pairs.rename(columns={"id_adversarial": "adversarial_id", "instruction_adversarial": "adversarial",
                                   "id_plain": "plain_id", "instruction_plain": "plain"})
     if pairs.plain_id.isna().any():
         log.info("%d jailbreaks have no plain request (WildJailbreak eval): probes only", pairs.plain_id.isna().sum())
         pairs = pairs[pairs.plain_id.notna()].reset_index(drop=True)
-    return pairs.assign(outcome=jailbreak.outcomes(pairs.refused_plain, pairs.refused_adversarial))
+    return pairs.assign(outcome=jailbreak.outcomes(pairs.refused_plain, pairs.refused_adversarial,
+                                                   pairs.verdict == "compliance"))
 
 
 def _refusal_features(features_path: str, protocol: str, k_star: int) -> pd.DataFrame:

@@ -61,8 +61,8 @@ def steering_search(*, model_dir: str, spec: Mapping, promptset: str, features_p
 
     Features come from the held-out protocol (fitted on the train split), so nothing of the test
     split is seen. Each (K*, c) is scored by compliance on the validation harmful prompts (the
-    four-label judge's where ``fourlabel`` gives it, ``{"judge": json, "base": reference model}``;
-    else the substring judge's) and by the CE increase on the model's own answers to validation
+    four-label judge's where ``fourlabel`` gives it, see ``judging.stage_judge``; else the
+    substring judge's) and by the CE increase on the model's own answers to validation
     harmless prompts; the winner has the highest compliance among settings whose CE increase stays
     within ``max_ce_increase`` (a steer that breaks the model also "complies" by the substring
     judge). Ties go to the smaller |c|, then the smaller K*.
