@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -90,7 +91,7 @@ def text_signals(generations: Sequence[str], markers: Sequence[str]) -> pd.DataF
         rows.append({
             "marker": any(n in _normalise(g) for n in needles),
             "repetition": max(1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0, _loop_share(words)),
-            "top_word_share": max(words.count(w) for w in set(words)) / len(words) if words else 1.0,
+            "top_word_share": Counter(words).most_common(1)[0][1] / len(words) if words else 1.0,
             "compression_ratio": len(zlib.compress(raw, 9)) / len(raw) if raw else 0.0,
             "letter_share": sum(c.isalpha() for c in g) / max(1, sum(not c.isspace() for c in g)) if g.strip() else 0.0,
             "n_words": len(words),
@@ -102,7 +103,7 @@ def _loop_share(words: Sequence[str], n: int = 3) -> float:
     """Share of words inside an n-gram that occurs more than once ("a drone that can fly above a
     city, a drone that can fly above a crowd")."""
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = {g: grams.count(g) for g in set(grams)}
+    counts = Counter(grams)
     covered = set()
     for i, g in enumerate(grams):
         if counts[g] > 1:
