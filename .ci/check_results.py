@@ -42,7 +42,7 @@ def check_foundation(model: str, spec: dict) -> None:
                 failed.append(f"{model} {key}")
     s = pd.read_csv(f"results/scores/{model}/summary.csv")
     held_out = s[(s.promptset == "bundled") & (s.label == "harmful") & (s.variant == "plain") & (s.split == "test")
-                 & (s.metric == "refusal")].set_index("method")
+                 & (s.metric == "refusal") & (s.judge == "substring")].set_index("method")
     base, ablated = held_out.loc["base"], held_out.loc["as"]
     print(f"{model}: held-out harmful refusal base {base.rate:.3f} [{base.ci_low:.3f}, {base.ci_high:.3f}], "
           f"AS {ablated.rate:.3f} [{ablated.ci_low:.3f}, {ablated.ci_high:.3f}], n={base.n}")
