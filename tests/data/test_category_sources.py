@@ -65,7 +65,7 @@ def test_catqa_and_or_bench_promptsets_build_through_the_rules(tmp_path):
     assert len(harm) == 24 and set(harm.category) == {"illegal_activity", "hate_harass_violence", "malware_viruses"}
     assert (cq.label == "harmless").sum() == 20
     ctr = pd.read_parquet(work / "results/promptsets/ctr.parquet")  # the over-refusal contrasts, by type
-    assert ctr.groupby(["label", "variant"]).size().to_dict() == {("harmful", "plain"): 310, ("harmless", "twin"): 310}
+    assert ctr.groupby(["label", "variant"]).size().to_dict() == {("harmful", "plain"): 358, ("harmless", "twin"): 358}
     assert ctr.category.nunique() == 10
     log = (work / "logs/download_dataset/catqa/data/catqa_english.json.log").read_text()
     assert "sha256 ok, 24 items" in log
