@@ -108,7 +108,8 @@ def build(run: Path, out: Path, repo: Path, invocation: str | None = None, besid
         judge = card["judge"]
         lines += [f"## The organism: {model}", "",
                   f"Refusal on held-out ({judge['split']}) prompts, judged by {judge['name']} "
-                  f"({judge['max_new_tokens']} greedy tokens); goals met: {card['meets_targets']}.", "",
+                  f"({judge['max_new_tokens']} greedy tokens); the card's CI gates (`organism.targets`, "
+                  f"looser than the goals in docs/architecture.md) met: {card['meets_targets']}.", "",
                   _table(organism_rates(card)), ""]
     for direction in sorted(results.glob("directions/*.json")):
         info = json.loads(direction.read_text())
