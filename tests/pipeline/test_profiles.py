@@ -177,7 +177,8 @@ def test_ci_runs_the_foundation_of_the_embedded_default_and_nothing_of_the_sae_s
     assert counts["cache_activations"] == 1 and counts["baselines_table"] == 1
     assert counts["steer_generate"] == 2 and counts["judge"] == 2
     assert counts["organism_figure"] == 1 and counts["direction_figure"] == 1
-    assert not {"sae_corpus", "train_sae", "sae_quality", "feature_attribution", "capabilities", "judge_fourlabel"} & set(counts)
+    study = {"sae_corpus", "train_sae", "sae_quality", "feature_attribution", "capabilities"}
+    assert not (study | {"judge_fourlabel"}) & set(counts)  # the gate reads the substring judge
     # the full default plans all of it, the foundation included
     (tmp_path / "full").mkdir()
     full = Counter(rule for rule, _, _ in plan(tmp_path / "full", "--configfile", default))
