@@ -213,9 +213,9 @@ def promptset_inputs(wildcards):
     spec = config["promptsets"][wildcards.promptset]
     if spec["source"] == "bundled":
         inputs = {
-            "pairs": REPO / "resources/prompts/pairs.tsv",
-            "bait": REPO / "resources/prompts/safe_bait.tsv",
-            "templates": REPO / "resources/prompts/jailbreak_templates.yaml",
+            "pairs": repo_path("resources/prompts/pairs.tsv"),
+            "bait": repo_path("resources/prompts/safe_bait.tsv"),
+            "templates": repo_path("resources/prompts/jailbreak_templates.yaml"),
         }
         if spec["adversarial_suffixes"]:
             inputs["suffixes"] = repo_path(spec["adversarial_suffixes"])
@@ -223,7 +223,7 @@ def promptset_inputs(wildcards):
     if spec["source"] == "benchmark":
         return {"file": f"resources/datasets/refusal_direction/{spec['file']}"}
     if spec["source"] == "contrast":
-        return {"contrast": REPO / "resources/prompts/contrast.tsv"}
+        return {"contrast": repo_path("resources/prompts/contrast.tsv")}
     if spec["source"] == "wildjailbreak":
         paths = {"train": spec["path"], "eval": spec["eval_path"]}
         return {k: v for k, v in paths.items() if v}
@@ -264,9 +264,8 @@ def fourlabel_reference():
 
 
 def fourlabel_labelled():
-    """The hand-labelled set; a relative path is the repository's (resources/judge/labels.tsv)."""
-    path = Path(config["judges"]["fourlabel"]["labelled"])
-    return path if path.is_absolute() else REPO / path
+    """The hand-labelled set (resources/judge/labels.tsv), placed by repo_path."""
+    return repo_path(config["judges"]["fourlabel"]["labelled"])
 
 
 def fourlabel_inputs(stage):

@@ -51,8 +51,8 @@ rule steer_generate:
         "benchmarks/steer_generate/{model}/{promptset}/{method}/shard-{shard}.tsv"
     conda:
         "../envs/core.yaml"
-    # Greedy decoding of a small model is bound by per-step overhead: a second thread speeds one
-    # job 1.56x on CPU, while two one-thread jobs side by side do 1.24x more work than that.
+    # Greedy decoding of a small model is bound by per-step overhead: on CPU, two one-thread jobs
+    # side by side do more work than one job on two threads (docs/architecture.md, "Run time").
     threads: 1
     resources:
         mem_mb=lambda w: model_spec(w.model)["mem_mb"],
