@@ -138,3 +138,23 @@ def test_the_resolver_reads_only_the_model_s_own_sections():
         if c is not None:
             assert resolved.dashboards["clamp"]["c"] == c and resolved.categories["clamp"]["c"] == c
     assert len(set(seen.values())) > 1, f"paper.yaml gives its models the same c: {seen}"
+
+
+def test_the_category_clamps_take_each_condition_s_c_and_a_model_s_own():
+    """paper-reference.yaml: the union set at the model's c (-3 Gemma, -1 Llama), the specific,
+    common and transfer sets at -3 on both; a model's override of one condition keeps the others."""
+    from refusal_atlas.config.resolve import resolve
+    from refusal_atlas.config.sections import for_model
+    from snakemake.utils import validate
+
+    schema = str(ROOT / "workflow/schemas/config.schema.yaml")
+    cfg = yaml.safe_load((ROOT / "config/paper-reference.yaml").read_text())
+    validate(cfg, schema)
+    reference = {"specific": -3, "common": -3, "transfer": -3}
+    for model, c in (("gemma-2-2b-it", -3), ("llama-3.1-8b-instruct", -1)):
+        cat = resolve(for_model(cfg, model)).categories
+        assert cat["clamp"]["c"] == c and cat["c_by_condition"] == reference
+    cfg["models"]["llama-3.1-8b-instruct"]["overrides"]["categories"] = {"c_by_condition": {"all": -2}}
+    validate(cfg, schema)
+    assert resolve(for_model(cfg, "llama-3.1-8b-instruct")).categories["c_by_condition"] == {**reference, "all": -2}
+    assert resolve(for_model(cfg, "gemma-2-2b-it")).categories["c_by_condition"] == reference

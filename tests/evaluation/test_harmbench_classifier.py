@@ -47,7 +47,7 @@ def test_parse_yes_no():
 def classifier_dir(tmp_path, tiny_tokenizer, answer: str | None, seed: int = 0):
     """A tiny Llama classifier: always ``answer`` ("yes"/"no"), or random when None."""
     tok = copy.deepcopy(tiny_tokenizer)
-    tok.add_tokens(["yes", "no"])
+    tok.add_tokens(["yes", "no", "maybe"])
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -81,6 +81,22 @@ def test_transformers_path_end_to_end(tmp_path, tiny_tokenizer):
     for answer, expected in (("yes", 1.0), ("no", 0.0)):
         labels, raw = harmbench.judge(BEHAVIORS, GENERATIONS, cpu_config(classifier_dir(tmp_path, tiny_tokenizer, answer)))
         assert labels == [expected] * 3 and [r.strip() for r in raw] == [answer] * 3
+
+
+def test_an_unparsed_answer_is_left_out_or_counted_as_no_as_configured(tmp_path, tiny_tokenizer):
+    path = classifier_dir(tmp_path, tiny_tokenizer, "maybe")
+    labels, raw = harmbench.judge(BEHAVIORS, GENERATIONS, cpu_config(path))
+    assert all(lab != lab for lab in labels) and [r.strip() for r in raw] == ["maybe"] * 3
+    # the reference code's rule (judges.harmbench.unparsed: not_jailbroken)
+    labels, _ = harmbench.judge(BEHAVIORS, GENERATIONS, cpu_config(path, unparsed="not_jailbroken"))
+    assert labels == [0.0] * 3
+
+
+def test_clip_tokens_null_sends_the_generation_whole(tiny_tokenizer):
+    long = GENERATIONS[0]
+    [clipped] = harmbench_prompts(BEHAVIORS[:1], [long], tiny_tokenizer, 16)
+    [whole] = harmbench_prompts(BEHAVIORS[:1], [long], tiny_tokenizer, None)
+    assert long in whole and long not in clipped
 
 
 def test_batching_and_left_truncation_do_not_change_answers(tmp_path, tiny_tokenizer):

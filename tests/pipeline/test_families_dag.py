@@ -115,6 +115,10 @@ def test_the_reference_s_pinned_category_clamps_ran_on_llama(families_run):
     assert {"base", "all", "specific", "common"} <= set(rates.condition)
     log = (families_run / "logs/category_steering/fam-l3.log").read_text()
     assert "pinned to their clean values" in log
+    # categories.c_by_condition: the common clamp at its own c, the others at steering.c
+    c = rates.set_index("condition").c
+    assert (c["common"] == -4).all() and (c[c.index.isin(["all", "specific"])] != -4).all()
+    assert c["base"].isna().all()
 
 
 def test_features_were_selected_through_each_family_s_saes(families_run):

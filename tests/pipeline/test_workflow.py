@@ -39,9 +39,15 @@ GPU_RULES = {"base_refusal", "refusal_tune", "organism_card", "cache_activations
              "circuits"}
 
 
+def _configfiles(config):
+    """One config file, or several merged in order (an overlay over the .test config)."""
+    return [str(c) for c in config] if isinstance(config, (list, tuple)) else [str(config)]
+
+
 def snakemake(workdir, config, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(config),
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"),
+         "--configfile", *_configfiles(config),
          "--directory", str(workdir), "--cores", "2", "--show-failed-logs", *extra],
         capture_output=True, text=True,
     )
@@ -52,8 +58,8 @@ def slurm_command(cluster, workdir, config, *extra):
     partitions = workdir / "partitions.yaml"
     partitions.write_text(yaml.safe_dump({"partitions": {cluster.partition: {
         "max_gpu": cluster.gpus, "max_mem_mb": cluster.mem_mb, "max_cpus_per_task": cluster.cpus}}}))
-    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(config),
-            "--directory", str(workdir), "--profile", str(ROOT / "profiles/slurm"),
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--configfile",
+            *_configfiles(config), "--directory", str(workdir), "--profile", str(ROOT / "profiles/slurm"),
             # no accounting database here: poll with squeue, charge no account
             "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1",
             "--slurm-partition-config", str(partitions), "--slurm-keep-successful-logs", "--local-cores", "2", *extra]
@@ -619,3 +625,69 @@ def test_every_rule_reads_every_params_key_it_is_passed(run):
     assert {"refusal_tune", "organism_card", "feature_attribution", "steer_generate", "judge"} <= checked
     assert len(checked) >= 30, sorted(checked)
     assert not unread, unread
+
+
+# Built once by the .test run and only read by the reference protocol's run.
+REUSED = ("results/models/tiny/tuned/model.safetensors", "results/activations/tiny/bundled.safetensors",
+          "results/saes/tiny/layer_1/sae_weights.safetensors", "results/directions/tiny.safetensors")
+REFERENCE_TARGETS = ("results/tables/benchmark.csv", "results/categories/tiny/normalized_jailbreak.csv",
+                     "results/guardrails/tiny/unlearning.csv")
+
+
+def _last_params(work, rule):
+    lines = [l for f in sorted((work / "logs" / rule).rglob("*.log")) for l in f.read_text().splitlines()
+             if " params {" in l]
+    return json.loads(lines[-1].split(" params ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, run, cluster):
+    """.test/config-reference over the .test config, run through the same cluster in a copy of the
+    .test run (as a user runs config/organism-reference.yaml in a copy of a default run)."""
+    work, path, _ = run
+    ref = tmp_path_factory.mktemp("reference") / "work"
+    # copy2 keeps mtimes and .snakemake keeps the recorded params and code: nothing reruns for the copy
+    shutil.copytree(work, ref, symlinks=True, ignore=shutil.ignore_patterns("locks", "report.html"))
+    before = {f: (ref / f).stat().st_mtime_ns for f in REUSED}
+    configs = (ref / path.name, ROOT / ".test/config-reference/config.yaml")
+    if cluster is None:
+        res = snakemake(ref, configs, *REFERENCE_TARGETS)
+        assert res.returncode == 0, res.stderr[-5000:]
+        return ref, before, None
+    res = snakemake_slurm(cluster, ref, configs, *REFERENCE_TARGETS)
+    assert res.returncode == 0, res.stderr[-8000:] + cluster.log("slurmctld")[-3000:]
+    rules = {re.match(r"rule_([a-z_]+?)(?:_wildcards_|$)", j["Comment"]).group(1)
+             for j in cluster.jobs() if j.get("WorkDir") == str(ref)}
+    return ref, before, rules
+
+
+def test_the_reference_protocol_runs_beside_the_project_s(run, reference_run, tmp_path):
+    """docs/fidelity.md's switches through the DAG: each benchmark its own direction and local sets,
+    the nested LA-IG, pinned category clamps and the reference gate, with the organism, activations
+    and SAEs reused; the results page then sets the two benchmark tables side by side."""
+    from refusal_atlas.reporting import results_page
+
+    work, _, _ = run
+    ref, before, rules = reference_run
+    assert {f: (ref / f).stat().st_mtime_ns for f in REUSED} == before
+    if rules is not None:
+        assert {"feature_attribution", "steer_generate", "category_steering", "guardrail_eval"} <= rules, rules
+        assert not rules & {"prepare_model", "refusal_tune", "cache_activations", "train_sae", "refusal_direction"}
+    fits = {p: json.loads((ref / f"results/features/tiny/{p}/attribution.transductive.json").read_text())
+            for p in ("bundled", "refusal_direction")}
+    for p, fit in fits.items():
+        assert fit["la_ig"]["path"] == "nested" and fit["la_ig"]["positions"] == "after_header", p
+        assert fit["la_ig"]["patch_error"] == "pre_ablation", p
+    directions = [load_file(ref / f"results/features/tiny/{p}/attribution.transductive.safetensors")["direction"]
+                  for p in fits]
+    assert not np.allclose(directions[0].numpy(), directions[1].numpy())
+    table = pd.read_csv(ref / "results/tables/benchmark.csv")
+    local = table[table.method == "la_ig-local-transductive"]
+    assert set(local.promptset) == {"bundled", "refusal_direction"} and (local.n > 0).all()
+    assert set(table.judge) == {"substring"}
+    assert _last_params(ref, "category_steering")["cfg"]["pin_other_set"] is True
+    assert _last_params(work, "category_steering")["cfg"]["pin_other_set"] is False
+    assert _last_params(ref, "guardrail_eval")["cfg"]["gate_edit"] == "all_selected"
+    page = results_page.build(work, tmp_path / "results.md", ROOT, beside=ref)
+    beside = page.split(f"## Beside `{ref.name}`", 1)[1]
+    assert "la_ig-local-transductive" in beside and "refusal_direction" in beside

@@ -47,6 +47,29 @@ def test_the_metric_reads_each_prompts_last_token_under_left_padding(setup):
     assert not torch.allclose(ablated_metric(model, tok, saes, PROMPTS, means, ids, none, batch_size=2), batched)
 
 
+def test_error_nodes_outside_the_circuit_are_mean_ablated_as_marks_et_al_do(setup):
+    """keep_errors: with no latent and no error node kept, every real position of the SAE layer
+    carries the mean point D(f̄) + ē; with every one kept, the model is unchanged."""
+    model, tok, _, ids, means = setup
+    saes = {1: setup[2][1]}
+    enc = encode_chat(tok, PROMPTS)
+    pos = node_positions(tok, enc)
+    clean = record_latents(model, saes, enc)
+    f = {1: torch.where(pos[..., None], means.latents[1], clean.latents[1])}
+    e = {1: torch.where(pos[..., None], means.errors[1], clean.errors[1])}
+    expected = refusal_logodds(replaced_logits(model, saes, enc, f, e), ids)
+    none = {1: torch.zeros(48, dtype=torch.bool)}
+    ablated = ablated_metric(model, tok, saes, PROMPTS, means, ids, none, batch_size=5, keep_errors={1: False})
+    torch.testing.assert_close(ablated, expected.float(), atol=1e-5, rtol=0)
+    # the project's default keeps the error live: a different point
+    kept = ablated_metric(model, tok, saes, PROMPTS, means, ids, none, batch_size=5)
+    assert (kept - ablated).abs().max() > 1e-3
+    model_itself = ablated_metric(model, tok, saes, PROMPTS, means, ids, None, batch_size=5)
+    all_kept = ablated_metric(model, tok, saes, PROMPTS, means, ids, {1: torch.ones(48, dtype=torch.bool)},
+                              batch_size=5, keep_errors={1: True})
+    torch.testing.assert_close(all_kept, model_itself, atol=1e-6, rtol=0)
+
+
 def test_ig_of_the_last_sae_layer_accounts_for_the_whole_ablation(setup):
     """At α = 1 every real position of the last SAE layer carries the means; its IEs (error node
     included) sum to m(ablated) − m(clean) as the Riemann sum refines."""

@@ -32,6 +32,7 @@ rule category_features:
         spec=lambda w: load_params(w.model),
         cfg=lambda w: without(
             category_params(w.model),
+            "c_by_condition",
             "circuits",
             "clamp",
             "eval_max_prompts",
@@ -158,6 +159,7 @@ rule circuits:
         spec=lambda w: load_params(w.model),
         cfg=lambda w: without(
             category_params(w.model),
+            "c_by_condition",
             "clamp",
             "common_min_fraction",
             *LA_IG_KEYS,
@@ -170,8 +172,13 @@ rule circuits:
         ),
         caption=lambda w: category_caption(
             w.model,
-            "faithfulness and completeness of category circuits (mean ablation, errors kept; "
-            "metric: refusal log-odds at the last prompt token)",
+            "faithfulness and completeness of category circuits (mean ablation, "
+            + (
+                "errors kept"
+                if config["categories"]["circuits"]["error_nodes"] == "keep"
+                else "error nodes ablated unless in the circuit"
+            )
+            + "; metric: refusal log-odds at the last prompt token)",
             circuit_promptset(config),
         ),
     script:
@@ -238,6 +245,7 @@ rule modularity:
         code=library_code("modularity"),
         cfg=lambda w: without(
             category_params(w.model),
+            "c_by_condition",
             "clamp",
             "common_min_fraction",
             *LA_IG_KEYS,

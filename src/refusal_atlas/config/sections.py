@@ -19,9 +19,9 @@ REFUSAL_DIRECTION_SPLIT_FILES: dict[str, str] = {
 }
 
 
-#: Sections a model may override (``models.<m>.overrides``): the paper tunes l* and c per model,
-#: and LA-IG's batch size is a memory budget.
-OVERRIDABLE = ("direction", "features", "steering")
+#: Sections a model may override (``models.<m>.overrides``): the paper tunes l* and c per model
+#: (the §4.2 clamps' c too), and LA-IG's batch size is a memory budget.
+OVERRIDABLE = ("direction", "features", "steering", "categories")
 
 
 def _merge(base: Mapping, over: Mapping) -> dict:

@@ -163,10 +163,13 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
     judge, judge_name = stage_judge(substrings, fourlabel)
     errors = error_set(fourlabel)
 
-    def run(name: str, fs: clamp.FeatureSet | None, pinned: clamp.FeatureSet | None = None) -> np.ndarray:
-        intervention = clamp.FeatureClamp(sae_map, fs, mode="multiply", value=c_value) if fs else None
+    c_of = {cond: cfg["c_by_condition"].get(cond, c_value) for cond in ("all", "specific", "common", "transfer")}
+
+    def run(name: str, fs: clamp.FeatureSet | None, pinned: clamp.FeatureSet | None = None, c: float = c_value,
+            ) -> np.ndarray:
+        intervention = clamp.FeatureClamp(sae_map, fs, mode="multiply", value=c) if fs else None
         if fs and pinned:
-            intervention = clamp.PinnedFeatureClamp(sae_map, fs, mode="multiply", value=c_value, pinned=pinned)
+            intervention = clamp.PinnedFeatureClamp(sae_map, fs, mode="multiply", value=c, pinned=pinned)
             log.info("%s: %d latents per prompt pinned to their clean values", name, pinned.size)
             intervention.record_clean(model, tok, list(ev.instruction), list(ev.id), system_prompt=system_prompt,
                                       batch_size=cfg["batch_size"])
@@ -190,7 +193,7 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
                                                      prompt_rows, d_sae)
         pin = _pinned_rows(conds, cond) if cfg["pin_other_set"] else None
         results[(cond, k)] = run(f"{cond} +{k}" if k else cond, as_set(sel),
-                                 as_set(pin) if pin is not None and not pin.empty else None)
+                                 as_set(pin) if pin is not None and not pin.empty else None, c_of[cond])
     rows = []
     sizes = conds.groupby(["category", "condition", "source"]).size()
     for (cond, k), labels in results.items():
@@ -202,7 +205,7 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
             n_feat = 0 if cond == "base" else int(sizes.get((c, cond, source), 0))
             rows.append({"category": c, "condition": cond, "source": source,
                          **label_rate(labels[m], "compliance", boot, errors, "jailbreak"), "n_features": n_feat,
-                         "c": c_value, "judge": judge_name})
+                         "c": None if cond == "base" else c_of[cond], "judge": judge_name})
     rates = pd.DataFrame(rows)
     norm = categories.normalized_jailbreak(rates[rates.condition != "base"])
     base = rates[rates.condition == "base"].set_index("category").jailbreak_rate
@@ -290,27 +293,33 @@ def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary:
                 continue
             instr = list(held.instruction)
             none = {l: torch.zeros(sae_map[l].cfg.d_sae, dtype=torch.bool) for l in layers}
-            m_model = ablated_metric(model, tok, sae_map, instr, means, refusal_ids, None,
-                                       batch_size=cc["batch_size"], system_prompt=system_prompt).mean().item()
-            m_empty = ablated_metric(model, tok, sae_map, instr, means, refusal_ids, none,
-                                       batch_size=cc["batch_size"], system_prompt=system_prompt).mean().item()
+            # error_nodes "nodes": an error node is ablated unless the circuit holds it (Marks et al.)
+            as_nodes = cc["error_nodes"] == "nodes"
+
+            def metric(keep, errors=None):
+                return ablated_metric(model, tok, sae_map, instr, means, refusal_ids, keep, batch_size=cc["batch_size"],
+                                      system_prompt=system_prompt,
+                                      keep_errors=errors if as_nodes and keep is not None else None).mean().item()
+
+            m_model = metric(None)
+            m_empty = metric(none, {l: False for l in layers})
             for n in cc["sizes"]:
                 sized = discover(scores, rows, n, 0)
                 keep = {l: torch.zeros(sae_map[l].cfg.d_sae, dtype=torch.bool) for l in layers}
+                errors = {l: False for l in layers}
                 for (l, i) in sized.nodes:
                     if i >= 0:
                         keep[l][i] = True
-                m_c = ablated_metric(model, tok, sae_map, instr, means, refusal_ids, keep,
-                                       batch_size=cc["batch_size"], system_prompt=system_prompt).mean().item()
-                m_rest = ablated_metric(model, tok, sae_map, instr, means, refusal_ids,
-                                          {l: ~k for l, k in keep.items()}, batch_size=cc["batch_size"],
-                                          system_prompt=system_prompt).mean().item()
+                    else:
+                        errors[l] = True
+                m_c = metric(keep, errors)
+                m_rest = metric({l: ~k for l, k in keep.items()}, {l: not e for l, e in errors.items()})
                 curves.append({"group": group, "category": cat, "n_per_layer": n,
                                "n_nodes": int(sum(int(k.sum()) for k in keep.values())),
                                "faithfulness": faithfulness(m_c, m_empty, m_model),
                                "completeness": faithfulness(m_rest, m_empty, m_model),
                                "m_circuit": m_c, "m_complement": m_rest, "m_empty": m_empty, "m_model": m_model,
-                               "n_prompts": len(held), "split": cfg["eval_split"]})
+                               "n_prompts": len(held), "split": cfg["eval_split"], "error_nodes": cc["error_nodes"]})
     curves = pd.DataFrame(curves)
     write_table(curves, outputs["faithfulness"])
     figures.faithfulness_figure(curves, caption, outputs["figure_stem"])

@@ -243,9 +243,13 @@ def choose_pools(group_means: Mapping[str, Mapping[int, np.ndarray]], overall: M
 # ---------------------------------------------------------------------------- faithfulness
 def ablated_metric(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequence[str], means: Means,
                    refusal_ids: Sequence[int], keep: Mapping[int, torch.Tensor] | None, *, batch_size: int = 16,
-                   system_prompt: str | None = None) -> torch.Tensor:
+                   system_prompt: str | None = None, keep_errors: Mapping[int, bool] | None = None) -> torch.Tensor:
     """``[n]`` m with every latent outside ``keep[l]`` (bool ``[d_sae]``) mean-ablated at the real,
-    non-special positions of every SAE layer; error terms kept. ``keep=None``: the model itself."""
+    non-special positions of every SAE layer. ``keep=None``: the model itself.
+
+    Error terms stay live unless ``keep_errors`` is given: then layer l's error node, unless
+    ``keep_errors[l]``, is mean-ablated too, as Marks et al. 2024 (§3.1) treat it as a node.
+    """
     device = next(model.parameters()).device
     blocks = decoder_layers(model)
     out = torch.zeros(len(instructions))
@@ -256,7 +260,11 @@ def ablated_metric(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequ
             f = sae.encode(h.to(sae.dtype))
             ablate = state["pos"][..., None] & ~keep[layer].to(h.device)
             f_new = torch.where(ablate, means.latents[layer].to(f), f)
-            return h + ((f_new - f) @ sae.W_dec).to(h.dtype)
+            out = h + ((f_new - f) @ sae.W_dec).to(h.dtype)
+            if keep_errors is not None and not keep_errors[layer]:
+                error = h - sae.decode(f).to(h.dtype)
+                out = torch.where(state["pos"][..., None], out - error + means.errors[layer].to(h), out)
+            return out
         return fn
 
     with torch.no_grad():
