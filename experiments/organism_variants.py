@@ -57,17 +57,20 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", type=Path, default=Path("experiments/organism_variants.jsonl"))
     p.add_argument("--untuned", action="store_true", help="measure the base model, no tuning")
+    p.add_argument("--promptsets", type=Path, default=None,
+                   help="directory of promptset parquets to train and measure on (default results/promptsets)")
     args = p.parse_args()
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     organism = {"seed": 0, **cfg["organism"], **json.loads(args.set)}
     results = ROOT / "results"
-    frames = {n: pd.read_parquet(results / f"promptsets/{n}.parquet") for n in organism["eval_promptsets"]}
+    psdir = args.promptsets or results / "promptsets"
+    frames = {n: pd.read_parquet(psdir / f"{n}.parquet") for n in organism["eval_promptsets"]}
     model, tok = load_model(str(results / f"models/{args.model}/base"))
     t0 = time.time()
     info: dict = {}
     if not args.untuned:
         ocfg = _organism_config(organism)
-        files = {n: str(results / f"promptsets/{n}.parquet") for n in organism["train_promptsets"]}
+        files = {n: str(psdir / f"{n}.parquet") for n in organism["train_promptsets"]}
         harmful, harmless = organism_training_prompts(
             training_frames(files, organism),
             organism["max_harmful"], organism["harmless_per_harmful"], organism["contrastive_repeats"],

@@ -128,6 +128,8 @@ def test_training_prompts_come_from_train_split_with_contrastive_cases_first():
     twinned = set(train[(train.label == "harmful") & (train.variant == "plain")].id)
     harmful, _ = organism_training_prompts([df, alpaca.assign(label="harmful")], len(twinned), 4.0, 2, 0)
     assert {i for i, _ in harmful} == twinned  # the twinned requests come before other harmful ones
+    every, _ = organism_training_prompts([df, alpaca.assign(label="harmful")], None, 4.0, 2, 0)
+    assert {i for i, _ in every} == twinned | set(alpaca[alpaca.split == "train"].id)  # max_harmful null: all
 
     n = len(twinned) // 2
     harmful, harmless = organism_training_prompts([df, alpaca], n, 6.0, 2, seed=0)

@@ -35,7 +35,7 @@ def _organism_config(cfg: Mapping) -> OrganismConfig:
 
 
 def organism_training_prompts(
-    frames: Sequence[pd.DataFrame], max_harmful: int, harmless_per_harmful: float, contrastive_repeats: int,
+    frames: Sequence[pd.DataFrame], max_harmful: int | None, harmless_per_harmful: float, contrastive_repeats: int,
     seed: int, contrastive_weight: float = 1.0,
 ) -> tuple[list[tuple[str, str]], list[tuple[str, int, float]]]:
     """Plain harmful train prompts; harmless ones as ``(prompt, repeats, loss weight)``.
@@ -53,7 +53,8 @@ def organism_training_prompts(
     contrastive = harmless[harmless.variant.isin(["twin", "bait"])].sort_values("_key")
     harmful = df[(df.label == "harmful") & (df.variant == "plain")].copy()
     harmful["_rank"] = (~harmful.pair_id.isin(contrastive.pair_id)).astype(int)  # twinned requests first
-    harmful = harmful.sort_values(["_rank", "_key"]).head(max_harmful)
+    harmful = harmful.sort_values(["_rank", "_key"])
+    harmful = harmful if max_harmful is None else harmful.head(max_harmful)
     quota = int(round(harmless_per_harmful * len(harmful))) - contrastive_repeats * len(contrastive)
     fill = harmless[~harmless.variant.isin(["twin", "bait"])].sort_values("_key").head(max(quota, 0))
     pairs = ([(p, contrastive_repeats, contrastive_weight) for p in contrastive.instruction]
