@@ -221,12 +221,23 @@ def test_ordering_accuracy_and_robust_items(tiny, tmp_path):
                                          for it in items]), tmp_path / "wmdp-bio/test.parquet")
     pq.write_table(pa.Table.from_pylist([{"question": it.question, "subject": "s", "choices": list(it.choices),
                                           "answer": it.answer} for it in items]), tmp_path / "mmlu.parquet")
-    cfg = {"batch_size": 5, "multiple_choice": {"max_items": 3}}
+    cfg = {"batch_size": 5, "multiple_choice": {"max_items": 3, "retain_subjects": None}}
     sets = _robust_mc_sets(model, tok, cfg, {"wmdp_bio": str(tmp_path / "wmdp-bio/test.parquet"),
                                                     "mmlu": str(tmp_path / "mmlu.parquet")}, None)
     kept = {it.question for it in robust}
     assert {it.question for it in sets["forget"]} <= kept and {it.question for it in sets["retain"]} <= kept
     assert all(it.id.startswith("wmdp-bio:") for it in sets["forget"])
+    # SAEBench's retain side: only the listed MMLU subjects
+    pq.write_table(pa.Table.from_pylist([{"question": it.question, "subject": ("history", "law")[i % 2],
+                                          "choices": list(it.choices), "answer": it.answer}
+                                         for i, it in enumerate(items)]), tmp_path / "mmlu.parquet")
+    cfg["multiple_choice"]["retain_subjects"] = ["history"]
+    sets = _robust_mc_sets(model, tok, cfg, {"mmlu": str(tmp_path / "mmlu.parquet")}, None)
+    assert {it.id.split(":")[0] for it in sets["retain"]} <= {"history"}
+    assert {it.question for it in sets["retain"]} == kept & {items[0].question, items[2].question}
+    cfg["multiple_choice"]["retain_subjects"] = ["history", "virology"]
+    with pytest.raises(ValueError, match="virology"):
+        _robust_mc_sets(model, tok, cfg, {"mmlu": str(tmp_path / "mmlu.parquet")}, None)
 
 
 def test_the_trade_off_figure_gains_a_multiple_choice_panel(tmp_path):

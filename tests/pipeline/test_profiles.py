@@ -271,6 +271,8 @@ REFERENCE_SWITCHES = {
     "guardrails.unlearning.n_values": [20, 50, 100, 200], "guardrails.unlearning.c_values": [500],
     "guardrails.unlearning.max_tokens": 1024, "guardrails.unlearning.layer": 3,
     "guardrails.unlearning.multiple_choice.forget": ["wmdp_bio"],
+    "guardrails.unlearning.multiple_choice.retain_subjects": ["high_school_us_history", "college_computer_science",
+                                                              "high_school_geography", "human_aging"],
     "judges.harmbench.clip_tokens": None, "judges.harmbench.unparsed": "not_jailbroken",
     "categories.c_by_condition.specific": -3, "categories.c_by_condition.common": -3,
     "categories.c_by_condition.transfer": -3, "categories.circuits.error_nodes": "nodes",

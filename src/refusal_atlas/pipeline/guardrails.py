@@ -83,10 +83,20 @@ def guardrail_select(*, model_dir: str, spec: Mapping, sae_dirs: Sequence[str], 
 
 def _robust_mc_sets(model, tok, cfg: Mapping, mc_inputs: Mapping[str, str], system_prompt: str | None) -> dict:
     """``{"forget": items, "retain": items}``: the first ``max_items`` of a fixed shuffle of each
-    benchmark that the unmodified model answers correctly under every option ordering."""
+    benchmark (MMLU: of its ``retain_subjects`` where set) that the unmodified model answers
+    correctly under every option ordering."""
     out = {"forget": [], "retain": []}
+    mc = cfg["multiple_choice"]
     for name, path in mc_inputs.items():
-        items = benchmark_sample(name, path, cfg["multiple_choice"]["max_items"])
+        subjects = mc["retain_subjects"] if name == "mmlu" else None
+        if subjects:  # SAEBench's retain side: a few MMLU subjects, not all of them
+            items = [it for it in benchmark_sample(name, path, None) if it.id.split(":", 1)[0] in subjects]
+            missing = sorted(set(subjects) - {it.id.split(":", 1)[0] for it in items})
+            if missing:
+                raise ValueError(f"guardrails.unlearning.multiple_choice.retain_subjects: no MMLU questions of {missing}")
+            items = items[: mc["max_items"] or None]
+        else:
+            items = benchmark_sample(name, path, mc["max_items"])
         robust = benchmarks.robust_items(model, tok, items, batch_size=cfg["batch_size"],
                                                system_prompt=system_prompt, desc=f"{name}: every ordering")
         log.info("%s: %d of %d questions right under every ordering", name, len(robust), len(items))
