@@ -200,8 +200,8 @@ def slurm_cluster(root: Path, *, cpus: int = 4, mem_mb: int = 16000, gpus: int =
     c = Cluster(root=root, cpus=cpus, mem_mb=mem_mb, gpus=gpus)
     conf = _write_config(c, _free_port(), _free_port())
     # The node declares more CPUs than the machine has, so two 2-thread jobs share its cores; torch's
-    # OpenMP threads then spin-wait on each other (two 2-thread matmul loops at once: 60 s against
-    # 1.8 s with passive waiting). Jobs inherit this environment through sbatch.
+    # OpenMP threads then spin-wait on each other and slow both many times over (docs/architecture.md,
+    # "Run time"). Jobs inherit this environment through sbatch.
     c.env = {**os.environ, "SLURM_CONF": str(conf), "OMP_WAIT_POLICY": "PASSIVE"}
     DEFAULT_CONF.parent.mkdir(parents=True, exist_ok=True)
     DEFAULT_CONF.symlink_to(conf)

@@ -275,6 +275,13 @@ def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary:
                                {l: tensors[f"edge_ids.{l}"].numpy() for l in layers},
                                {p: e.numpy() for p, e in edges.items()})
     curves = []
+    # error_nodes "nodes": an error node is ablated unless the circuit holds it (Marks et al.)
+    as_nodes = cc["error_nodes"] == "nodes"
+
+    def metric(instr: list[str], keep, errors=None) -> float:
+        return ablated_metric(model, tok, sae_map, instr, means, refusal_ids, keep, batch_size=cc["batch_size"],
+                              system_prompt=system_prompt, keep_errors=errors if as_nodes else None).mean().item()
+
     with atomic_path(outputs["graphs"], is_dir=True) as tmp:
         for (group, cat) in sorted(set(keys)):
             rows = np.flatnonzero([k == (group, cat) for k in keys])
@@ -293,16 +300,8 @@ def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary:
                 continue
             instr = list(held.instruction)
             none = {l: torch.zeros(sae_map[l].cfg.d_sae, dtype=torch.bool) for l in layers}
-            # error_nodes "nodes": an error node is ablated unless the circuit holds it (Marks et al.)
-            as_nodes = cc["error_nodes"] == "nodes"
-
-            def metric(keep, errors=None):
-                return ablated_metric(model, tok, sae_map, instr, means, refusal_ids, keep, batch_size=cc["batch_size"],
-                                      system_prompt=system_prompt,
-                                      keep_errors=errors if as_nodes and keep is not None else None).mean().item()
-
-            m_model = metric(None)
-            m_empty = metric(none, {l: False for l in layers})
+            m_model = metric(instr, None)  # keep=None: the model itself, errors and all
+            m_empty = metric(instr, none, {l: False for l in layers})
             for n in cc["sizes"]:
                 sized = discover(scores, rows, n, 0)
                 keep = {l: torch.zeros(sae_map[l].cfg.d_sae, dtype=torch.bool) for l in layers}
@@ -312,8 +311,8 @@ def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary:
                         keep[l][i] = True
                     else:
                         errors[l] = True
-                m_c = metric(keep, errors)
-                m_rest = metric({l: ~k for l, k in keep.items()}, {l: not e for l, e in errors.items()})
+                m_c = metric(instr, keep, errors)
+                m_rest = metric(instr, {l: ~k for l, k in keep.items()}, {l: not e for l, e in errors.items()})
                 curves.append({"group": group, "category": cat, "n_per_layer": n,
                                "n_nodes": int(sum(int(k.sum()) for k in keep.values())),
                                "faithfulness": faithfulness(m_c, m_empty, m_model),

@@ -81,6 +81,10 @@ def guardrail_select(*, model_dir: str, spec: Mapping, sae_dirs: Sequence[str], 
     write_parquet(pd.concat(rows, ignore_index=True), output)
 
 
+def _mmlu_subject(item) -> str:
+    return item.id.split(":", 1)[0]  # datasets.read_mmlu's ids are subject:row
+
+
 def _robust_mc_sets(model, tok, cfg: Mapping, mc_inputs: Mapping[str, str], system_prompt: str | None) -> dict:
     """``{"forget": items, "retain": items}``: the first ``max_items`` of a fixed shuffle of each
     benchmark (MMLU: of its ``retain_subjects`` where set) that the unmodified model answers
@@ -90,8 +94,8 @@ def _robust_mc_sets(model, tok, cfg: Mapping, mc_inputs: Mapping[str, str], syst
     for name, path in mc_inputs.items():
         subjects = mc["retain_subjects"] if name == "mmlu" else None
         if subjects:  # SAEBench's retain side: a few MMLU subjects, not all of them
-            items = [it for it in benchmark_sample(name, path, None) if it.id.split(":", 1)[0] in subjects]
-            missing = sorted(set(subjects) - {it.id.split(":", 1)[0] for it in items})
+            items = [it for it in benchmark_sample(name, path, None) if _mmlu_subject(it) in subjects]
+            missing = sorted(set(subjects) - {_mmlu_subject(it) for it in items})
             if missing:
                 raise ValueError(f"guardrails.unlearning.multiple_choice.retain_subjects: no MMLU questions of {missing}")
             items = items[: mc["max_items"] or None]
