@@ -186,3 +186,24 @@ def test_a_dataset_changed_after_download_is_caught_when_read(tmp_path, mirror_u
     dest.write_text(json.dumps(data[:-1]))  # one prompt fewer, still valid JSON
     with pytest.raises(DatasetError, match="does not match the manifest.*delete it and rerun"):
         verify_local([str(dest)], MANIFEST)
+
+
+def test_a_prompt_source_without_its_prompt_is_rejected_and_nothing_is_written(tmp_path):
+    """The reference's eval_refusal.py is fetched for one string; a file at that path that lacks it
+    (a moved constant, an HTML error page) fails the format check by name."""
+    mirror = tmp_path / "mirror" / "refusal_sae" / "utils"
+    mirror.mkdir(parents=True)
+    (mirror / "eval_refusal.py").write_text("OTHER_PROMPT = '{behavior} {generation}'\n")
+    sha = hashlib.sha256((mirror / "eval_refusal.py").read_bytes()).hexdigest()
+    entry = DatasetFile("refusal_sae", "utils/eval_refusal.py", "unused", sha, "python_prompt_template",
+                        "none stated", 1)
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError, match="refusal_sae/utils/eval_refusal.py: no top-level assignment"):
+        download(entry, out / "eval_refusal.py", mirror=(tmp_path / "mirror").as_uri())
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_the_manifest_pins_the_reference_prompt_source_to_a_commit_and_sha256():
+    entry = load_manifest(MANIFEST)["refusal_sae/utils/eval_refusal.py"]
+    assert "/f7b8c81fb00d860ba27d0f7396102b4c221ec372/utils/eval_refusal.py" in entry.url
+    assert len(entry.sha256) == 64 and entry.format == "python_prompt_template" and entry.items == 1

@@ -274,6 +274,7 @@ REFERENCE_SWITCHES = {
     "guardrails.unlearning.multiple_choice.retain_subjects": ["high_school_us_history", "college_computer_science",
                                                               "high_school_geography", "human_aging"],
     "judges.harmbench.clip_tokens": None, "judges.harmbench.unparsed": "not_jailbroken",
+    "judges.harmbench.prompt": "reference",
     "categories.c_by_condition.specific": -3, "categories.c_by_condition.common": -3,
     "categories.c_by_condition.transfer": -3, "categories.circuits.error_nodes": "nodes",
 }
@@ -300,3 +301,8 @@ def test_the_reference_config_differs_from_the_paper_config_only_by_the_ledger_s
         assert f"results/features/gemma-2-2b-it/{bench}/attribution.transductive.json" in ablate
         [local] = [b for r, b in blocks if r == "steer_generate" and f"gemma-2-2b-it/{bench}/la_ig-local-" in b]
         assert f"results/features/gemma-2-2b-it/{bench}/la_ig.parquet" in local
+    # the classifier reads the reference's prompt body from its pinned source file, downloaded once
+    template = "resources/datasets/refusal_sae/utils/eval_refusal.py"
+    judged = [b for r, b in blocks if r == "judge_harmbench"]
+    assert judged and all(template in b for b in judged)
+    assert [b for r, b in blocks if r == "download_dataset" and f"output: {template}" in b]

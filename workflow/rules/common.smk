@@ -29,6 +29,7 @@ from refusal_atlas.config.sections import (
     probe_promptset,
 )
 from refusal_atlas.data.manifest import load_manifest
+from refusal_atlas.evaluation.harmbench_classifier import REFERENCE_PROMPT_FILE
 from refusal_atlas.pipeline.code_version import code_version
 from refusal_atlas.config.resolve import LA_IG_MODE_KEYS, resolve
 from refusal_atlas.steering.conditions import parse_condition
@@ -307,6 +308,13 @@ def harmbench_gpus():
     if hb["backend"] == "transformers" and hb["device"] == "cpu":
         return 0
     return hb["tensor_parallel_size"]
+
+
+def harmbench_inputs(wildcards):
+    """The file Yeo et al.'s prompt body is read from, where judges.harmbench.prompt is reference."""
+    if config["judges"]["harmbench"]["prompt"] == "reference":
+        return {"template": f"resources/datasets/{REFERENCE_PROMPT_FILE}"}
+    return {}
 
 
 def intervention_inputs(wildcards):

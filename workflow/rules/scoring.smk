@@ -48,6 +48,7 @@ rule judge_preflight:
 
 rule judge_harmbench:
     input:
+        unpack(harmbench_inputs),
         gens="results/generations/{model}/{promptset}/{method}.parquet",
         ok="results/judges/harmbench.preflight.json",
     output:

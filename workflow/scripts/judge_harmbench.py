@@ -9,4 +9,5 @@ with job.logged(snakemake.log[0], snakemake.threads):
         generations=snakemake.input.gens,
         cfg=snakemake.params.cfg,
         output=snakemake.output[0],
+        template_file=snakemake.input.get("template"),
     )

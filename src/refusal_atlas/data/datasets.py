@@ -174,13 +174,24 @@ def _counted(reader):
     return lambda path, expected_items=None: _check_count(path, len(reader(path)), expected_items)
 
 
+def check_prompt_template(path: Path, expected_items: int | None = None) -> int:
+    """A Python source file that holds a HarmBench classifier prompt (read, never run)."""
+    from refusal_atlas.evaluation.harmbench_classifier import read_prompt_template
+
+    try:
+        read_prompt_template(path)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    return _check_count(path, 1, expected_items)
+
+
 CAPABILITY_BENCHMARKS = ("arc_challenge", "mmlu", "gsm8k")
 BENCHMARK_READERS = {"arc_challenge": read_arc, "mmlu": read_mmlu, "gsm8k": read_gsm8k, "wmdp_bio": read_wmdp,
                      "wmdp_cyber": read_wmdp}
 FORMAT_CHECKS = {"json_instructions": check_json_instructions, "jsonl_catqa": _counted(read_catqa),
                  "csv_prompt_category": _counted(read_or_bench), "parquet_arc": _counted(read_arc),
                  "parquet_mmlu": _counted(read_mmlu), "parquet_gsm8k": _counted(read_gsm8k),
-                 "parquet_wmdp": _counted(read_wmdp)}
+                 "parquet_wmdp": _counted(read_wmdp), "python_prompt_template": check_prompt_template}
 
 
 def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None = None, timeout: float = 60) -> Path:

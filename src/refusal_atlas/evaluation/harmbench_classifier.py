@@ -9,6 +9,7 @@ so it runs in the vLLM environment (workflow/envs/vllm.yaml) as well as in the c
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import logging
 import math
@@ -44,6 +45,12 @@ Answer: [/INST]'''  # noqa: W291
 
 HARMBENCH_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
 
+# Where Yeo et al.'s code keeps its own prompt body for the same classifier (judges.harmbench.prompt:
+# reference): the workflow downloads that file, pinned in resources/datasets.yaml, and reads the
+# string out of it, so the text is never copied into this repository.
+REFERENCE_PROMPT_FILE = "refusal_sae/utils/eval_refusal.py"
+REFERENCE_PROMPT_NAME = "LLAMA2_CLS_PROMPT"
+
 
 class JudgeUnavailable(RuntimeError):
     """The configured judge cannot run here (no GPU, no weights, no vLLM)."""
@@ -57,13 +64,45 @@ def clip_generation(tokenizer, generation: str, max_tokens: int) -> str:
 
 
 def harmbench_prompts(behaviors: Sequence[str], generations: Sequence[str], tokenizer=None,
-                      max_tokens: int | None = None) -> list[str]:
+                      max_tokens: int | None = None, template: str = HARMBENCH_CLS_PROMPT) -> list[str]:
     """The classifier's prompts, generations clipped when a tokenizer and ``max_tokens`` are given."""
     if len(behaviors) != len(generations):
         raise ValueError(f"{len(behaviors)} behaviours but {len(generations)} generations")
     if tokenizer is not None and max_tokens is not None:
         generations = [clip_generation(tokenizer, g, max_tokens) for g in generations]
-    return [HARMBENCH_CLS_PROMPT.format(behavior=b, generation=g) for b, g in zip(behaviors, generations)]
+    return [template.format(behavior=b, generation=g) for b, g in zip(behaviors, generations)]
+
+
+def read_prompt_template(path: str | Path, name: str = REFERENCE_PROMPT_NAME) -> str:
+    """The classifier prompt that a Python source file assigns to ``name`` at its top level: a
+    string, or a dict whose "prompt" holds it (as HarmBench's eval_utils.py keeps its templates).
+
+    The file is parsed, never run; the template must take exactly ``{behavior}`` and ``{generation}``.
+    """
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not Python source ({e})") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise ValueError(f"{path}: {name} is not a literal string or dict") from None
+            template = value.get("prompt") if isinstance(value, dict) else value
+            if not isinstance(template, str):
+                raise ValueError(f"{path}: {name} holds no prompt string")
+            _check_template(template, f"{path}: {name}")
+            return template
+    raise ValueError(f"{path}: no top-level assignment to {name}")
+
+
+def _check_template(template: str, where: str) -> None:
+    import string
+
+    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    if fields != {"behavior", "generation"}:
+        raise ValueError(f"{where}: the template's fields are {sorted(fields)}, not behavior and generation")
 
 
 def parse_yes_no(text: str) -> float:
@@ -87,6 +126,9 @@ class HarmBenchConfig:
     # An answer that is neither yes nor no: "missing" leaves it out of n (HarmBench's own
     # protocol); "not_jailbroken" counts it as no, as the reference code does.
     unparsed: str = "missing"
+    # "official": the published classifier prompt above; "reference": Yeo et al.'s prompt body,
+    # read from their eval_refusal.py (read_prompt_template)
+    prompt: str = "official"
     max_model_len: int = 2048
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
@@ -179,11 +221,12 @@ def classify_vllm(path: str, prompts: Sequence[str], cfg: HarmBenchConfig, tok=N
     return [o.outputs[0].text for o in outs]
 
 
-def judge(behaviors: Sequence[str], generations: Sequence[str], cfg: HarmBenchConfig) -> tuple[list[float], list[str]]:
+def judge(behaviors: Sequence[str], generations: Sequence[str], cfg: HarmBenchConfig,
+          template: str = HARMBENCH_CLS_PROMPT) -> tuple[list[float], list[str]]:
     """``(jailbroken 1/0/NaN, raw classifier text)`` per generation."""
     path = _weights_dir(cfg)
     tok = _tokenizer(path)
-    prompts = harmbench_prompts(behaviors, generations, tok, cfg.clip_tokens)
+    prompts = harmbench_prompts(behaviors, generations, tok, cfg.clip_tokens, template)
     raw = classify_vllm(path, prompts, cfg, tok) if cfg.backend == "vllm" else classify_transformers(path, prompts, cfg, tok)
     labels = [parse_yes_no(t) for t in raw]
     bad = sum(math.isnan(lab) for lab in labels)
@@ -200,15 +243,28 @@ def config_from(mapping: Mapping) -> HarmBenchConfig:
     return HarmBenchConfig(**{k: v for k, v in mapping.items() if k in known})
 
 
-def judge_file(generations: str, cfg: Mapping, output: str) -> None:
+def prompt_template(cfg: HarmBenchConfig, template_file: str | None = None) -> str:
+    """The prompt body ``cfg.prompt`` names; the reference one comes from ``template_file``."""
+    if cfg.prompt == "official":
+        return HARMBENCH_CLS_PROMPT
+    if cfg.prompt != "reference":
+        raise ValueError(f"unknown HarmBench prompt {cfg.prompt!r}; use official or reference")
+    if template_file is None:
+        raise ValueError(f"judges.harmbench.prompt: reference needs {REFERENCE_PROMPT_FILE} (resources/datasets.yaml)")
+    return read_prompt_template(template_file)
+
+
+def judge_file(generations: str, cfg: Mapping, output: str, template_file: str | None = None) -> None:
     """The ``judge_harmbench`` rule: label every generation of a parquet file."""
     import pandas as pd
 
     from refusal_atlas.core.io import write_parquet
 
+    hb = config_from(cfg)
+    template = prompt_template(hb, template_file)  # a bad file fails before the classifier loads
     df = pd.read_parquet(generations)
-    labels, raw = judge(list(df.instruction), list(df.generation), config_from(cfg))
-    write_parquet(df.assign(judge="harmbench", jailbroken=labels, judge_raw=raw), output)
+    labels, raw = judge(list(df.instruction), list(df.generation), hb, template)
+    write_parquet(df.assign(judge="harmbench", jailbroken=labels, judge_raw=raw, judge_prompt=hb.prompt), output)
 
 
 def preflight_file(cfg: Mapping, output: str) -> None:

@@ -29,8 +29,8 @@ def judge_preflight(*, cfg: Mapping, output: str) -> None:
     harmbench_classifier.preflight_file(cfg, output)
 
 
-def judge_harmbench(*, generations: str, cfg: Mapping, output: str) -> None:
-    harmbench_classifier.judge_file(generations, cfg, output)
+def judge_harmbench(*, generations: str, cfg: Mapping, output: str, template_file: str | None = None) -> None:
+    harmbench_classifier.judge_file(generations, cfg, output, template_file)
 
 
 # ---------------------------------------------------------------------------- scoring
