@@ -10,7 +10,7 @@ from conftest import PROMPTS
 from refusal_atlas.config.model_checks import check_models, model_facts
 from refusal_atlas.config.schema import ConfigError
 from refusal_atlas.features.attribution import la_ig_batch
-from refusal_atlas.lm.activations import last_token_resid_post
+from refusal_atlas.lm.activations import final_positions_resid_post, last_token_resid_post
 from refusal_atlas.lm.generation import generate_with_first_logprobs
 from refusal_atlas.lm.interventions import DirectionalAblation
 from refusal_atlas.lm.modeling import (
@@ -19,6 +19,7 @@ from refusal_atlas.lm.modeling import (
     end_of_turn_ids,
     format_chat,
     load_model,
+    post_instruction_length,
     template_header_length,
 )
 from refusal_atlas.lm.sources import ModelSourceError, prepare_model
@@ -89,6 +90,32 @@ def test_the_template_header_is_read_from_the_template(loaded):
         n_sys = template_header_length(tok, "Be brief.")
         decoded = tok.decode(tok(with_system, add_special_tokens=False).input_ids[:n_sys])
         assert decoded.endswith(("Be brief.<|im_end|>\n", "Be brief.<|eot_id|>"))
+
+
+# what each family's template writes after the user's instruction (Arditi et al.'s positions)
+POST_INSTRUCTION = {
+    "chatml-llama": "<|im_end|>\n<|im_start|>assistant\n",
+    "gemma2": "<end_of_turn>\n<start_of_turn>model\n",
+    "llama3": "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "qwen2": "<|im_end|>\n<|im_start|>assistant\n",
+    "mistral": "[/INST]",
+}
+
+
+def test_the_post_instruction_positions_are_read_from_the_template(loaded):
+    family, model, tok = loaded
+    n = post_instruction_length(tok)
+    prompts = format_chat(tok, PROMPTS[:3])
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False).input_ids
+        assert tok.decode(ids[-n:]) == POST_INSTRUCTION[family.name], family.name
+    # the activations at those positions, batched and left-padded, are each prompt's own
+    acts = final_positions_resid_post(model, tok, PROMPTS[:3], n, batch_size=3)
+    assert acts.shape == (3, n, 4, 64)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        alone = final_positions_resid_post(model, tok, [prompt], n, batch_size=1)[0]
+        assert torch.allclose(acts[i], alone, atol=1e-4)
+    assert torch.equal(acts[:, -1], last_token_resid_post(model, tok, PROMPTS[:3], batch_size=3))
 
 
 def test_generation_stops_on_the_family_s_end_of_turn(loaded):

@@ -135,6 +135,7 @@ class LayerScore:
     kl: float  # harmless val KL(base || ablated) at the last token
     r_norm: float
     eligible: bool
+    position: int = -1  # where r was read, counted from the prompt's end (-1: the last token)
 
 
 def score_layers(
@@ -182,21 +183,27 @@ def score_layers(
     return scores
 
 
-def choose_layer(scores: Sequence[LayerScore]) -> int:
-    """l* = the eligible layer (harmless KL under the bound, addition induces refusal) whose ablation
-    leaves the least judged refusal on harmful validation prompts; the first-token score breaks ties."""
-    eligible = [s for s in scores if s.eligible]
+def choose(scores: Sequence[LayerScore], eligible_only: bool = True) -> LayerScore:
+    """The candidate (layer, and position where there are several) that is eligible (harmless KL
+    under the bound, addition induces refusal) and whose ablation leaves the least judged refusal on
+    harmful validation prompts; the first-token score breaks ties."""
+    eligible = [s for s in scores if s.eligible or not eligible_only]
     if not eligible:
         raise ValueError(
             "no candidate layer passes the filters (harmless KL under direction.kl_max and an induce score "
             "above direction.min_induce_score); relax them, widen the layer range, or set direction.layer"
         )
-    return min(eligible, key=lambda s: (s.val_refusal, s.bypass_score)).layer
+    return min(eligible, key=lambda s: (s.val_refusal, s.bypass_score))
 
 
-def scores_frame(scores: Sequence[LayerScore], chosen: int) -> pd.DataFrame:
+def choose_layer(scores: Sequence[LayerScore]) -> int:
+    """l*: the layer of :func:`choose`."""
+    return choose(scores).layer
+
+
+def scores_frame(scores: Sequence[LayerScore], chosen: int, position: int = -1) -> pd.DataFrame:
     df = pd.DataFrame([asdict(s) for s in scores])
-    df["chosen"] = df["layer"] == chosen
+    df["chosen"] = (df["layer"] == chosen) & (df["position"] == position)
     return df
 
 

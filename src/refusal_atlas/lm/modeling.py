@@ -193,6 +193,25 @@ def template_header_length(tokenizer: PreTrainedTokenizerBase, system_prompt: st
     return max(1, common_prefix_length([head, full], len(head)))
 
 
+def post_instruction_length(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None) -> int:
+    """Tokens the chat template puts after the user's instruction, through the generation prompt.
+
+    Arditi et al. 2024 (§2.3; github andyrdt/refusal_direction, its ``eoi_toks``) take a candidate
+    direction at each of these post-instruction positions. Read from the template per model (5 for
+    SmolLM2: ``<|im_end|>``, newline, ``<|im_start|>``, ``assistant``, newline): the longest run of
+    the prompt's last tokens that the template's tail alone tokenizes to.
+    """
+    a = "QQINSTRUCTIONQQ"
+    [prompt] = format_chat(tokenizer, [a], system_prompt)
+    tail = tokenizer(prompt[prompt.index(a) + len(a):], add_special_tokens=False).input_ids
+    full = tokenizer(prompt, add_special_tokens=False).input_ids
+    n = common_prefix_length([full[::-1], tail[::-1]], len(tail))
+    if n == 0:
+        raise ValueError("the chat template writes nothing after the instruction that tokenizes on its own: "
+                         "no post-instruction positions; use direction.positions: last")
+    return n
+
+
 def sliding_window(model: PreTrainedModel) -> int | None:
     """The shortest attention window of any layer, or None where every layer attends globally
     (Gemma-2/3's local layers, Mistral; Qwen2 only with ``use_sliding_window``)."""
