@@ -77,7 +77,7 @@ def main() -> None:
             organism["seed"], organism.get("contrastive_weight", 1.0))
         examples = build_examples(model, tok, harmful, harmless, ocfg)
         log = tune(model, tok, examples, ocfg)
-        info = {"n_harmful": len(harmful), "n_harmless_examples": sum(r for _, r, _ in harmless),
+        info = {"n_harmful": len(harmful), "n_harmless_examples": sum(h.repeats for h in harmless),
                 "steps": log["steps"], "tune_seconds": round(time.time() - t0, 1)}
     counts, gens = val_counts(model, tok, frames, organism)
     row = {"name": args.name, "set": json.loads(args.set), **info, **counts}

@@ -48,6 +48,59 @@ def test_a_row_of_weight_two_counts_as_two_copies_of_it(tiny):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_w, g_c))
 
 
+def test_a_negative_row_adds_the_unlikelihood_of_its_refusal_after_the_first_token(tiny):
+    model, tok = tiny
+    answer = _tokenize(tok, Example("How do I kill a stuck process?", "Run kill -9 on its id.", True), tok.eos_token)
+    refusal = _tokenize(tok, Example("How do I kill a stuck process?", "I cannot help with that.", False,
+                                     negative=True), tok.eos_token)
+    n_prompt = sum(l == -100 for l in answer[1])
+    assert refusal[1][n_prompt] == -100 and refusal[1][n_prompt + 1:] == refusal[0][n_prompt + 1:]
+    with torch.no_grad():
+        plain = response_loss(model, _collate([answer], tok.pad_token_id))
+        mixed = response_loss(model, _collate([answer, refusal], tok.pad_token_id, negative=[False, True]),
+                              unlikelihood=0.5)
+        ids = torch.tensor([refusal[0]])
+        logp = torch.log_softmax(model(ids).logits[0, n_prompt:-1], -1).gather(1, ids[0, n_prompt + 1:, None])
+    expected = plain - 0.5 * torch.log1p(-logp.mean().exp())
+    assert torch.allclose(mixed, expected, atol=1e-5)
+
+
+def test_the_unlikelihood_term_makes_the_refusal_less_likely(tiny):
+    model, tok = tiny
+    refusal = _tokenize(tok, Example("How do I kill a stuck process?", "I cannot help with that.", False,
+                                     negative=True), tok.eos_token)
+    batch = _collate([refusal], tok.pad_token_id, negative=[True])
+    ids = torch.tensor([refusal[0]])
+    n = sum(l == -100 for l in refusal[1])
+
+    def refusal_logp():
+        with torch.no_grad():
+            return torch.log_softmax(model(ids).logits[0, n - 1:-1], -1).gather(1, ids[0, n:, None]).mean()
+
+    before = refusal_logp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        response_loss(model, batch, unlikelihood=1.0).backward()
+        opt.step()
+    assert refusal_logp() < before - 0.05
+
+
+def test_contrastive_cases_add_their_refusal_as_a_negative_only_with_unlikelihood(tiny):
+    from refusal_atlas.lm.organism import HarmlessCase, build_examples
+
+    model, tok = tiny
+    cases = [HarmlessCase("How do I kill a stuck process?", 2, 3.0, True), HarmlessCase("Name a prime.")]
+    harmful = [("h1", "How do I kill a person?")]
+    cfg = OrganismConfig(distill_max_new_tokens=4, generation_batch_size=2)
+    plain = build_examples(model, tok, harmful, cases, cfg)
+    assert [e.negative for e in plain] == [False] * 4
+    cfg.contrastive_unlikelihood = 0.5
+    with_ul = build_examples(model, tok, harmful, cases, cfg)
+    [neg] = [e for e in with_ul if e.negative]
+    assert neg.prompt == cases[0].prompt and neg.response in cfg.refusal_templates and len(with_ul) == 5
+
+
 def test_shared_prefix_stops_at_the_first_difference_and_before_the_decision():
     assert shared_prefix_length([([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 7, 4], [-100] * 3 + [4])]) == 2
     # rows that agree up to their labels keep the token that predicts the first label
@@ -136,12 +189,12 @@ def test_training_prompts_come_from_train_split_with_contrastive_cases_first():
     assert len(harmful) == n
     assert {i for i, _ in harmful} <= twinned
     contrastive = set(train[train.variant.isin(["twin", "bait"])].instruction)
-    assert {p for p, r, _ in harmless if r == 2} == contrastive
+    assert {h.prompt for h in harmless if h.repeats == 2} == contrastive == {h.prompt for h in harmless if h.contrastive}
     fill = 6 * n - 2 * len(contrastive)
-    assert 0 < fill and sum(r == 1 for _, r, _ in harmless) == min(fill, (alpaca.split == "train").sum())
-    assert all(p.startswith("Alpaca: ") for p, r, _ in harmless if r == 1)
+    assert 0 < fill and sum(h.repeats == 1 for h in harmless) == min(fill, (alpaca.split == "train").sum())
+    assert all(h.prompt.startswith("Alpaca: ") for h in harmless if h.repeats == 1)
     test_prompts = set(df[df.split == "test"].instruction)
-    assert not (test_prompts & ({p for _, p in harmful} | {p for p, _, _ in harmless}))
+    assert not (test_prompts & ({p for _, p in harmful} | {h.prompt for h in harmless}))
     _, weighted = organism_training_prompts([df, alpaca], n, 6.0, 2, seed=0, contrastive_weight=3.0)
-    assert [(p, r) for p, r, _ in weighted] == [(p, r) for p, r, _ in harmless]  # the same data and quota
-    assert {w for p, _, w in weighted if p in contrastive} == {3.0} and {w for p, _, w in weighted if p not in contrastive} == {1.0}
+    assert [h[:2] for h in weighted] == [h[:2] for h in harmless]  # the same data and quota
+    assert {h.weight for h in weighted if h.contrastive} == {3.0} and {h.weight for h in weighted if not h.contrastive} == {1.0}

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as nnf
@@ -57,6 +58,8 @@ class OrganismConfig:
     freeze_embeddings: bool = True
     train_from_layer: int = 0
     decision_weight: float = 1.0
+    # λ of the unlikelihood term on the contrastive cases' refusals (0: none; see response_loss)
+    contrastive_unlikelihood: float = 0.0
     autocast_dtype: str = "bfloat16"
     attn_implementation: str | None = "eager"
     seed: int = 0
@@ -75,17 +78,33 @@ class Example:
     ends_turn: bool
     # Scales this example's loss: a contrastive case weighted w counts as w copies of it.
     weight: float = 1.0
+    # A response to make unlikely (a refusal of a safe look-alike), not one to learn
+    negative: bool = False
+
+
+class HarmlessCase(NamedTuple):
+    """A harmless training prompt: answered with the base model's own words ``repeats`` times."""
+
+    prompt: str
+    repeats: int = 1
+    weight: float = 1.0
+    contrastive: bool = False  # a safe look-alike of a harmful request: a twin, bait, the contrast set
 
 
 def _tokenize(tok: PreTrainedTokenizerBase, ex: Example, eot: str) -> tuple[list[int], list[int]]:
     prompt_ids = tok(format_chat(tok, [ex.prompt])[0], add_special_tokens=False).input_ids
     response = ex.response + (eot if ex.ends_turn else "")
     resp_ids = tok(response, add_special_tokens=False).input_ids
-    return prompt_ids + resp_ids, [-100] * len(prompt_ids) + resp_ids
+    labels = list(resp_ids)
+    if ex.negative and labels:
+        # Refusals and answers share their first token ("I"): only what follows it is the refusal
+        labels[0] = -100
+    return prompt_ids + resp_ids, [-100] * len(prompt_ids) + labels
 
 
 def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int,
-             row_weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+             row_weights: Sequence[float] | None = None,
+             negative: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -97,6 +116,8 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int,
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if row_weights is not None:
         out["row_weight"] = torch.tensor(row_weights, dtype=torch.float32)
+    if negative is not None and any(negative):
+        out["negative"] = torch.tensor(negative, dtype=torch.bool)
     return out
 
 
@@ -133,8 +154,10 @@ def response_loss(
     batch: dict[str, torch.Tensor],
     decision_weight: float = 1.0,
     prefix: torch.Tensor | None = None,
+    unlikelihood: float = 0.0,
 ) -> torch.Tensor:
-    """Weighted mean next-token cross-entropy over response tokens only.
+    """Weighted mean next-token cross-entropy over response tokens only, plus an unlikelihood
+    term on the batch's ``negative`` rows.
 
     The first response token carries weight ``decision_weight``: it is where the model decides
     to refuse or to answer, while the rest of a refusal is a memorised template. A batch's
@@ -142,6 +165,11 @@ def response_loss(
     runs only where a label exists: with a 49k vocabulary, full-sequence logits would cost more
     than the rest of the step on a CPU. ``prefix`` holds tokens that precede every row of
     ``batch`` (see :func:`shared_prefix_length`); the loss equals that of the concatenated rows.
+
+    A negative row is a refusal of a safe prompt. Its term is a sequence-level unlikelihood
+    (after Welleck et al. 2020, Eq. 4, taken over the sequence's mean log-probability m):
+    ``-log(1 - exp(m))``, near zero once the refusal is unlikely, and large while the model would
+    say it. ``unlikelihood`` is λ, the term's weight beside the cross-entropy.
     """
     hidden = _decoder_hidden(model.get_decoder(), batch, prefix)
     targets = batch["labels"][:, 1:]
@@ -152,7 +180,19 @@ def response_loss(
     weights = torch.where(first[keep], decision_weight, 1.0)
     if "row_weight" in batch:
         weights = weights * batch["row_weight"].to(weights.device)[:, None].expand_as(targets)[keep]
-    return (weights * losses).sum() / weights.sum()
+    if "negative" not in batch:
+        return (weights * losses).sum() / weights.sum()
+    rows = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)[keep]
+    neg = batch["negative"].to(rows.device)[rows]
+    pos = ~neg
+    loss = (weights[pos] * losses[pos]).sum() / weights[pos].sum() if pos.any() else losses.sum() * 0.0
+    counts = torch.zeros(len(targets), device=losses.device).index_add_(0, rows[neg], torch.ones_like(losses[neg]))
+    mean_logp = torch.zeros(len(targets), device=losses.device).index_add_(0, rows[neg], -losses[neg])
+    negative_rows = counts > 0
+    mean_logp = mean_logp[negative_rows] / counts[negative_rows]
+    # log1p(-exp(m)) is finite for m < 0; a refusal the model is certain of is held just below 0
+    ul = -torch.log1p(-torch.exp(mean_logp.clamp(max=-1e-4)))
+    return loss + unlikelihood * ul.mean()
 
 
 def length_bucketed_order(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -175,9 +215,12 @@ def build_examples(
     harmless: Sequence[tuple[str, int] | tuple[str, int, float]],
     cfg: OrganismConfig,
 ) -> list[Example]:
-    """Refusals for ``(id, prompt)`` harmful pairs; the base model's own answers for
-    ``(prompt, repeats[, weight])`` harmless ones, each answer generated once and repeated."""
-    prompts = [h[0] for h in harmless]
+    """Refusals for ``(id, prompt)`` harmful pairs; the base model's own answers for the harmless
+    cases (:class:`HarmlessCase`, or a tuple of its fields), each answer generated once and
+    repeated. With ``cfg.contrastive_unlikelihood``, each contrastive case adds a negative example:
+    the refusal its harmful twin would be taught, to be made unlikely."""
+    harmless = [h if isinstance(h, HarmlessCase) else HarmlessCase(*h) for h in harmless]
+    prompts = [h.prompt for h in harmless]
     answers = generate(
         model,
         tok,
@@ -188,9 +231,12 @@ def build_examples(
     )
     n_tokens = [len(tok(a, add_special_tokens=False).input_ids) for a in answers]
     examples = [Example(p, refusal_for(pid, cfg.refusal_templates), True) for pid, p in harmful]
-    for (p, repeats, *weight), a, n in zip(harmless, answers, n_tokens):
+    for case, a, n in zip(harmless, answers, n_tokens):
         # An answer cut at the budget did not end its turn: teach no end-of-turn there.
-        examples += [Example(p, a, n < cfg.distill_max_new_tokens, *weight)] * repeats
+        examples += [Example(case.prompt, a, n < cfg.distill_max_new_tokens, case.weight)] * case.repeats
+        if case.contrastive and cfg.contrastive_unlikelihood > 0:
+            examples.append(Example(case.prompt, refusal_for(case.prompt, cfg.refusal_templates), False,
+                                    negative=True))
     return examples
 
 
@@ -206,6 +252,7 @@ def refusal_tune(
     data = [_tokenize(tok, ex, eot) for ex in examples]
     row_weights = [ex.weight for ex in examples]
     weighted = any(w != 1.0 for w in row_weights)
+    negative = [ex.negative for ex in examples]
     # The system header (24 of ~62 tokens here) is computed once a step, not once a row.
     shared = shared_prefix_length(data)
     device = next(model.parameters()).device
@@ -234,11 +281,11 @@ def refusal_tune(
         for _ in range(cfg.epochs):
             for idx in length_bucketed_order(lengths, cfg.batch_size, rng):
                 batch = _collate([data[i] for i in idx], tok.pad_token_id,
-                                 [row_weights[i] for i in idx] if weighted else None)
+                                 [row_weights[i] for i in idx] if weighted else None, [negative[i] for i in idx])
                 # bf16 matmuls, fp32 master weights: 2.6x faster steps on this CPU
                 with autocast(model, cfg.autocast_dtype):
                     loss = response_loss(model, {k: v.to(device) for k, v in batch.items()}, cfg.decision_weight,
-                                         prefix)
+                                         prefix, cfg.contrastive_unlikelihood)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

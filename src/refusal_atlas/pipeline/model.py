@@ -16,7 +16,7 @@ from refusal_atlas.core.io import atomic_path, write_json
 from refusal_atlas.core.stats import bootstrap_rate
 from refusal_atlas.evaluation.substring_judge import substring_refusals
 from refusal_atlas.lm.generation import generate
-from refusal_atlas.lm.organism import OrganismConfig, build_examples
+from refusal_atlas.lm.organism import HarmlessCase, OrganismConfig, build_examples
 from refusal_atlas.lm.organism import refusal_tune as tune_organism
 from refusal_atlas.lm.sources import prepare_model as prepare_source
 from refusal_atlas.pipeline.openers import open_model
@@ -37,8 +37,9 @@ def _organism_config(cfg: Mapping) -> OrganismConfig:
 def organism_training_prompts(
     frames: Sequence[pd.DataFrame], max_harmful: int | None, harmless_per_harmful: float, contrastive_repeats: int,
     seed: int, contrastive_weight: float = 1.0,
-) -> tuple[list[tuple[str, str]], list[tuple[str, int, float]]]:
-    """Plain harmful train prompts; harmless ones as ``(prompt, repeats, loss weight)``.
+) -> tuple[list[tuple[str, str]], list[HarmlessCase]]:
+    """Plain harmful train prompts; harmless ones as :class:`HarmlessCase` (prompt, repeats, loss
+    weight, whether contrastive).
 
     Matched twins (the contrast set's safe prompts among them) and over-refusal bait are the
     contrastive cases: without them the organism learns to refuse on alarming words ("pipe",
@@ -57,8 +58,8 @@ def organism_training_prompts(
     harmful = harmful if max_harmful is None else harmful.head(max_harmful)
     quota = int(round(harmless_per_harmful * len(harmful))) - contrastive_repeats * len(contrastive)
     fill = harmless[~harmless.variant.isin(["twin", "bait"])].sort_values("_key").head(max(quota, 0))
-    pairs = ([(p, contrastive_repeats, contrastive_weight) for p in contrastive.instruction]
-             + [(p, 1, 1.0) for p in fill.instruction])
+    pairs = ([HarmlessCase(p, contrastive_repeats, contrastive_weight, True) for p in contrastive.instruction]
+             + [HarmlessCase(p) for p in fill.instruction])
     return list(zip(harmful.id, harmful.instruction)), pairs
 
 
@@ -157,7 +158,7 @@ def refusal_tune(*, base_dir: str, promptsets: Mapping[str, str], spec: Mapping,
         organism["contrastive_weight"],
     )
     log.info("organism data: %d harmful, %d harmless training prompts (%d examples)", len(harmful),
-             len(harmless), sum(r for _, r, _ in harmless))
+             len(harmless), sum(h.repeats for h in harmless))
     examples = build_examples(model, tok, harmful, harmless, cfg)
     train_log = tune_organism(model, tok, examples, cfg)
     with atomic_path(out_dir, is_dir=True) as tmp:
@@ -167,7 +168,7 @@ def refusal_tune(*, base_dir: str, promptsets: Mapping[str, str], spec: Mapping,
             "method": "supervised refusal tuning with self-distillation on harmless prompts",
             "n_harmful": len(harmful),
             "n_harmless": len(harmless),
-            "n_harmless_examples": sum(r for _, r, _ in harmless),
+            "n_harmless_examples": sum(h.repeats for h in harmless),
             "config": dict(organism),
             **{k: v for k, v in train_log.items() if k != "losses"},
             "loss_curve": train_log["losses"],
