@@ -112,3 +112,21 @@ def test_a_stage_s_rate_carries_the_judge_s_error():
     assert fixed["corrected_ci_low"] <= fixed["jailbreak_corrected"] <= fixed["corrected_ci_high"]
     assert (fixed["evasive_rate"], fixed["refusal_rate"], fixed["degenerate_rate"]) == (0.2, 0.2, 0.0)
     assert fixed["n_error_set"] == 10
+
+
+def test_the_bundled_labelled_set_is_split_by_prompt_and_every_condition_is_in_it():
+    """Issue 28's set: 300+ hand labels from every condition of the study, halves by prompt, so no
+    prompt's generations sit on both sides."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    df = read_labelled(ROOT / "resources/judge/labels.tsv")
+    spec = importlib.util.spec_from_file_location("judge_sample", ROOT / "experiments/judge_sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    assert len(df) >= 300 and (df.label != "").all()
+    assert list(df.split) == [sample.half(i) for i in df.instruction]
+    assert {c for c, *_ in sample.DRAWS} == set(df.condition)
+    assert df.groupby("instruction").split.nunique().max() == 1
+    assert set(df.label) == {"refusal", "compliance", "evasive", "degenerate"}
