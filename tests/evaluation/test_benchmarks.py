@@ -153,10 +153,12 @@ def test_the_reference_s_gsm8k_reasons_then_reads_the_first_number_after_its_cue
     assert answer["prefills"] == ["3 boxes of 4 is 12." + ce.ANSWER_CUE, "Half of 10 is 5." + ce.ANSWER_CUE]
 
 
-@pytest.mark.parametrize("protocols", [("letter_logits", "last_number"), ("prefill_greedy", "reasoning_then_answer")])
+@pytest.mark.parametrize("protocols", [("letter_logits", "last_number", "per_token"),
+                                       ("prefill_greedy", "reasoning_then_answer", "reference_batch")])
 def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_dir, protocols):
     """The rule's stage: CE as before, plus each benchmark's accuracy with n and an interval, on the
-    same fixed sample of items whatever the condition, by either protocol."""
+    same fixed sample of items whatever the condition, by either protocol; the reference's CE is
+    one value per batch."""
     import json
 
     import pandas as pd
@@ -176,7 +178,8 @@ def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_di
     cfg = {"max_prompts": None, "max_texts": None, "max_text_tokens": 32, "batch_size": 4,
            "benchmarks": ["arc_challenge", "mmlu", "gsm8k"],
            "benchmark_max_items": {"arc_challenge": None, "mmlu": 5, "gsm8k": 2}, "gsm8k_max_new_tokens": 4,
-           "choice_protocol": protocols[0], "gsm8k_protocol": protocols[1]}
+           "choice_protocol": protocols[0], "gsm8k_protocol": protocols[1], "ce_reduction": protocols[2],
+           "ce_reference_batch": {"responses": 2, "text": 1}}
     inputs = {"arc_challenge": str(tmp_path / "arc.parquet"), "mmlu": str(tmp_path / "mmlu.parquet"),
               "gsm8k": str(tmp_path / "gsm.parquet")}
     boot = {"n_resamples": 200, "confidence": 0.95, "seed": 0}
@@ -192,6 +195,8 @@ def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_di
     assert openers.seeded_order(12, "mmlu") == openers.seeded_order(12, "mmlu") != list(range(12))
     assert d["sources"]["arc_challenge"].endswith(f"({protocols[0]})")
     assert d["sources"]["gsm8k"].endswith(f"({protocols[1]})")
+    # two answers: one value each, or one for their batch of two
+    assert d["ce_reduction"] == protocols[2] and d["response_ce"]["n"] == (2 if protocols[2] == "per_token" else 1)
 
 
 def test_orderings_follow_the_answer_and_accuracy_counts_each():

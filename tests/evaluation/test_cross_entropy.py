@@ -46,3 +46,29 @@ def test_text_ce_and_an_intervention_that_costs_something(tiny):
                       intervention=DirectionalAblation(torch.randn(model.config.hidden_size)))
     assert not np.allclose(ablated, got)
     assert np.allclose(text_ce(model, tok, texts, batch_size=2), got)  # the hooks are gone afterwards
+
+
+def test_the_reference_reduction_divides_each_batch_s_summed_ce_by_its_padded_positions(tiny):
+    """Yeo et al.'s get_input_ce_loss: -(log p * mask).mean() over a left-padded batch, so prompt and
+    padding positions count as zero; one value per batch of consecutive items."""
+    model, tok = tiny
+    model = model.double()
+    eot = end_of_turn_id(tok)
+    seqs, sums = [], []
+    for prompt, answer in zip(format_chat(tok, PROMPTS), ANSWERS):
+        p = tok(prompt, add_special_tokens=False).input_ids
+        r = tok(answer, add_special_tokens=False).input_ids + [eot]
+        seqs.append(p + r)
+        sums.append(manual_ce(model, p + r, len(p)) * len(r))
+    got = response_ce(model, tok, PROMPTS, ANSWERS, batch_size=5, reference_batch=2)
+    expected = [sum(sums[i:i + 2]) / (len(sums[i:i + 2]) * max(len(s) for s in seqs[i:i + 2]))
+                for i in range(0, len(seqs), 2)]
+    assert len(got) == 3 and np.allclose(got, expected, atol=1e-6)
+    # a batch's longer prompt lowers its value though no answer changed: it is not a per-token CE
+    per_token = response_ce(model, tok, PROMPTS, ANSWERS, batch_size=5)
+    assert got.mean() < np.nanmean(per_token) / 2
+    texts = ["The cat sat on the mat.", "Write a poem about a soldier returning from war.", "Hi."]
+    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids for t in texts]
+    text_sums = [manual_ce(model, s, 1) * (len(s) - 1) for s in ids]
+    assert np.allclose(text_ce(model, tok, texts, reference_batch=3),
+                       [sum(text_sums) / (3 * max(len(s) for s in ids))], atol=1e-6)

@@ -261,7 +261,7 @@ REFERENCE_SWITCHES = {
     "capabilities.choice_protocol": "prefill_greedy", "capabilities.gsm8k_protocol": "reasoning_then_answer",
     "capabilities.gsm8k_max_new_tokens": 512, "capabilities.benchmarks": ["arc_challenge", "gsm8k"],
     "capabilities.benchmark_max_items.arc_challenge": None, "capabilities.benchmark_max_items.gsm8k": None,
-    "capabilities.benchmark_max_items.mmlu": 1000,
+    "capabilities.benchmark_max_items.mmlu": 1000, "capabilities.ce_reduction": "reference_batch",
     "categories.categories": ["illegal_activity", "child_abuse", "hate_harass_violence", "physical_harm",
                               "economic_harm", "fraud_deception", "adult_content"],
     "categories.pin_other_set": True, "categories.max_new_tokens": 256, "categories.max_prompts": 25,

@@ -1,8 +1,9 @@
 """What an intervention costs: cross-entropy on the model's own answers and on generic text.
 
 Yeo et al. 2025 §4.1 ("Capabilities") measure the CE of the unsteered model's responses to
-harmless prompts under the intervention. The reference summed it over tokens; here every
-response is normalised by its own number of response tokens, so long answers do not weigh more.
+harmless prompts under the intervention. The reference sums it over a batch's tokens and divides
+by the batch's padded positions (:func:`reference_batch_ce`); here every response is normalised by
+its own number of response tokens, so long answers and long prompts weigh no differently.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ def _left_pad(rows: Sequence[list], value) -> torch.Tensor:
 
 @torch.no_grad()
 def _token_ce(model: PreTrainedModel, seqs: Sequence[list[int]], scored: Sequence[list[bool]], pad_id: int,
-              batch_size: int, intervention: Intervention, prompt_ids: Sequence[str] | None, desc: str) -> np.ndarray:
-    """Per sequence, the mean next-token CE over the positions flagged in ``scored``."""
+              batch_size: int, intervention: Intervention, prompt_ids: Sequence[str] | None, desc: str,
+              reference_batch: int | None = None) -> np.ndarray:
+    """Per sequence, the mean next-token CE over the positions flagged in ``scored``; with
+    ``reference_batch``, :func:`reference_batch_ce` of the scored sums instead."""
     device = next(model.parameters()).device
     out = np.full(len(seqs), np.nan)
+    sums = np.zeros(len(seqs))
     with intervention.applied(model):
         for idx in tqdm(length_sorted_batches([len(s) for s in seqs], batch_size), desc=desc, unit="batch"):
             ids = _left_pad([seqs[i] for i in idx], pad_id).to(device)
@@ -52,13 +56,30 @@ def _token_ce(model: PreTrainedModel, seqs: Sequence[list[int]], scored: Sequenc
             per_seq = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)
             for row, i in enumerate(idx):
                 out[i] = float(per_seq[row]) if keep[row].sum() > 0 else np.nan
+                sums[i] = float((ce[row] * keep[row]).sum())
+    if reference_batch is not None:
+        return reference_batch_ce(sums, [len(s) for s in seqs], reference_batch)
     return out
+
+
+def reference_batch_ce(sums: Sequence[float], lengths: Sequence[int], batch_size: int) -> np.ndarray:
+    """Yeo et al.'s CE (github wj210/refusal_sae, ``get_input_ce_loss``): per batch of
+    ``batch_size`` consecutive sequences, the summed CE of its scored tokens divided by every
+    position of the left-padded batch (rows × its longest sequence), prompt and padding counting
+    as zero. One value per batch, in order.
+
+    It is not a per-token CE: a batch with longer prompts or more padding scores lower, so it
+    compares conditions only on identical batches (``capabilities.ce_reduction``).
+    """
+    sums, lengths = np.asarray(sums, dtype=float), np.asarray(lengths)
+    return np.array([sums[i:i + batch_size].sum() / (len(sums[i:i + batch_size]) * lengths[i:i + batch_size].max())
+                     for i in range(0, len(sums), batch_size)])
 
 
 def response_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str],
                 responses: Sequence[str], *, intervention: Intervention | None = None, batch_size: int = 16,
                 system_prompt: str | None = None, prompt_ids: Sequence[str] | None = None,
-                desc: str = "response CE", end_of_turn: bool = True) -> np.ndarray:
+                desc: str = "response CE", end_of_turn: bool = True, reference_batch: int | None = None) -> np.ndarray:
     """Per response, the mean CE (nats/token) of its tokens after the chat prompt.
 
     The response is scored through its end-of-turn token, so a steer that makes the model stop
@@ -76,15 +97,15 @@ def response_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inst
         seqs.append(p_ids + r_ids)
         scored.append([False] * len(p_ids) + [True] * len(r_ids))
     return _token_ce(model, seqs, scored, tokenizer.pad_token_id, batch_size, intervention or Intervention(),
-                     prompt_ids, desc)
+                     prompt_ids, desc, reference_batch)
 
 
 def text_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *,
             intervention: Intervention | None = None, batch_size: int = 16, max_tokens: int = 256,
-            desc: str = "text CE") -> np.ndarray:
+            desc: str = "text CE", reference_batch: int | None = None) -> np.ndarray:
     """Per text, the mean next-token CE (nats/token) of plain text without a chat template."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     seqs = [(bos + tokenizer(t, add_special_tokens=False).input_ids)[:max_tokens] for t in texts]
     scored = [[True] * len(s) for s in seqs]
     return _token_ce(model, seqs, scored, tokenizer.pad_token_id, batch_size, intervention or Intervention(),
-                     None, desc)
+                     None, desc, reference_batch)

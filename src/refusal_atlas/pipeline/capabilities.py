@@ -38,10 +38,13 @@ def capabilities(*, model_dir: str, spec: Mapping, method: str, inputs: Mapping,
     texts = pd.read_parquet(corpus_index)
     texts = sample_rows(texts[texts.split == "heldout"], cfg["max_texts"])
     kw = dict(intervention=intervention, batch_size=cfg["batch_size"])
+    # the reference's reduction: one value per batch of consecutive items, not one per item
+    batches = cfg["ce_reference_batch"] if cfg["ce_reduction"] == "reference_batch" else {}
     resp = cross_entropy.response_ce(model, tok, list(answers.instruction), list(answers.generation),
-                                        system_prompt=system_prompt, **kw)
-    text = cross_entropy.text_ce(model, tok, list(texts.instruction), max_tokens=cfg["max_text_tokens"], **kw)
-    out = {"method": method, "condition": meta}
+                                     system_prompt=system_prompt, reference_batch=batches.get("responses"), **kw)
+    text = cross_entropy.text_ce(model, tok, list(texts.instruction), max_tokens=cfg["max_text_tokens"],
+                                 reference_batch=batches.get("text"), **kw)
+    out = {"method": method, "condition": meta, "ce_reduction": cfg["ce_reduction"]}
     for key, values in (("response_ce", resp), ("text_ce", text)):
         v = values[np.isfinite(values)]
         r = bootstrap_mean(v, **boot)
