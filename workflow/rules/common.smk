@@ -156,6 +156,26 @@ def sae_pretrained_params(model):
     }
 
 
+def gate_sae_params(model):
+    """The unlearning guardrail's own SAE (sae.gate) and the layer it is loaded at."""
+    gate = model_spec(model)["sae"]["gate"]
+    return {
+        "release": gate["release"],
+        "sae_id": gate["sae_id"],
+        "d_model": MODEL_FACTS[model].d_model,
+        "layer": config["guardrails"]["unlearning"]["layer"],
+    }
+
+
+def gate_sae_dirs(wildcards):
+    """The SAEs the unlearning guardrail reads: its own (sae.gate), or the study's."""
+    if model_spec(wildcards.model)["sae"].get("gate"):
+        return [f"results/saes/{wildcards.model}/gate"]
+    return [
+        f"results/saes/{wildcards.model}/layer_{l}" for l in sae_layers(wildcards.model)
+    ]
+
+
 def local_sae_dir(wildcards):
     """The configured SAELens directory of one layer (sae.source local), relative to the
     working directory as model paths are."""

@@ -4,9 +4,7 @@
 rule guardrail_select:
     input:
         model=final_model_dir,
-        saes=lambda w: [
-            f"results/saes/{w.model}/layer_{l}" for l in sae_layers(w.model)
-        ],
+        saes=gate_sae_dirs,
         forget=lambda w: repo_path(config["guardrails"]["unlearning"]["forget"]),
         retain=lambda w: repo_path(config["guardrails"]["unlearning"]["retain"]),
     output:
@@ -42,9 +40,7 @@ rule guardrail_eval:
     input:
         unpack(guardrail_mc_inputs),
         model=final_model_dir,
-        saes=lambda w: [
-            f"results/saes/{w.model}/layer_{l}" for l in sae_layers(w.model)
-        ],
+        saes=gate_sae_dirs,
         forget=lambda w: repo_path(config["guardrails"]["unlearning"]["forget"]),
         retain=lambda w: repo_path(config["guardrails"]["unlearning"]["retain"]),
         selection="results/guardrails/{model}/unlearning_selection.parquet",

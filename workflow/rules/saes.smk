@@ -84,6 +84,29 @@ rule pretrained_sae:
         "../scripts/pretrained_sae.py"
 
 
+# The unlearning guardrail's own SAE (models.<m>.sae.gate), as Muhamed et al. gate with a 16k
+# Gemma Scope SAE where the study reads 65k ones.
+rule gate_sae:
+    output:
+        directory("results/saes/{model}/gate"),
+    log:
+        "logs/gate_sae/{model}.log",
+    benchmark:
+        "benchmarks/gate_sae/{model}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        code=library_code("gate_sae"),
+        spec=lambda w: load_params(w.model),
+        sae=lambda w: gate_sae_params(w.model),
+    script:
+        "../scripts/gate_sae.py"
+
+
 # A checked copy: the SAE must read this layer's resid_post with the model's width.
 rule local_sae:
     input:

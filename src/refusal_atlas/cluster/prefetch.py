@@ -51,6 +51,12 @@ def hub_artifacts(config: Mapping) -> list[HubArtifact]:
             folders = tuple(paths[sae["sae_id"].format(layer=layer)] for layer in sorted(sae["layers"]))
             out.append(HubArtifact(f"models.{name}.sae", release["repo_id"], None,
                                    tuple(f"{f}/*" for f in folders), folders))
+        if sae.get("gate"):
+            directory = _sae_directory() if directory is None else directory
+            release = directory[sae["gate"]["release"]]
+            folder = {s["id"]: s["path"] for s in release["saes"]}[
+                sae["gate"]["sae_id"].format(layer=config["guardrails"]["unlearning"]["layer"])]
+            out.append(HubArtifact(f"models.{name}.sae.gate", release["repo_id"], None, (f"{folder}/*",), (folder,)))
     judge = config["judges"]["harmbench"]
     if "harmbench" in config["evaluation"]["judges"] and not Path(judge["model"]).is_dir():
         out.append(HubArtifact("judges.harmbench", judge["model"], judge.get("revision")))

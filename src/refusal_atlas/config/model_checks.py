@@ -174,6 +174,22 @@ def _check_local_saes(name: str, sae: Mapping, facts: ModelFacts) -> None:
                               f"stream is {facts.d_model} wide ({facts.where})")
 
 
+def _check_gate_sae(name: str, gate: Mapping, layer: int | None, facts: ModelFacts, directory: Mapping) -> None:
+    """The guardrail's own SAE: a layer to put it at, and an id its release holds."""
+    where = f"models.{name}.sae.gate"
+    if layer is None:
+        raise ConfigError(f"{where}: the gate's own SAE needs guardrails.unlearning.layer, the layer it reads")
+    if facts.n_layers is not None and layer >= facts.n_layers:
+        raise ConfigError(f"guardrails.unlearning.layer (model {name}): layer {layer} beyond the model's "
+                          f"{facts.n_layers} layers ({facts.where})")
+    if directory:
+        if gate["release"] not in directory:
+            raise ConfigError(f"{where}.release: SAELens knows no release {gate['release']!r}")
+        sae_id = gate["sae_id"].format(layer=layer)
+        if sae_id not in {s["id"] for s in directory[gate["release"]].get("saes", [])}:
+            raise ConfigError(f"{where}.sae_id: release {gate['release']!r} has no SAE {sae_id!r}")
+
+
 def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, ModelFacts]) -> None:
     """What a stage would otherwise find out only after an hour of upstream jobs: layers beyond the
     model's depth, a model with no chat template, an SAE release for another model, a dataset the
@@ -222,6 +238,9 @@ def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, M
                     raise ConfigError(
                         f"models.{name}.sae.release: {sae['release']!r} was trained on {release['model']!r}, "
                         f"whose d_in need not match {hub!r}; use a release for this model")
+        if sae.get("gate"):
+            directory = _pretrained_directory() if directory is None else directory
+            _check_gate_sae(name, sae["gate"], config["guardrails"]["unlearning"]["layer"], f, directory)
     datasets = {"sae_corpus.dataset": config["sae_corpus"]["dataset"]}
     for pname, p in config["promptsets"].items():
         if p["source"] == "benchmark" and "file" in p:
