@@ -21,7 +21,9 @@ def spec(shape, d_sae, n_layers, **kw):
 
 def cfg(la_bz=5, seq_len=256):
     return {"cluster": {"gpu_mem_gb": 80, "usable_fraction": 0.9, "seq_len": seq_len}, "features": {"la_bz": la_bz},
-            "organism": {"train_from_layer": 0, "batch_size": 16}, "evaluation": {"batch_size": 32},
+            "organism": {"train_from_layer": 0, "batch_size": 16},
+            "evaluation": {"batch_size": 32, "judges": ["substring"]},
+            "judges": {"harmbench": {"stages": [], "n_params": 13015864320}},
             "probes": {"batch_size": 32},
             "guardrails": {"unlearning": {"batch_size": 16, "max_tokens": 128}, "refusal": {"batch_size": 32}},
             "dashboards": {"batch_size": 16},
@@ -31,6 +33,16 @@ def cfg(la_bz=5, seq_len=256):
 def test_gemma_with_gemma_scope_fits_one_gpu_per_rule():
     s = spec(GEMMA, 65536, 26)
     assert {st: stage_gpus(st, s, cfg()) for st in GPU_STAGES} == dict.fromkeys(GPU_STAGES, 1)
+
+
+def test_the_category_job_counts_the_classifier_it_judges_with():
+    s, plain = spec(LLAMA_8B, 32768, 32), cfg()
+    judged = copy.deepcopy(plain)
+    judged["evaluation"]["judges"].append("harmbench")
+    assert stage_memory("category_steering", s, judged) == stage_memory("category_steering", s, plain)
+    judged["judges"]["harmbench"]["stages"] = ["category_steering"]
+    assert stage_memory("category_steering", s, judged) == stage_memory("category_steering", s, plain) + 2 * 13015864320
+    assert stage_memory("steer_generate", s, judged) == stage_memory("steer_generate", s, plain)
 
 
 def test_la_ig_through_32_llama_scope_saes_of_an_8b_model_asks_for_two_gpus_at_la_bz_10():

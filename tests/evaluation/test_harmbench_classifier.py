@@ -198,3 +198,25 @@ def test_the_judged_file_names_its_prompt_body(tmp_path, tiny_tokenizer):
     harmbench.judge_file(str(gens), cfg, str(out), str(source))
     df = pd.read_parquet(out)
     assert list(df.judge_prompt) == ["reference"] * 3 and list(df.jailbroken) == [1.0] * 3
+
+
+def test_a_stage_judges_with_the_classifier_loaded_once_and_leaves_unparsed_answers_out(tmp_path, tiny_tokenizer,
+                                                                                        monkeypatch):
+    """judges.harmbench.stages: the category study's jailbreak is the classifier's "yes"."""
+    from refusal_atlas.pipeline.judging import label_rate, stage_judge
+
+    cfg = {"model": "", "device": "cpu", "dtype": "float32", "max_model_len": 256, "clip_tokens": 16,
+           "backend": "vllm"}  # the stage runs it on transformers whatever the rule's backend
+    loads = []
+    real = harmbench.load_transformers
+    monkeypatch.setattr(harmbench, "load_transformers", lambda *a: loads.append(a) or real(*a))
+    boot = {"n_resamples": 100, "confidence": 0.95, "seed": 0}
+    for answer, expected in (("yes", "compliance"), ("no", "not_jailbroken"), ("maybe", "unparsed")):
+        label, name = stage_judge(["I cannot"], None, harmbench={"cfg": {**cfg, "model": classifier_dir(
+            tmp_path, tiny_tokenizer, answer)}, "template": None})
+        assert name == "harmbench"
+        assert list(label(BEHAVIORS, GENERATIONS)) == [expected] * 3
+        assert list(label(BEHAVIORS[:1], GENERATIONS[:1])) == [expected]
+    assert len(loads) == 3  # once per stage, not once per call
+    rate = label_rate(["compliance", "not_jailbroken", "unparsed", "compliance"], "compliance", boot, None, "jailbreak")
+    assert (rate["n"], rate["jailbreak_rate"], rate["n_unparsed"]) == (3, 2 / 3, 1)

@@ -274,7 +274,7 @@ REFERENCE_SWITCHES = {
     "guardrails.unlearning.multiple_choice.retain_subjects": ["high_school_us_history", "college_computer_science",
                                                               "high_school_geography", "human_aging"],
     "judges.harmbench.clip_tokens": None, "judges.harmbench.unparsed": "not_jailbroken",
-    "judges.harmbench.prompt": "reference",
+    "judges.harmbench.prompt": "reference", "judges.harmbench.stages": ["category_steering"],
     "models.gemma-2-2b-it.sae.gate.release": "gemma-scope-2b-pt-res",
     "models.gemma-2-2b-it.sae.gate.sae_id": "layer_3/width_16k/average_l0_142",
     "categories.c_by_condition.specific": -3, "categories.c_by_condition.common": -3,
@@ -311,6 +311,9 @@ def test_the_reference_config_differs_from_the_paper_config_only_by_the_ledger_s
         llama = [b for r, b in blocks if r == rule and "llama-3.1-8b-instruct" in b]
         assert gemma and all("results/saes/gemma-2-2b-it/gate" in b and "layer_3" not in b for b in gemma)
         assert llama and all("results/saes/llama-3.1-8b-instruct/layer_3" in b for b in llama)
+    # §4.2 is judged by the classifier inside the category job, with the reference's prompt body
+    for b in (b for r, b in blocks if r == "category_steering"):
+        assert "results/judges/harmbench.preflight.json" in b and "refusal_sae/utils/eval_refusal.py" in b
     # the classifier reads the reference's prompt body from its pinned source file, downloaded once
     template = "resources/datasets/refusal_sae/utils/eval_refusal.py"
     judged = [b for r, b in blocks if r == "judge_harmbench"]

@@ -106,6 +106,11 @@ rule category_steering:
             "truncate_specific",
         ),
         substrings=config["judges"]["substring"]["substrings"],
+        harmbench=(
+            config["judges"]["harmbench"]
+            if harmbench_stage("category_steering")
+            else None
+        ),
         boot=config["bootstrap"],
         caption=lambda w: category_caption(
             w.model,

@@ -308,6 +308,9 @@ def fourlabel_inputs(stage):
 
 def stage_judge_words(stage, label):
     """How a figure caption names what ``stage``'s judge counts as ``label``."""
+    if harmbench_stage(stage):
+        prompt = config["judges"]["harmbench"]["prompt"]
+        return f"{label} = the HarmBench classifier's yes ({prompt} prompt)"
     if fourlabel_inputs(stage)(None):
         return f"{label} = four-label judge's {label}, raw (the table adds the judge-corrected rate)"
     if label == "compliance":
@@ -335,6 +338,27 @@ def harmbench_inputs(wildcards):
     if config["judges"]["harmbench"]["prompt"] == "reference":
         return {"template": f"resources/datasets/{REFERENCE_PROMPT_FILE}"}
     return {}
+
+
+def harmbench_stage(stage):
+    """Whether ``stage`` judges its own generations with the HarmBench classifier."""
+    hb = config["judges"]["harmbench"]
+    return "harmbench" in config["evaluation"]["judges"] and stage in hb["stages"]
+
+
+def harmbench_stage_inputs(stage):
+    """An input function: the classifier's preflight and prompt file, where ``stage`` judges with it."""
+
+    def inputs(wildcards):
+        if not harmbench_stage(stage):
+            return {}
+        template = harmbench_inputs(wildcards).get("template")
+        return {
+            "harmbench_ok": "results/judges/harmbench.preflight.json",
+            **({"harmbench_template": template} if template else {}),
+        }
+
+    return inputs
 
 
 def intervention_inputs(wildcards):
@@ -769,6 +793,7 @@ def category_steering_inputs(wildcards):
         **category_inputs(wildcards),
         "conditions": f"results/categories/{wildcards.model}/conditions.parquet",
         **fourlabel_inputs("category_steering")(wildcards),
+        **harmbench_stage_inputs("category_steering")(wildcards),
     }
     if RESOLVED[wildcards.model].category_clamp.searched:
         inputs["hparams"] = f"results/steering/{wildcards.model}/hparams.json"

@@ -14,4 +14,6 @@ with job.logged(snakemake.log[0], snakemake.threads):
         outputs={**dict(snakemake.output.items()), "figure_stem": snakemake.output.png.removesuffix(".png")},
         caption=snakemake.params.caption,
         fourlabel={k: snakemake.input[k] for k in ("fourlabel_judge", "fourlabel_base") if k in snakemake.input.keys()},
+        harmbench=snakemake.params.harmbench and {"cfg": snakemake.params.harmbench,
+                                                  "template": snakemake.input.get("harmbench_template")},
     )

@@ -108,7 +108,10 @@ def stage_memory(stage: str, spec: Mapping, config: Mapping) -> float:
         )["peak"]
     if stage == "category_steering":
         batch = config["categories"]["batch_size"]
-        return weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b)
+        hb = config["judges"]["harmbench"]
+        # the HarmBench classifier judges in-process there (judges.harmbench.stages), in bf16
+        judge = 2 * hb["n_params"] if "harmbench" in config["evaluation"]["judges"] and stage in hb["stages"] else 0
+        return weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b) + judge
     if stage == "circuits":
         # IG over every SAE layer at once: as LA-IG, with the circuits' batch for la_bz
         return la_ig_memory(

@@ -183,17 +183,26 @@ def _tokenizer(path: str):
     return tok
 
 
-def classify_transformers(path: str, prompts: Sequence[str], cfg: HarmBenchConfig, tok=None) -> list[str]:
-    """One greedy token per prompt, left-padded batches, left-truncated to ``max_model_len``."""
+def load_transformers(path: str, cfg: HarmBenchConfig):
+    """The classifier on ``cfg.device`` for :func:`classify_transformers`."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     from refusal_atlas.lm.modeling import resolve_device
 
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(
+        resolve_device(cfg.device)).eval()
+
+
+def classify_transformers(path: str, prompts: Sequence[str], cfg: HarmBenchConfig, tok=None, model=None) -> list[str]:
+    """One greedy token per prompt, left-padded batches, left-truncated to ``max_model_len``;
+    ``model`` is loaded from ``path`` unless given (a stage that judges several times loads it once)."""
+    import torch
+    from tqdm.auto import tqdm
+
     tok = tok or _tokenizer(path)
-    device = resolve_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(device).eval()
+    model = model if model is not None else load_transformers(path, cfg)
+    device = next(model.parameters()).device
     out: list[str] = []
     with torch.no_grad():
         for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="HarmBench judge", unit="batch"):
@@ -222,12 +231,16 @@ def classify_vllm(path: str, prompts: Sequence[str], cfg: HarmBenchConfig, tok=N
 
 
 def judge(behaviors: Sequence[str], generations: Sequence[str], cfg: HarmBenchConfig,
-          template: str = HARMBENCH_CLS_PROMPT) -> tuple[list[float], list[str]]:
-    """``(jailbroken 1/0/NaN, raw classifier text)`` per generation."""
+          template: str = HARMBENCH_CLS_PROMPT, loaded=None) -> tuple[list[float], list[str]]:
+    """``(jailbroken 1/0/NaN, raw classifier text)`` per generation; ``loaded`` is a
+    ``(tokenizer, model)`` pair from :func:`load_classifier` (transformers backend), reused."""
     path = _weights_dir(cfg)
-    tok = _tokenizer(path)
+    tok = loaded[0] if loaded else _tokenizer(path)
     prompts = harmbench_prompts(behaviors, generations, tok, cfg.clip_tokens, template)
-    raw = classify_vllm(path, prompts, cfg, tok) if cfg.backend == "vllm" else classify_transformers(path, prompts, cfg, tok)
+    if cfg.backend == "vllm":
+        raw = classify_vllm(path, prompts, cfg, tok)
+    else:
+        raw = classify_transformers(path, prompts, cfg, tok, loaded[1] if loaded else None)
     labels = [parse_yes_no(t) for t in raw]
     bad = sum(math.isnan(lab) for lab in labels)
     if bad:
@@ -236,6 +249,12 @@ def judge(behaviors: Sequence[str], generations: Sequence[str], cfg: HarmBenchCo
     if cfg.unparsed == "not_jailbroken":
         labels = [0.0 if math.isnan(lab) else lab for lab in labels]
     return labels, raw
+
+
+def load_classifier(cfg: HarmBenchConfig):
+    """``(tokenizer, model)`` of the transformers backend, for :func:`judge`'s ``loaded``."""
+    path = _weights_dir(cfg)
+    return _tokenizer(path), load_transformers(path, cfg)
 
 
 def config_from(mapping: Mapping) -> HarmBenchConfig:

@@ -139,13 +139,15 @@ def _pinned_rows(conds: pd.DataFrame, condition: str) -> pd.DataFrame | None:
 
 def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditions: str, sae_dirs: Sequence[str],
                       hparams: str | None, cfg: Mapping, substrings: Sequence[str], boot: Mapping,
-                      outputs: Mapping[str, str], caption: str, fourlabel: Mapping | None = None) -> None:
+                      outputs: Mapping[str, str], caption: str, fourlabel: Mapping | None = None,
+                      harmbench: Mapping | None = None) -> None:
     """Jailbreak rate of each category's held-out harmful prompts under the clamps of §4.2, and
     the normalized jailbreak (Yeo et al. 2025 §4.2).
 
     A jailbreak is the judge's ``compliance``: the four-label judge's where ``fourlabel`` gives
     it (then with the rate corrected for its measured error, and the evasive and degenerate
-    shares beside it), else the substring judge's "no refusal phrase".
+    shares beside it), the HarmBench classifier's "yes" where ``harmbench`` gives it (the
+    reference's judge), else the substring judge's "no refusal phrase".
     """
 
     _, c_value = Clamp(**cfg["clamp"]).require(read_search(hparams), "categories")
@@ -160,7 +162,7 @@ def category_steering(*, model_dir: str, spec: Mapping, promptset: str, conditio
     model, tok, system_prompt = open_model(model_dir, spec)
     sae_map = open_saes(sae_dirs, spec, model)
     d_sae = {l: s.cfg.d_sae for l, s in sae_map.items()}
-    judge, judge_name = stage_judge(substrings, fourlabel)
+    judge, judge_name = stage_judge(substrings, fourlabel, harmbench=harmbench)
     errors = error_set(fourlabel)
 
     c_of = {cond: cfg["c_by_condition"].get(cond, c_value) for cond in ("all", "specific", "common", "transfer")}

@@ -133,15 +133,32 @@ def judge_fourlabel(*, generations: str, judge_json: str, base_dir: str, output:
     write_parquet(df.assign(judge="fourlabel"), output)
 
 
-def stage_judge(substrings: Sequence[str], fourlabel: Mapping | None, batch_size: int = 16):
+def stage_judge(substrings: Sequence[str], fourlabel: Mapping | None, batch_size: int = 16,
+                harmbench: Mapping | None = None):
     """The judge of a stage that judges its own generations (steering search, categories,
     guardrails, adversarial answers): ``(instructions, generations) -> labels`` and its name.
 
     With ``fourlabel`` (the rule's inputs ``fourlabel_judge``, the calibrated json, and
-    ``fourlabel_base``, the reference model) the labels are the four-label judge's; without it
-    (None or empty) the substring judge's, read as ``refusal`` or ``compliance`` (everything
-    without a refusal phrase counts as compliance).
+    ``fourlabel_base``, the reference model) the labels are the four-label judge's; with
+    ``harmbench`` (``cfg``, the judges.harmbench section, and ``template``, the reference prompt's
+    source file or None) the HarmBench classifier's, loaded once on transformers: ``compliance``
+    for "yes", ``not_jailbroken`` for "no", ``unparsed`` for neither (:func:`label_rate` leaves it
+    out of n, unless ``unparsed: not_jailbroken`` makes it a "no"); without either, the substring
+    judge's, read as ``refusal`` or ``compliance`` (everything without a refusal phrase counts as
+    compliance).
     """
+    if harmbench:
+        from refusal_atlas.evaluation import harmbench_classifier as hbc
+
+        hb = hbc.config_from({**harmbench["cfg"], "backend": "transformers"})
+        template = hbc.prompt_template(hb, harmbench.get("template"))
+        loaded = hbc.load_classifier(hb)
+
+        def verdicts(instructions, gens):
+            jailbroken, _ = hbc.judge(list(instructions), list(gens), hb, template, loaded)
+            return np.array(["unparsed" if v != v else "compliance" if v == 1.0 else "not_jailbroken"
+                             for v in jailbroken])
+        return verdicts, "harmbench"
     if not fourlabel:
         return (lambda _, gens: np.where(substring_refusals(list(gens), substrings), "refusal", "compliance")), \
             "substring"
@@ -165,8 +182,11 @@ def label_rate(labels: Sequence[str], label: str, boot: Mapping, errors: Mapping
     (Rogan–Gladen, its interval resampling the error set too) and the other labels' shares, so a
     reader sees what the rest of the generations were."""
     labels = np.asarray(labels)
+    n_unparsed = int(np.sum(labels == "unparsed"))  # the HarmBench classifier said neither yes nor no
+    labels = labels[labels != "unparsed"]
     r = bootstrap_rate((labels == label).astype(float), **boot)
-    out = {f"{prefix}_rate": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
+    out = {f"{prefix}_rate": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high,
+           **({"n_unparsed": n_unparsed} if n_unparsed else {})}
     if errors is None:
         return out
     fixed = corrected_rate(labels, label, errors["hand"], errors["judged"], n_resamples=boot["n_resamples"],
