@@ -167,7 +167,8 @@ def response_loss(
     ``batch`` (see :func:`shared_prefix_length`); the loss equals that of the concatenated rows.
 
     A negative row is a refusal of a safe prompt. Its term is a sequence-level unlikelihood
-    (after Welleck et al. 2020, Eq. 4, taken over the sequence's mean log-probability m):
+    (after Welleck et al.'s 2020 unlikelihood training, taken over the sequence's mean
+    log-probability m):
     ``-log(1 - exp(m))``, near zero once the refusal is unlikely, and large while the model would
     say it. ``unlikelihood`` is λ, the term's weight beside the cross-entropy.
     """
@@ -212,13 +213,14 @@ def build_examples(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     harmful: Sequence[tuple[str, str]],
-    harmless: Sequence[tuple[str, int] | tuple[str, int, float]],
+    harmless: Sequence[HarmlessCase | tuple],
     cfg: OrganismConfig,
 ) -> list[Example]:
     """Refusals for ``(id, prompt)`` harmful pairs; the base model's own answers for the harmless
     cases (:class:`HarmlessCase`, or a tuple of its fields), each answer generated once and
     repeated. With ``cfg.contrastive_unlikelihood``, each contrastive case adds a negative example:
-    the refusal its harmful twin would be taught, to be made unlikely."""
+    a refusal (one of ``cfg.refusal_templates``, picked per prompt as for harmful ones) to be made
+    unlikely."""
     harmless = [h if isinstance(h, HarmlessCase) else HarmlessCase(*h) for h in harmless]
     prompts = [h.prompt for h in harmless]
     answers = generate(
