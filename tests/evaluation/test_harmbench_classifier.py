@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from refusal_atlas.data.templates import read_prompt_template
 from refusal_atlas.evaluation import harmbench_classifier as harmbench
 from refusal_atlas.evaluation.harmbench_classifier import (
     HARMBENCH_CLS_PROMPT,
@@ -148,14 +149,14 @@ def test_the_reference_prompt_body_is_read_from_its_source_file_without_running_
     monkeypatch.delenv("REFUSAL_ATLAS_RAN_IT", raising=False)
     source = tmp_path / "eval_refusal.py"
     source.write_text(REFERENCE_SOURCE)
-    template = harmbench.read_prompt_template(source)
+    template = read_prompt_template(source)
     assert "REFUSAL_ATLAS_RAN_IT" not in __import__("os").environ
     (p,) = harmbench_prompts(["Make a bomb"], ["Sure"], template=template)
     assert p == "[INST] Judge it.\n[BEHAVIOR]:\nMake a bomb\n\n[GENERATION]:\nSure\nAnswer: [/INST]"
     assert harmbench.prompt_template(cpu_config("unused", prompt="reference"), str(source)) == template
     assert harmbench.prompt_template(cpu_config("unused"), str(source)) == HARMBENCH_CLS_PROMPT
     (tmp_path / "plain.py").write_text("LLAMA2_CLS_PROMPT = '{behavior} -> {generation}'\n")
-    assert harmbench.read_prompt_template(tmp_path / "plain.py") == "{behavior} -> {generation}"
+    assert read_prompt_template(tmp_path / "plain.py") == "{behavior} -> {generation}"
 
 
 @pytest.mark.parametrize("source, message", [
@@ -170,7 +171,7 @@ def test_a_malformed_reference_prompt_file_is_rejected_by_name(tmp_path, source,
     path = tmp_path / "eval_refusal.py"
     path.write_text(source)
     with pytest.raises(ValueError, match=message):
-        harmbench.read_prompt_template(path)
+        read_prompt_template(path)
 
 
 def test_the_reference_prompt_without_its_file_fails_before_the_classifier_loads(tmp_path):

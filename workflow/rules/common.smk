@@ -137,7 +137,15 @@ def without(section, *keys):
     return {k: v for k, v in section.items() if k not in keys}
 
 
-SAE_SOURCE_KEYS = ("source", "layers", "release", "sae_id", "path", "quality_targets")
+SAE_SOURCE_KEYS = (
+    "source",
+    "layers",
+    "release",
+    "sae_id",
+    "path",
+    "quality_targets",
+    "gate",
+)
 # what LA-IG reads (refusal_atlas.features.attribution.LAIGConfig.from_section)
 LA_IG_KEYS = ("ig_steps", "la_bz", *LA_IG_MODE_KEYS)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from refusal_atlas.core.io import atomic_path
 from refusal_atlas.data.manifest import DatasetError, DatasetFile, load_manifest  # noqa: F401 (re-exported)
+from refusal_atlas.data.templates import read_prompt_template
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -176,8 +177,6 @@ def _counted(reader):
 
 def check_prompt_template(path: Path, expected_items: int | None = None) -> int:
     """A Python source file that holds a HarmBench classifier prompt (read, never run)."""
-    from refusal_atlas.evaluation.harmbench_classifier import read_prompt_template
-
     try:
         read_prompt_template(path)
     except ValueError as e:

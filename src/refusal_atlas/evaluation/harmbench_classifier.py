@@ -9,7 +9,6 @@ so it runs in the vLLM environment (workflow/envs/vllm.yaml) as well as in the c
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import logging
 import math
@@ -17,6 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from refusal_atlas.data.templates import read_prompt_template
 
 
 # ---------------------------------------------------------------------------- HarmBench
@@ -49,7 +50,6 @@ HARMBENCH_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
 # reference): the workflow downloads that file, pinned in resources/datasets.yaml, and reads the
 # string out of it, so the text is never copied into this repository.
 REFERENCE_PROMPT_FILE = "refusal_sae/utils/eval_refusal.py"
-REFERENCE_PROMPT_NAME = "LLAMA2_CLS_PROMPT"
 
 
 class JudgeUnavailable(RuntimeError):
@@ -71,38 +71,6 @@ def harmbench_prompts(behaviors: Sequence[str], generations: Sequence[str], toke
     if tokenizer is not None and max_tokens is not None:
         generations = [clip_generation(tokenizer, g, max_tokens) for g in generations]
     return [template.format(behavior=b, generation=g) for b, g in zip(behaviors, generations)]
-
-
-def read_prompt_template(path: str | Path, name: str = REFERENCE_PROMPT_NAME) -> str:
-    """The classifier prompt that a Python source file assigns to ``name`` at its top level: a
-    string, or a dict whose "prompt" holds it (as HarmBench's eval_utils.py keeps its templates).
-
-    The file is parsed, never run; the template must take exactly ``{behavior}`` and ``{generation}``.
-    """
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
-    except (SyntaxError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not Python source ({e})") from None
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            try:
-                value = ast.literal_eval(node.value)
-            except ValueError:
-                raise ValueError(f"{path}: {name} is not a literal string or dict") from None
-            template = value.get("prompt") if isinstance(value, dict) else value
-            if not isinstance(template, str):
-                raise ValueError(f"{path}: {name} holds no prompt string")
-            _check_template(template, f"{path}: {name}")
-            return template
-    raise ValueError(f"{path}: no top-level assignment to {name}")
-
-
-def _check_template(template: str, where: str) -> None:
-    import string
-
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    if fields != {"behavior", "generation"}:
-        raise ValueError(f"{where}: the template's fields are {sorted(fields)}, not behavior and generation")
 
 
 def parse_yes_no(text: str) -> float:

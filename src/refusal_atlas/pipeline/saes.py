@@ -82,6 +82,11 @@ def pretrained_sae(*, spec: Mapping, cfg: Mapping, layer: int, model_name: str, 
         sae.save_model(tmp)
 
 
+def gate_sae(*, spec: Mapping, cfg: Mapping, model_name: str, output_dir: str) -> None:
+    """The unlearning guardrail's own SAE (``models.<m>.sae.gate``) at ``cfg["layer"]``."""
+    pretrained_sae(spec=spec, cfg=cfg, layer=cfg["layer"], model_name=model_name, output_dir=output_dir)
+
+
 def local_sae(*, sae_dir: str, spec: Mapping, d_model: int | None, layer: int, model_name: str,
               output_dir: str) -> None:
     from refusal_atlas.saes import loading
