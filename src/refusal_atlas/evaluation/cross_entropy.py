@@ -53,10 +53,11 @@ def _token_ce(model: PreTrainedModel, seqs: Sequence[list[int]], scored: Sequenc
             ce = nnf.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             # a target counts only when the position predicting it is a real token, not padding
             keep = (flags[:, 1:] & mask[:, :-1].bool()).float()
-            per_seq = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)
+            summed, counts = (ce * keep).sum(1), keep.sum(1)
+            per_seq = summed / counts.clamp(min=1)
             for row, i in enumerate(idx):
-                out[i] = float(per_seq[row]) if keep[row].sum() > 0 else np.nan
-                sums[i] = float((ce[row] * keep[row]).sum())
+                out[i] = float(per_seq[row]) if counts[row] > 0 else np.nan
+                sums[i] = float(summed[row])
     if reference_batch is not None:
         return reference_batch_ce(sums, [len(s) for s in seqs], reference_batch)
     return out

@@ -202,7 +202,8 @@ def judge(behaviors: Sequence[str], generations: Sequence[str], cfg: HarmBenchCo
           template: str = HARMBENCH_CLS_PROMPT, loaded=None) -> tuple[list[float], list[str]]:
     """``(jailbroken 1/0/NaN, raw classifier text)`` per generation; ``loaded`` is a
     ``(tokenizer, model)`` pair from :func:`load_classifier` (transformers backend), reused."""
-    path = _weights_dir(cfg)
+    # a loaded classifier needs no weights lookup: a stage calls this once per condition
+    path = None if loaded else _weights_dir(cfg)
     tok = loaded[0] if loaded else _tokenizer(path)
     prompts = harmbench_prompts(behaviors, generations, tok, cfg.clip_tokens, template)
     if cfg.backend == "vllm":

@@ -153,14 +153,17 @@ def score_layers(
     max_new_tokens: int = 16,
     batch_size: int = 16,
     system_prompt: str | None = None,
+    base_harmless: torch.Tensor | None = None,
 ) -> list[LayerScore]:
     """Evaluate every candidate layer's direction on the validation prompts.
 
     The refusal that counts is the judged one: a first-token score alone misleads on models
     whose answers, too, often start with the refusal token ("I'd be glad to...").
+    ``base_harmless``, the unsteered last-token log-probabilities of ``harmless_val``, is computed
+    here unless given (a caller scoring several positions computes it once).
     """
     logprobs = partial(last_token_logprobs, model, tokenizer, batch_size=batch_size, system_prompt=system_prompt)
-    base_harmless = logprobs(harmless_val)
+    base_harmless = logprobs(harmless_val) if base_harmless is None else base_harmless
     scores = []
     for layer in tqdm(candidates, desc="direction layers", unit="layer"):
         r = directions[layer]

@@ -67,11 +67,14 @@ def refusal_direction(*, model_dir: str, spec: Mapping, acts_path: str, index_pa
     # scoring only ranks candidates; the directions themselves come from float32 activations
     scores = []
     with autocast(model, cfg["autocast_dtype"]):
+        base_harmless = direction.last_token_logprobs(model, tok, harmless_val, batch_size=cfg["batch_size"],
+                                                      system_prompt=system_prompt)
         for offset, r in zip(offsets, rs):
             scores += [dataclasses.replace(sc, position=offset) for sc in direction.score_layers(
                 model, tok, r, harmful_val, harmless_val, refusal_ids, candidates=candidates, kl_max=cfg["kl_max"],
                 min_induce=cfg["min_induce_score"], substrings=substrings,
                 max_new_tokens=cfg["select_max_new_tokens"], batch_size=cfg["batch_size"], system_prompt=system_prompt,
+                base_harmless=base_harmless,
             )]
     # a fixed layer is taken as given; with several positions, the rule still picks one among them
     best = direction.choose(scores, eligible_only=cfg["layer"] is None)
