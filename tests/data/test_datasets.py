@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 
@@ -207,3 +208,68 @@ def test_the_manifest_pins_the_reference_prompt_source_to_a_commit_and_sha256():
     entry = load_manifest(MANIFEST)["refusal_sae/utils/eval_refusal.py"]
     assert "/f7b8c81fb00d860ba27d0f7396102b4c221ec372/utils/eval_refusal.py" in entry.url
     assert len(entry.sha256) == 64 and entry.format == "python_prompt_template" and entry.items == 1
+
+
+def _pile_shard(path, n_lines: int, *, tail: bytes = b"") -> list[bytes]:
+    """A Pile-like shard of two zstd frames (as parallel zstd writes them), plus ``tail``."""
+    import zstandard
+
+    lines = [json.dumps({"text": f"Document {i}: " + "word " * (i % 50), "meta": {"pile_set_name": "Pile-CC"}}
+                        ).encode() + b"\n" for i in range(n_lines)]
+    cut = n_lines // 3
+    c = zstandard.ZstdCompressor()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(c.compress(b"".join(lines[:cut])) + c.compress(b"".join(lines[cut:])) + tail)
+    return lines
+
+
+def _head_entry(sha, head=1000):
+    return DatasetFile("pile_uncopyrighted", "train/00.head1000.jsonl", "unused", sha, "jsonl_text", "other", head,
+                       head=head, compression="zstd", source="train/00.jsonl.zst")
+
+
+def test_the_pile_s_first_documents_are_kept_while_its_shard_streams(tmp_path):
+    """Only the first 1,000 lines are read (undecodable bytes far past them are never reached), stored
+    decompressed, pinned by their own sha256, and fetched from the upstream file's path on a mirror."""
+    mirror = tmp_path / "mirror"
+    lines = _pile_shard(mirror / "pile_uncopyrighted/train/00.jsonl.zst", 40_000, tail=b"\x00not zstd" * 10)
+    head = b"".join(lines[:1000])
+    dest = tmp_path / "out" / "train" / "00.head1000.jsonl"
+    download(_head_entry(hashlib.sha256(head).hexdigest()), dest, mirror=mirror.as_uri())
+    assert dest.read_bytes() == head
+    from refusal_atlas.data.datasets import read_jsonl_text
+
+    assert read_jsonl_text(dest)[999].startswith("Document 999: ")
+    with pytest.raises(DatasetError, match="sha256 mismatch"):
+        download(_head_entry("0" * 64), tmp_path / "out2" / "f.jsonl", mirror=mirror.as_uri())
+    assert not (tmp_path / "out2").exists() or list((tmp_path / "out2").iterdir()) == []
+
+
+@pytest.mark.parametrize("case, message", [("short", "has 900 lines, fewer than the 1000"),
+                                           ("not_zstd", "not a zstd stream"),
+                                           ("no_text", "line 3 has no string 'text'")])
+def test_a_bad_pile_shard_leaves_nothing(tmp_path, case, message):
+    shard = tmp_path / "mirror" / "pile_uncopyrighted/train/00.jsonl.zst"
+    if case == "short":
+        _pile_shard(shard, 900)
+    elif case == "not_zstd":
+        shard.parent.mkdir(parents=True)
+        shard.write_bytes(b'{"text": "plain, not compressed"}\n' * 2000)
+    else:
+        import zstandard
+
+        shard.parent.mkdir(parents=True)
+        rows = [{"text": "a"}, {"text": "b"}, {"content": "c"}] + [{"text": "d"}] * 1000
+        shard.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DatasetError, match=message):  # from the commit-pinned URL, no sha256 yet
+        download(dataclasses.replace(_head_entry(None), url=shard.as_uri()), out / "f.jsonl")
+    assert list(out.iterdir()) == []
+
+
+def test_the_manifest_pins_the_pile_s_head_to_its_commit():
+    e = load_manifest(MANIFEST)["pile_uncopyrighted/train/00.head1000.jsonl"]
+    assert "/resolve/3be90335b66f24456a5d6659d9c8d208c0357119/train/00.jsonl.zst" in e.url
+    assert (e.head, e.items, e.compression, e.source, e.format) == (1000, 1000, "zstd", "train/00.jsonl.zst",
+                                                                    "jsonl_text")

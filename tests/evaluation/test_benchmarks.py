@@ -153,12 +153,12 @@ def test_the_reference_s_gsm8k_reasons_then_reads_the_first_number_after_its_cue
     assert answer["prefills"] == ["3 boxes of 4 is 12." + ce.ANSWER_CUE, "Half of 10 is 5." + ce.ANSWER_CUE]
 
 
-@pytest.mark.parametrize("protocols", [("letter_logits", "last_number", "per_token"),
-                                       ("prefill_greedy", "reasoning_then_answer", "reference_batch")])
+@pytest.mark.parametrize("protocols", [("letter_logits", "last_number", "per_token", "sae_corpus"),
+                                       ("prefill_greedy", "reasoning_then_answer", "reference_batch", "pile")])
 def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_dir, protocols):
     """The rule's stage: CE as before, plus each benchmark's accuracy with n and an interval, on the
     same fixed sample of items whatever the condition, by either protocol; the reference's CE is
-    one value per batch."""
+    one value per batch, on the Pile's first documents in order."""
     import json
 
     import pandas as pd
@@ -174,19 +174,23 @@ def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_di
                   "label": "harmless"}).to_parquet(tmp_path / "base.parquet")
     pd.DataFrame({"instruction": ["Some generic text about rivers and hills."], "split": "heldout"}
                  ).to_parquet(tmp_path / "corpus.parquet")
+    (tmp_path / "pile.jsonl").write_text("".join(json.dumps({"text": f"Document {i} of the Pile.", "meta": {}}) + "\n"
+                                                 for i in range(3)))
     spec = {"dtype": "float32", "device": "cpu", "trust_remote_code": False, "system_prompt": None}
-    cfg = {"max_prompts": None, "max_texts": None, "max_text_tokens": 32, "batch_size": 4,
+    pile = protocols[3] == "pile"
+    cfg = {"max_prompts": None, "max_texts": 2 if pile else None, "max_text_tokens": 32, "batch_size": 4,
            "benchmarks": ["arc_challenge", "mmlu", "gsm8k"],
            "benchmark_max_items": {"arc_challenge": None, "mmlu": 5, "gsm8k": 2}, "gsm8k_max_new_tokens": 4,
            "choice_protocol": protocols[0], "gsm8k_protocol": protocols[1], "ce_reduction": protocols[2],
-           "ce_reference_batch": {"responses": 2, "text": 1}}
+           "ce_reference_batch": {"responses": 2, "text": 1}, "ce_text": protocols[3]}
     inputs = {"arc_challenge": str(tmp_path / "arc.parquet"), "mmlu": str(tmp_path / "mmlu.parquet"),
               "gsm8k": str(tmp_path / "gsm.parquet")}
     boot = {"n_resamples": 200, "confidence": 0.95, "seed": 0}
     out = tmp_path / "base.json"
     capabilities.capabilities(model_dir=str(tiny_model_dir), spec=spec, method="base", inputs=inputs,
                               base_generations=[str(tmp_path / "base.parquet")],
-                              corpus_index=str(tmp_path / "corpus.parquet"), cfg=cfg, steering_cfg={}, boot=boot,
+                              text=str(tmp_path / ("pile.jsonl" if pile else "corpus.parquet")), cfg=cfg,
+                              steering_cfg={}, boot=boot,
                               output=str(out))
     d = json.loads(out.read_text())
     assert {k: d[k]["n"] for k in ("arc_challenge", "mmlu", "gsm8k")} == {"arc_challenge": 9, "mmlu": 5, "gsm8k": 2}
@@ -197,6 +201,11 @@ def test_capabilities_stage_scores_the_listed_benchmarks(tmp_path, tiny_model_di
     assert d["sources"]["gsm8k"].endswith(f"({protocols[1]})")
     # two answers: one value each, or one for their batch of two
     assert d["ce_reduction"] == protocols[2] and d["response_ce"]["n"] == (2 if protocols[2] == "per_token" else 1)
+    # the Pile's first two documents (batches of one), or the corpus's one held-out sequence
+    assert d["text_ce"]["n"] == (2 if pile else 1) and ("Pile" in d["sources"]["text"]) == pile
+    if pile:
+        assert capabilities.generic_texts(str(tmp_path / "pile.jsonl"), "pile", 2) == [
+            "Document 0 of the Pile.", "Document 1 of the Pile."]
 
 
 def test_orderings_follow_the_answer_and_accuracy_counts_each():

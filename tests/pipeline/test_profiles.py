@@ -262,6 +262,7 @@ REFERENCE_SWITCHES = {
     "capabilities.gsm8k_max_new_tokens": 512, "capabilities.benchmarks": ["arc_challenge", "gsm8k"],
     "capabilities.benchmark_max_items.arc_challenge": None, "capabilities.benchmark_max_items.gsm8k": None,
     "capabilities.benchmark_max_items.mmlu": 1000, "capabilities.ce_reduction": "reference_batch",
+    "capabilities.ce_text": "pile", "capabilities.max_texts": 1000, "capabilities.max_text_tokens": 256,
     "categories.categories": ["illegal_activity", "child_abuse", "hate_harass_violence", "physical_harm",
                               "economic_harm", "fraud_deception", "adult_content"],
     "categories.pin_other_set": True, "categories.max_new_tokens": 256, "categories.max_prompts": 25,
@@ -319,3 +320,13 @@ def test_the_reference_config_differs_from_the_paper_config_only_by_the_ledger_s
     judged = [b for r, b in blocks if r == "judge_harmbench"]
     assert judged and all(template in b for b in judged)
     assert [b for r, b in blocks if r == "download_dataset" and f"output: {template}" in b]
+    # CE's generic text is the Pile's head, streamed once from its pinned shard, not the SAE corpus
+    pile = "resources/datasets/pile_uncopyrighted/train/00.head1000.jsonl"
+    caps = [b for r, b in blocks if r == "capabilities"]
+    assert caps and all(pile in b and "corpus/sequences.parquet" not in b for b in caps)
+    assert [b for r, b in blocks if r == "download_dataset" and f"output: {pile}" in b]
+    # and both are fetched by `prefetch` on the submitting node, where the internet is
+    pre = planned_blocks(tmp_path, "--profile", "profiles/slurm", "--configfile",
+                         str(ROOT / "config/paper-reference.yaml"), "--replace-workflow-config", "prefetch")
+    fetched = [b for r, b in pre if r == "download_dataset"]
+    assert all(any(f"output: {p}" in b for b in fetched) for p in (pile, template))

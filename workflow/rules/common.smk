@@ -19,6 +19,7 @@ from refusal_atlas.config.sections import (
     BENCHMARK_FILES,
     CATQA_FILE,
     OR_BENCH_FILES,
+    PILE_FILE,
     PROMPTSET_SOURCE_KEYS,
     REFUSAL_DIRECTION_SPLIT_FILES,
     category_promptset,
@@ -492,7 +493,12 @@ def capabilities_inputs(wildcards):
             f"results/generations/{wildcards.model}/{p}/base.parquet"
             for p in ev["promptsets"]
         ],
-        "corpus": f"results/saes/{wildcards.model}/corpus/sequences.parquet",
+        # the generic text of text CE (capabilities.ce_text)
+        "text": (
+            f"resources/datasets/{PILE_FILE}"
+            if config["capabilities"]["ce_text"] == "pile"
+            else f"results/saes/{wildcards.model}/corpus/sequences.parquet"
+        ),
         **{
             name: f"resources/datasets/{BENCHMARK_FILES[name]}"
             for name in config["capabilities"]["benchmarks"]
@@ -562,6 +568,9 @@ def prefetch_targets():
         f"resources/datasets/{BENCHMARK_FILES[n]}"
         for n in config["capabilities"]["benchmarks"]
     ]
+    if config["capabilities"]["ce_text"] == "pile":
+        files.append(f"resources/datasets/{PILE_FILE}")
+    files += list(harmbench_inputs(None).values())
     if config["guardrails"]["enabled"]:
         files += list(guardrail_mc_inputs(None).values())
     return sorted(set(files))

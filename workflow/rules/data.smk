@@ -10,7 +10,7 @@ rule download_dataset:
         "benchmarks/download_dataset/{collection}/{path}.tsv"
     wildcard_constraints:
         collection="[A-Za-z0-9_-]+",
-        path="[A-Za-z0-9_./-]+\.(json|csv|parquet|py)",
+        path="[A-Za-z0-9_./-]+\.(json|jsonl|csv|parquet|py)",
     conda:
         "../envs/core.yaml"
     threads: 1

@@ -7,7 +7,7 @@ with job.logged(snakemake.log[0], snakemake.threads):
         method=snakemake.wildcards.method,
         inputs={k: snakemake.input[k] for k in snakemake.input.keys()},
         base_generations=list(snakemake.input.base),
-        corpus_index=snakemake.input.corpus,
+        text=snakemake.input.text,
         cfg=snakemake.params.cfg,
         steering_cfg=snakemake.params.steering,
         boot=snakemake.params.boot,

@@ -111,6 +111,7 @@ BENCHMARK_FILES = {"arc_challenge": "arc/ARC-Challenge/test-00000-of-00001.parqu
                    "wmdp_bio": "wmdp/wmdp-bio/test-00000-of-00001.parquet",
                    "wmdp_cyber": "wmdp/wmdp-cyber/test-00000-of-00001.parquet"}
 CATQA_FILE = "catqa/data/catqa_english.json"
+PILE_FILE = "pile_uncopyrighted/train/00.head1000.jsonl"
 OR_BENCH_FILES = {"toxic": "or_bench/or-bench-toxic.csv", "hard": "or_bench/or-bench-hard-1k.csv",
                   "extra": "or_bench/or-bench-80k.csv"}
 

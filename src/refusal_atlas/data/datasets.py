@@ -98,6 +98,21 @@ class ChoiceItem:
     answer: int  # index into choices
 
 
+def read_jsonl_text(path: str | os.PathLike) -> list[str]:
+    """The ``text`` of each line of a JSON-lines file (the Pile's layout: ``{"text", "meta"}``)."""
+    texts = []
+    with open(path, "rb") as fh:
+        for i, line in enumerate(fh, 1):
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DatasetError(f"{Path(path).name}: line {i} is not JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DatasetError(f"{Path(path).name}: line {i} has no string 'text'")
+            texts.append(row["text"])
+    return texts
+
+
 def _table(path: str | Path, columns: Sequence[str]) -> list[dict]:
     # pyarrow is not imported at the top: the DAG reads the manifest in environments that have only
     # snakemake (a bare `snakemake --lint`).
@@ -190,7 +205,35 @@ BENCHMARK_READERS = {"arc_challenge": read_arc, "mmlu": read_mmlu, "gsm8k": read
 FORMAT_CHECKS = {"json_instructions": check_json_instructions, "jsonl_catqa": _counted(read_catqa),
                  "csv_prompt_category": _counted(read_or_bench), "parquet_arc": _counted(read_arc),
                  "parquet_mmlu": _counted(read_mmlu), "parquet_gsm8k": _counted(read_gsm8k),
-                 "parquet_wmdp": _counted(read_wmdp), "python_prompt_template": check_prompt_template}
+                 "parquet_wmdp": _counted(read_wmdp), "python_prompt_template": check_prompt_template,
+                 "jsonl_text": _counted(read_jsonl_text)}
+
+
+def _copy_head(entry: DatasetFile, resp, fh, digest) -> None:
+    """The first ``entry.head`` lines of the (decompressed) stream; the rest is never fetched."""
+    if entry.compression not in (None, "zstd"):
+        raise DatasetError(f"{entry.collection}/{entry.path}: unknown compression {entry.compression!r}")
+    errors: tuple = ()
+    raw = resp
+    if entry.compression == "zstd":
+        import zstandard
+
+        errors = (zstandard.ZstdError,)
+        # shards written by parallel zstd hold several frames
+        raw = zstandard.ZstdDecompressor().stream_reader(resp, read_size=1 << 16, read_across_frames=True)
+    n = 0
+    try:
+        for line in io.BufferedReader(raw, 1 << 16):
+            digest.update(line)
+            fh.write(line)
+            n += 1
+            if n == entry.head:
+                break
+    except errors as e:
+        raise DatasetError(f"{entry.collection}/{entry.path}: not a {entry.compression} stream ({e})") from None
+    if n < entry.head:
+        raise DatasetError(f"{entry.collection}/{entry.path}: the upstream file has {n} lines, fewer than the "
+                           f"{entry.head} the manifest keeps; nothing was written")
 
 
 def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None = None, timeout: float = 60) -> Path:
@@ -213,9 +256,12 @@ def download(entry: DatasetFile, dest: str | os.PathLike, *, mirror: str | None 
         digest = hashlib.sha256()
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as fh:
-                while chunk := resp.read(CHUNK):
-                    digest.update(chunk)
-                    fh.write(chunk)
+                if entry.head is not None:
+                    _copy_head(entry, resp, fh, digest)
+                else:
+                    while chunk := resp.read(CHUNK):
+                        digest.update(chunk)
+                        fh.write(chunk)
         except urllib.error.HTTPError as e:
             raise DatasetError(f"{url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:

@@ -27,11 +27,18 @@ class DatasetFile:
     license: str
     items: int | None = None
     token_env: str | None = None  # name of an env var holding a bearer token (never its value)
+    # Keep only the first ``head`` lines of a (``compression``-compressed) line file, read as it
+    # streams: the Pile's shards are many GB and the reference reads its first 1,000 texts. The
+    # stored file is those lines, decompressed; ``sha256`` pins them, ``source`` names the upstream
+    # file (its path in the collection, and so on a mirror).
+    head: int | None = None
+    compression: str | None = None
+    source: str | None = None
 
     def source_url(self, mirror: str | None) -> str:
         if mirror is None:
             return self.url
-        return f"{mirror.rstrip('/')}/{self.collection}/{self.path}"
+        return f"{mirror.rstrip('/')}/{self.collection}/{self.source or self.path}"
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, DatasetFile]:
@@ -56,5 +63,11 @@ def load_manifest(path: str | os.PathLike) -> dict[str, DatasetFile]:
                 license=f["license"],
                 items=f.get("items"),
                 token_env=f.get("token_env", spec.get("token_env")),
+                head=f.get("head"),
+                compression=f.get("compression"),
+                source=f.get("source"),
             )
+            if (f.get("head") is None) != (f.get("source") is None):
+                raise DatasetError(f"manifest {path}: {collection}/{rel}: head and source go together (a stored head "
+                                   "of an upstream file)")
     return out

@@ -12,7 +12,7 @@ import pandas as pd
 
 from refusal_atlas.core.io import write_json, write_table
 from refusal_atlas.core.stats import bootstrap_mean, bootstrap_rate
-from refusal_atlas.data.datasets import CAPABILITY_BENCHMARKS
+from refusal_atlas.data.datasets import CAPABILITY_BENCHMARKS, read_jsonl_text
 from refusal_atlas.data.prompts import sample_rows
 from refusal_atlas.pipeline.scoring import condition_columns
 from refusal_atlas.steering.conditions import parse_condition
@@ -21,8 +21,21 @@ log = logging.getLogger("refusal_atlas")
 
 
 # ---------------------------------------------------------------------------- capabilities
+TEXT_SOURCES = {"sae_corpus": "sae_corpus held-out", "pile": "the Pile (monology/pile-uncopyrighted), first documents"}
+
+
+def generic_texts(path: str, source: str, n: int | None) -> list[str]:
+    """Text CE's texts: a seeded sample of the SAE corpus's held-out sequences, or (``pile``) the
+    first ``n`` documents in the order Yeo et al.'s stream reads them."""
+    if source == "pile":
+        texts = read_jsonl_text(path)
+        return texts if n is None else texts[:n]
+    rows = pd.read_parquet(path)
+    return list(sample_rows(rows[rows.split == "heldout"], n).instruction)
+
+
 def capabilities(*, model_dir: str, spec: Mapping, method: str, inputs: Mapping, base_generations: Sequence[str],
-                 corpus_index: str, cfg: Mapping, steering_cfg: Mapping, boot: Mapping, output: str) -> None:
+                 text: str, cfg: Mapping, steering_cfg: Mapping, boot: Mapping, output: str) -> None:
     """CE (nats/token) of the unsteered model's answers to harmless prompts and of generic text,
     under one condition (Yeo et al. 2025 §4.1, normalised per response token)."""
     from refusal_atlas.evaluation import benchmarks, cross_entropy
@@ -35,22 +48,21 @@ def capabilities(*, model_dir: str, spec: Mapping, method: str, inputs: Mapping,
     intervention, meta = make_intervention(cond, model, spec, inputs, steering_cfg)
     answers = pd.concat([pd.read_parquet(p) for p in base_generations], ignore_index=True)
     answers = sample_rows(answers[answers.label == "harmless"], cfg["max_prompts"])
-    texts = pd.read_parquet(corpus_index)
-    texts = sample_rows(texts[texts.split == "heldout"], cfg["max_texts"])
+    texts = generic_texts(text, cfg["ce_text"], cfg["max_texts"])
     kw = dict(intervention=intervention, batch_size=cfg["batch_size"])
     # the reference's reduction: one value per batch of consecutive items, not one per item
     batches = cfg["ce_reference_batch"] if cfg["ce_reduction"] == "reference_batch" else {}
     resp = cross_entropy.response_ce(model, tok, list(answers.instruction), list(answers.generation),
                                      system_prompt=system_prompt, reference_batch=batches.get("responses"), **kw)
-    text = cross_entropy.text_ce(model, tok, list(texts.instruction), max_tokens=cfg["max_text_tokens"],
-                                 reference_batch=batches.get("text"), **kw)
+    text_ce = cross_entropy.text_ce(model, tok, texts, max_tokens=cfg["max_text_tokens"],
+                                    reference_batch=batches.get("text"), **kw)
     out = {"method": method, "condition": meta, "ce_reduction": cfg["ce_reduction"]}
-    for key, values in (("response_ce", resp), ("text_ce", text)):
+    for key, values in (("response_ce", resp), ("text_ce", text_ce)):
         v = values[np.isfinite(values)]
         r = bootstrap_mean(v, **boot)
         out[key] = {"mean": r.rate, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high}
         log.info("%s %s: %s nats/token", method, key, r)
-    out["sources"] = {"responses": "base generations on harmless test prompts", "text": "sae_corpus held-out"}
+    out["sources"] = {"responses": "base generations on harmless test prompts", "text": TEXT_SOURCES[cfg["ce_text"]]}
     for name in cfg["benchmarks"]:
         items = benchmark_sample(name, inputs[name], cfg["benchmark_max_items"][name])
         if name == "gsm8k":
