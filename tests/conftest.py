@@ -31,10 +31,11 @@ PROMPTS = [
 FAMILY_CORPUS = [*PROMPTS, "I cannot help with that.", "Sure, here is how.", "Write a short story."]
 
 
-def random_sae(d_in: int, d_sae: int, k: int, layer: int, seed: int, dtype: str = "float64") -> TopKSAE:
+def random_sae(d_in: int, d_sae: int, k: int, layer: int, seed: int, dtype: str = "float64",
+               hook: str = "hook_resid_post") -> TopKSAE:
     torch.manual_seed(seed)
     sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype=dtype))
-    sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.{hook}"
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)

@@ -43,8 +43,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.lm.generation import chat_batches
-from refusal_atlas.lm.interventions import DirectionalAblation, Intervention, _replace_output
-from refusal_atlas.lm.modeling import block_hidden, decoder_layers, last_token_logits, template_header_length
+from refusal_atlas.lm.interventions import DirectionalAblation, Intervention
+from refusal_atlas.lm.modeling import (
+    block_hidden,
+    decoder_layers,
+    hook_site,
+    hooks_removed,
+    last_token_logits,
+    template_header_length,
+)
 
 if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
     from sae_lens import SAE
@@ -146,17 +153,15 @@ def record_latents(
     return RunLatents(latents, errors, logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
 
-def _logits_with_replaced_outputs(model: PreTrainedModel, enc: Mapping[str, torch.Tensor],
-                                  fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
-    """Last-token logits (float32 or finer) with each block ``l``'s output replaced by ``fns[l]``."""
-    blocks = decoder_layers(model)
-    handles = [blocks[layer].register_forward_hook(_replace_output(fn)) for layer, fn in fns.items()]
-    try:
+def logits_with_replaced_sites(model: PreTrainedModel, enc: Mapping[str, torch.Tensor],
+                                  fns: Mapping[int | str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """Last-token logits (float32 or finer) with each site's activation replaced by ``fns[site]``:
+    an ``int`` is that block's output (resid_post), a ``str`` a TransformerLens hook name
+    (lm.modeling.hook_site; circuits use attention and MLP outputs)."""
+    names = {k: k if isinstance(k, str) else f"blocks.{k}.hook_resid_post" for k in fns}
+    with hooks_removed([hook_site(model, names[k], fn) for k, fn in fns.items()]):
         logits = last_token_logits(model, enc)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
-    finally:
-        for h in handles:
-            h.remove()
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def replaced_logits(
@@ -183,7 +188,7 @@ def replaced_logits(
 
         return fn
 
-    return _logits_with_replaced_outputs(model, enc, {layer: make_fn(layer, sae) for layer, sae in saes.items()})
+    return logits_with_replaced_sites(model, enc, {layer: make_fn(layer, sae) for layer, sae in saes.items()})
 
 
 def nested_replaced_logits(
@@ -217,7 +222,7 @@ def nested_replaced_logits(
 
         return fn
 
-    return _logits_with_replaced_outputs(model, enc, {layer: make_fn(layer, sae) for layer, sae in saes.items()})
+    return logits_with_replaced_sites(model, enc, {layer: make_fn(layer, sae) for layer, sae in saes.items()})
 
 
 def logit_diff_metric(logits: torch.Tensor, target: torch.Tensor, refusal_id: int) -> torch.Tensor:

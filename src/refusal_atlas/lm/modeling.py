@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -115,6 +116,70 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
         if isinstance(layers, nn.ModuleList):
             return layers
     raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+# TransformerLens hook names that an SAE may read, as Gemma Scope, Llama Scope and Marks et al.
+# name them: the residual stream after a block, the attention heads' concatenated outputs before
+# their output projection, and what the attention and the MLP add to the stream.
+SITE_HOOKS = {"resid": ("hook_resid_post",), "attn": ("attn.hook_z", "hook_attn_out"), "mlp": ("hook_mlp_out",)}
+
+
+def parse_hook(hook_name: str) -> tuple[int, str, str]:
+    """``(layer, submodule, hook)`` of a TransformerLens hook name in :data:`SITE_HOOKS`."""
+    hooks = "|".join(re.escape(h) for hs in SITE_HOOKS.values() for h in hs)
+    m = re.fullmatch(rf"blocks\.(\d+)\.({hooks})", hook_name or "")
+    if m is None:
+        raise ValueError(f"an SAE here reads one of blocks.<l>.{{{', '.join(h for hs in SITE_HOOKS.values() for h in hs)}}};"
+                         f" this one reads {hook_name!r}")
+    return int(m[1]), next(k for k, hs in SITE_HOOKS.items() if m[2] in hs), m[2]
+
+
+def hook_module(model: PreTrainedModel, hook_name: str) -> tuple[nn.Module, bool]:
+    """The HF module whose output is ``hook_name``'s activation, and whether it is that module's
+    input instead (``attn.hook_z``: the output projection's input, as Marks et al. hook Gemma)."""
+    layer, _, hook = parse_hook(hook_name)
+    block = decoder_layers(model)[layer]
+    if hook == "hook_resid_post":
+        return block, False
+    if hook == "attn.hook_z":
+        return block.self_attn.o_proj, True
+    # Gemma-2/3 normalise each sublayer's output before adding it to the stream, and
+    # TransformerLens hooks after that norm (its ln1_post and ln2_post)
+    sandwich = hasattr(block, "pre_feedforward_layernorm")
+    if hook == "hook_attn_out":
+        return (block.post_attention_layernorm if sandwich else block.self_attn), False
+    return (block.post_feedforward_layernorm if sandwich else block.mlp), False
+
+
+@contextlib.contextmanager
+def hooks_removed(handles: list) -> Iterator[list]:
+    """Remove ``handles`` however the block ends (an exception that stops a pass early included)."""
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_site(model: PreTrainedModel, hook_name: str, fn, *, replace: bool = True):
+    """Register ``fn(activation)`` at ``hook_name``; its value replaces the activation when
+    ``replace``. Returns the handle."""
+    module, on_input = hook_module(model, hook_name)
+    if on_input:
+        def pre(_m, args):
+            out = fn(args[0])
+            return (out, *args[1:]) if replace else None
+
+        return module.register_forward_pre_hook(pre)
+
+    def post(_m, _i, output):
+        h = output[0] if isinstance(output, tuple) else output
+        out = fn(h)
+        if not replace:
+            return None
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return module.register_forward_hook(post)
 
 
 def embedding_module(model: PreTrainedModel) -> nn.Module:

@@ -1,4 +1,5 @@
-"""SAELens SAEs on the residual stream: where each reads, and loading them from disk or the hub."""
+"""SAELens SAEs on the residual stream (and, for circuits, the attention and MLP outputs): where each
+reads, and loading them from disk or the hub."""
 
 from __future__ import annotations
 
@@ -28,8 +29,32 @@ def hook_layer(sae: SAE) -> int:
     return int(m.group(1))
 
 
-def check_fits(sae: SAE, layer: int, d_model: int | None, what: str, model: str) -> None:
-    """An SAE is used only where it was trained: this layer's resid_post, at the model's width."""
+def site_of(sae: SAE) -> tuple[int, str]:
+    """``(layer, submodule)`` that ``sae`` reads (resid, attn or mlp; lm.modeling.SITE_HOOKS)."""
+    from refusal_atlas.lm.modeling import parse_hook
+
+    layer, submodule, _ = parse_hook(sae.cfg.metadata.hook_name)
+    return layer, submodule
+
+
+def check_fits(sae: SAE, layer: int, d_model: int | None, what: str, model: str, submodule: str = "resid") -> None:
+    """An SAE is used only where it was trained: this layer's resid_post (or ``submodule``'s
+    output), at the model's width."""
+    if submodule != "resid":
+        from refusal_atlas.lm.modeling import parse_hook
+
+        try:
+            read, kind, hook = parse_hook(sae.cfg.metadata.hook_name)
+        except ValueError as e:
+            raise ValueError(f"SAE {what}: {e}") from None
+        if (read, kind) != (layer, submodule):
+            raise ValueError(f"SAE {what} reads {sae.cfg.metadata.hook_name}, but is configured for layer {layer}'s "
+                             f"{submodule} of model {model}")
+        # hook_z is the heads' concatenation, whose width is not the stream's
+        if hook != "attn.hook_z" and d_model is not None and sae.cfg.d_in != d_model:
+            raise ValueError(f"SAE {what} has d_in {sae.cfg.d_in}, but model {model}'s residual stream is {d_model} "
+                             "wide: it was trained on another model")
+        return
     try:
         read = hook_layer(sae)
     except ValueError as e:
@@ -47,6 +72,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: str | 
 
     sae = SAE.load_from_disk(str(path), device=str(device), dtype=dtype)
     sae.requires_grad_(False)
+    if getattr(sae, "hook_z_reshaping_mode", False):  # hook_z is read flat, as the o_proj input
+        sae.turn_off_forward_pass_hook_z_reshaping()
     return sae.eval()
 
 

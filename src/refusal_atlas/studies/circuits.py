@@ -4,21 +4,25 @@ Metric: the refusal score at the last prompt token, m_b = logit(Σ_{j∈R} p_b(j
 2024, §C), R the refusal first tokens. Rows are left-padded, so the last prompt token is at
 index −1 of every row.
 
-Nodes are the latents of every SAE layer plus one error node ε_l per layer. A node's score is
+Nodes are the latents of every SAE site plus one error node ε_s per site. A site is a layer's
+resid_post, or (``Site``, Marks et al.'s submodules) its attention or MLP output: each SAE is hooked
+where its TransformerLens hook name says (lm.modeling.hook_site). A node's score is
 its integrated-gradient indirect effect against mean ablation (Marks et al. §2, Eq. 3 with IG):
 
     IE_b(a) = Σ_{t∈P_b} (ā - a_t) · (1/N) Σ_{k<N} ∂m_b/∂a |_{a_t + (k/N)(ā - a_t)}
 
-with every SAE layer interpolated at once (downstream SAEs pass gradients on as the identity,
+with every SAE site interpolated at once (downstream SAEs pass gradients on as the identity,
 as in LA-IG: attribution.replaced_logits), ā the node's mean over the reference prompts and P_b
 the prompt's real, non-special positions (chat markers hold the attention sink and are never
-ablated). Edges join a node u of SAE layer l to a node d of the next SAE layer l' by
-attribution patching (Marks et al. §2, Eq. 6, at the clean point):
+ablated). Edges join a node u of site s to a node d of a later site s' (``edge_pairs``: the next
+SAE layer's resid, or with submodules each later submodule of the layer and the previous resid
+into each, the paths through the submodules between them stopped) by attribution patching
+(Marks et al. §2, Eq. 6, at the clean point):
 
     e_b(u→d) = Σ_{t∈P_b} (ū - u_t) · ∂(Σ_{t'∈P_b} ∇_{d_t'} m_b · d_t')/∂u_t
 
-the gradient of d's linearised contribution to m taken through the blocks between l and l', with
-the SAE of layer l spliced in and its error term live. Scores are kept per prompt, so a circuit
+the gradient of d's linearised contribution to m taken through the model between s and s', with
+the SAE of s spliced in and its error term live. Scores are kept per prompt, so a circuit
 of any group of prompts (a category, or a permutation of the labels) is their mean.
 """
 
@@ -32,10 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refusal_atlas.features.attribution import record_latents, replaced_logits
+from refusal_atlas.features.attribution import logits_with_replaced_sites
 from refusal_atlas.lm.generation import chat_batches
-from refusal_atlas.lm.interventions import _replace_output
-from refusal_atlas.lm.modeling import block_hidden, decoder_layers, last_token_logits, special_token_mask
+from refusal_atlas.lm.modeling import hook_site, hooks_removed, last_token_logits, special_token_mask
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -53,16 +56,102 @@ def node_positions(tokenizer, enc: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return enc["attention_mask"].bool() & ~special_token_mask(tokenizer, enc["input_ids"])
 
 
+@dataclass(frozen=True, order=True)
+class Site:
+    """Where an SAE reads: layer ``layer``'s ``submodule`` (attn, mlp or resid: alphabetical is the
+    order they run in). Plain ``int`` keys elsewhere in this module mean ``Site(layer)``."""
+
+    layer: int
+    submodule: str = "resid"
+
+    @property
+    def name(self) -> str:
+        """Its key in the scores file: the bare layer for resid, as files without submodules had."""
+        return str(self.layer) if self.submodule == "resid" else f"{self.submodule}{self.layer}"
+
+    @property
+    def label(self) -> str:
+        return f"L{self.layer}" if self.submodule == "resid" else f"L{self.layer}.{self.submodule}"
+
+
+def as_site(key: int | Site) -> Site:
+    return key if isinstance(key, Site) else Site(int(key))
+
+
+def _hook_name(key, sae: SAE) -> str:
+    name = getattr(sae.cfg.metadata, "hook_name", None)
+    if name:
+        return name
+    if as_site(key).submodule != "resid":
+        raise ValueError(f"the SAE for {as_site(key).label} names no hook_name")
+    return f"blocks.{as_site(key).layer}.hook_resid_post"
+
+
+def _hooked(model, saes: Mapping, fns: Mapping, replace: bool = True) -> list:
+    return [hook_site(model, _hook_name(k, saes[k]), fn, replace=replace) for k, fn in fns.items()]
+
+
+@dataclass
+class Recorded:
+    """Each site's latents and error term (its input minus the reconstruction), and the logits."""
+
+    latents: dict
+    errors: dict
+    logits: torch.Tensor
+
+
+@torch.no_grad()
+def record_sites(model, saes: Mapping, enc) -> Recorded:
+    """Encode the activation every SAE reads in one clean pass."""
+    latents, errors = {}, {}
+
+    def make(k, sae):
+        def fn(h):
+            f = sae.encode(h)
+            latents[k], errors[k] = f, h - sae.decode(f)
+        return fn
+
+    with hooks_removed(_hooked(model, saes, {k: make(k, s) for k, s in saes.items()}, replace=False)):
+        logits = last_token_logits(model, enc)
+    return Recorded(latents, errors, logits)
+
+
+def spliced_logits(model, saes: Mapping, enc, latents: Mapping, errors: Mapping) -> torch.Tensor:
+    """Last-token logits with every site set to ``D(latents) + errors``, passing gradients on to
+    its input as the identity (as LA-IG's attribution.replaced_logits does for resid_post)."""
+    def make(k, sae):
+        return lambda h: h - h.detach() + sae.decode(latents[k]) + errors[k]
+
+    return logits_with_replaced_sites(model, enc, {_hook_name(k, s): make(k, s) for k, s in saes.items()})
+
+
+def edge_pairs(keys) -> list[tuple]:
+    """``(up, down, cut)`` for every edge Marks et al. (§2, App. A) score: within a layer each
+    submodule into every later one, and the previous SAE layer's resid into each, the paths through
+    the submodules ``cut`` between them stopped. Resid alone: consecutive layers, nothing cut."""
+    by_layer: dict[int, list] = {}
+    for k in sorted(keys):
+        by_layer.setdefault(as_site(k).layer, []).append(k)
+    out, prev = [], None
+    for ks in by_layer.values():
+        for j, d in enumerate(ks):
+            if prev is not None:
+                out.append((prev, d, tuple(ks[:j])))
+            out += [(ks[i], d, tuple(ks[i + 1:j])) for i in range(j)]
+        prev = next((k for k in ks if as_site(k).submodule == "resid"), prev)
+    return out
+
+
 @dataclass
 class Means:
     """The mean-ablation point: each latent's and each error dimension's mean per SAE layer."""
 
-    latents: dict[int, torch.Tensor]  # [d_sae]
-    errors: dict[int, torch.Tensor]  # [d_model]
+    latents: dict  # site -> [d_sae]
+    errors: dict  # site -> [d_in]
 
 
 @torch.no_grad()
-def reference_means(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequence[str], batch_size: int = 16,
+def reference_means(model, tokenizer, saes: Mapping, instructions: Sequence[str], batch_size: int = 16,
                     system_prompt: str | None = None) -> Means:
     """Means over every real, non-special position of ``instructions`` (Marks et al.'s ā)."""
     device = next(model.parameters()).device
@@ -70,7 +159,7 @@ def reference_means(model, tokenizer, saes: Mapping[int, SAE], instructions: Seq
     sums_e: dict[int, torch.Tensor] = {}
     count = 0
     for _, enc in chat_batches(tokenizer, list(instructions), batch_size, system_prompt, device):
-        run = record_latents(model, saes, enc)
+        run = record_sites(model, saes, enc)
         pos = node_positions(tokenizer, enc)
         count += int(pos.sum())
         for l in saes:
@@ -86,14 +175,14 @@ class _Stop(Exception):
     pass
 
 
-def _grads(model, saes: Mapping[int, SAE], enc, f: Mapping[int, torch.Tensor], e: Mapping[int, torch.Tensor],
+def _grads(model, saes: Mapping, enc, f: Mapping, e: Mapping,
            refusal_ids: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """m and its gradients in every layer's latents and errors, all SAE layers spliced at once."""
+    """m and its gradients in every site's latents and errors, all SAEs spliced at once."""
     layers = sorted(saes)
     f = {l: f[l].detach().requires_grad_(True) for l in layers}
     e = {l: e[l].detach().requires_grad_(True) for l in layers}
     with torch.enable_grad():
-        m = refusal_logodds(replaced_logits(model, saes, enc, f, e), refusal_ids)
+        m = refusal_logodds(spliced_logits(model, saes, enc, f, e), refusal_ids)
         grads = torch.autograd.grad(m.sum(), [f[l] for l in layers] + [e[l] for l in layers])
     return m.detach(), list(grads[:len(layers)]), list(grads[len(layers):])
 
@@ -105,11 +194,11 @@ def _patch(clean, means: Means, pos: torch.Tensor, layer: int) -> tuple[torch.Te
     return f, e
 
 
-def ig_node_scores_batch(model, saes: Mapping[int, SAE], enc, pos: torch.Tensor, means: Means,
+def ig_node_scores_batch(model, saes: Mapping, enc, pos: torch.Tensor, means: Means,
                          refusal_ids: Sequence[int], steps: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """``{l: [B, d_sae + 1]}`` IG indirect effects of every latent and (last) the error node, and m."""
     layers = sorted(saes)
-    clean = record_latents(model, saes, enc)
+    clean = record_sites(model, saes, enc)
     patch = {l: _patch(clean, means, pos, l) for l in layers}
     acc = torch.float64 if clean.errors[layers[0]].dtype == torch.float64 else torch.float32
     grad_f = {l: torch.zeros_like(clean.latents[l], dtype=acc) for l in layers}
@@ -132,12 +221,11 @@ def ig_node_scores_batch(model, saes: Mapping[int, SAE], enc, pos: torch.Tensor,
     return out, m_clean
 
 
-def edge_scores_batch(model, saes: Mapping[int, SAE], enc, pos: torch.Tensor, means: Means, clean,
-                      grads_f: Mapping[int, torch.Tensor], grads_e: Mapping[int, torch.Tensor],
-                      up: int, down: int, up_pool: np.ndarray, down_pool: np.ndarray) -> torch.Tensor:
-    """``[B, len(down_pool) + 1, len(up_pool) + 1]`` attribution-patching edges from SAE layer
-    ``up`` to SAE layer ``down`` (error nodes last), at the clean point."""
-    blocks = decoder_layers(model)
+def edge_scores_batch(model, saes: Mapping, enc, pos: torch.Tensor, means: Means, clean,
+                      grads_f: Mapping, grads_e: Mapping, up, down, up_pool: np.ndarray, down_pool: np.ndarray,
+                      cut: Sequence = ()) -> torch.Tensor:
+    """``[B, len(down_pool) + 1, len(up_pool) + 1]`` attribution-patching edges from site ``up``
+    to site ``down`` (error nodes last), at the clean point, the paths through ``cut`` stopped."""
     sae_u, sae_d = saes[up], saes[down]
     f_u = clean.latents[up].detach().clone().requires_grad_(True)
     e_u = clean.errors[up].detach().clone().requires_grad_(True)
@@ -146,23 +234,20 @@ def edge_scores_batch(model, saes: Mapping[int, SAE], enc, pos: torch.Tensor, me
     def splice(h):
         return h - h.detach() + sae_u.decode(f_u) + e_u
 
-    def grab(_m, _i, output):
-        grabbed["h"] = block_hidden(output)
+    def grab(h):
+        grabbed["h"] = h
         raise _Stop
 
-    handles = [blocks[up].register_forward_hook(_replace_output(splice)), blocks[down].register_forward_hook(grab)]
-    try:
-        with torch.enable_grad():
-            try:  # the blocks above ``down`` are not needed
-                last_token_logits(model, enc)
-            except _Stop:
-                pass
-            h = grabbed["h"]
-            f_d = sae_d.encode(h)
-            e_d = h - sae_d.decode(f_d)
-    finally:
-        for hd in handles:
-            hd.remove()
+    fns = {up: splice, **{k: (lambda h: h.detach()) for k in cut}}
+    with hooks_removed(_hooked(model, saes, fns) + _hooked(model, saes, {down: grab}, replace=False)), \
+            torch.enable_grad():
+        try:  # the blocks above ``down`` are not needed
+            last_token_logits(model, enc)
+        except _Stop:
+            pass
+        h = grabbed["h"]
+        f_d = sae_d.encode(h)
+        e_d = h - sae_d.decode(f_d)
     mask = pos[..., None]
     delta_f, delta_e = (p - c for p, c in zip(_patch(clean, means, pos, up), (f_u.detach(), e_u.detach())))
     up_idx = torch.as_tensor(up_pool, dtype=torch.long, device=f_u.device)
@@ -179,7 +264,7 @@ def edge_scores_batch(model, saes: Mapping[int, SAE], enc, pos: torch.Tensor, me
     return out
 
 
-def node_scores(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequence[str], means: Means,
+def node_scores(model, tokenizer, saes: Mapping, instructions: Sequence[str], means: Means,
                 refusal_ids: Sequence[int], *, steps: int = 5, batch_size: int = 8, system_prompt: str | None = None,
                 dtype: torch.dtype = torch.float32) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Per-prompt IE ``{l: [n, d_sae + 1]}`` of every latent and the error node, and ``[n]`` clean m."""
@@ -201,24 +286,25 @@ def node_scores(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequenc
     return out, m_clean
 
 
-def edge_scores(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequence[str], means: Means,
-                refusal_ids: Sequence[int], pools: Mapping[int, np.ndarray], *, batch_size: int = 8,
-                system_prompt: str | None = None) -> dict[tuple[int, int], torch.Tensor]:
-    """Per-prompt edges ``{(l, l'): [n, |pool_l'| + 1, |pool_l| + 1]}`` between adjacent SAE layers."""
+def edge_scores(model, tokenizer, saes: Mapping, instructions: Sequence[str], means: Means,
+                refusal_ids: Sequence[int], pools: Mapping, *, batch_size: int = 8,
+                system_prompt: str | None = None) -> dict[tuple, torch.Tensor]:
+    """Per-prompt edges ``{(u, d): [n, |pool_d| + 1, |pool_u| + 1]}`` for every pair of
+    :func:`edge_pairs` (consecutive SAE layers when there is only resid)."""
     device = next(model.parameters()).device
     layers = sorted(saes)
-    pairs = list(zip(layers[:-1], layers[1:]))
+    pairs = edge_pairs(layers)
     n = len(instructions)
-    out = {(a, b): torch.zeros(n, len(pools[b]) + 1, len(pools[a]) + 1) for a, b in pairs}
+    out = {(a, b): torch.zeros(n, len(pools[b]) + 1, len(pools[a]) + 1) for a, b, _ in pairs}
     with tqdm(total=n, desc="edges", unit="prompt") as bar:
         for idx, enc in chat_batches(tokenizer, list(instructions), batch_size, system_prompt, device):
             pos = node_positions(tokenizer, enc)
-            clean = record_latents(model, saes, enc)
+            clean = record_sites(model, saes, enc)
             _, gf, ge = _grads(model, saes, enc, clean.latents, clean.errors, refusal_ids)
             grads_f, grads_e = dict(zip(layers, gf)), dict(zip(layers, ge))
-            for a, b in pairs:
+            for a, b, cut in pairs:
                 out[(a, b)][idx] = edge_scores_batch(model, saes, enc, pos, means, clean, grads_f, grads_e, a, b,
-                                                     pools[a], pools[b])
+                                                     pools[a], pools[b], cut)
             bar.update(len(idx))
     return out
 
@@ -241,9 +327,9 @@ def choose_pools(group_means: Mapping[str, Mapping[int, np.ndarray]], overall: M
 
 
 # ---------------------------------------------------------------------------- faithfulness
-def ablated_metric(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequence[str], means: Means,
-                   refusal_ids: Sequence[int], keep: Mapping[int, torch.Tensor] | None, *, batch_size: int = 16,
-                   system_prompt: str | None = None, keep_errors: Mapping[int, bool] | None = None) -> torch.Tensor:
+def ablated_metric(model, tokenizer, saes: Mapping, instructions: Sequence[str], means: Means,
+                   refusal_ids: Sequence[int], keep: Mapping | None, *, batch_size: int = 16,
+                   system_prompt: str | None = None, keep_errors: Mapping | None = None) -> torch.Tensor:
     """``[n]`` m with every latent outside ``keep[l]`` (bool ``[d_sae]``) mean-ablated at the real,
     non-special positions of every SAE layer. ``keep=None``: the model itself.
 
@@ -251,7 +337,6 @@ def ablated_metric(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequ
     ``keep_errors[l]``, is mean-ablated too, as Marks et al. 2024 (§3.1) treat it as a node.
     """
     device = next(model.parameters()).device
-    blocks = decoder_layers(model)
     out = torch.zeros(len(instructions))
     state = {}
 
@@ -270,13 +355,9 @@ def ablated_metric(model, tokenizer, saes: Mapping[int, SAE], instructions: Sequ
     with torch.no_grad():
         for idx, enc in chat_batches(tokenizer, list(instructions), batch_size, system_prompt, device):
             state["pos"] = node_positions(tokenizer, enc)
-            handles = ([blocks[l].register_forward_hook(_replace_output(make(l, s))) for l, s in saes.items()]
-                       if keep is not None else [])
-            try:
+            handles = _hooked(model, saes, {l: make(l, s) for l, s in saes.items()}) if keep is not None else []
+            with hooks_removed(handles):
                 out[idx] = refusal_logodds(last_token_logits(model, enc), refusal_ids).float().cpu()
-            finally:
-                for h in handles:
-                    h.remove()
     return out
 
 
