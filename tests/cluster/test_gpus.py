@@ -27,12 +27,20 @@ def cfg(la_bz=5, seq_len=256):
             "probes": {"batch_size": 32},
             "guardrails": {"unlearning": {"batch_size": 16, "max_tokens": 128}, "refusal": {"batch_size": 32}},
             "dashboards": {"batch_size": 16},
-            "categories": {"la_bz": None, "batch_size": 32, "circuits": {"batch_size": 8}}}
+            "categories": {"la_bz": None, "batch_size": 32, "circuits": {"batch_size": 8, "submodules": ["resid"]}}}
 
 
 def test_gemma_with_gemma_scope_fits_one_gpu_per_rule():
     s = spec(GEMMA, 65536, 26)
     assert {st: stage_gpus(st, s, cfg()) for st in GPU_STAGES} == dict.fromkeys(GPU_STAGES, 1)
+
+
+def test_circuits_over_marks_et_al_s_submodules_count_three_saes_a_layer():
+    s, plain = spec(GEMMA, 65536, 26), cfg()
+    marks = copy.deepcopy(plain)
+    marks["categories"]["circuits"]["submodules"] = ["attn", "mlp", "resid"]
+    want = la_ig_memory(GEMMA_2_2B, d_sae=65536, n_sae_layers=3 * 26, la_bz=8, seq_len=256, dtype_bytes=2)["peak"]
+    assert stage_memory("circuits", s, marks) == want > stage_memory("circuits", s, plain)
 
 
 def test_the_category_job_counts_the_classifier_it_judges_with():

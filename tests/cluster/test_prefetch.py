@@ -42,6 +42,12 @@ def test_the_reference_config_prefetches_the_gate_s_own_sae_folder_too():
     gate = arts["models.gemma-2-2b-it.sae.gate"]
     assert gate.repo_id == "google/gemma-scope-2b-pt-res" and gate.subfolders == ("layer_3/width_16k/average_l0_142",)
     assert "models.llama-3.1-8b-instruct.sae.gate" not in arts
+    # the circuits' attention and MLP SAEs (Marks et al.'s submodules), only where they are read
+    att = arts["models.gemma-2-2b-it.sae.submodules.attn"]
+    assert att.repo_id == "google/gemma-scope-2b-pt-att" and len(att.subfolders) == 26
+    assert att.subfolders[0].startswith("layer_0/width_16k/average_l0_")
+    assert arts["models.llama-3.1-8b-instruct.sae.submodules.mlp"].repo_id == "fnlp/Llama3_1-8B-Base-LXM-8x"
+    assert not any(".submodules." in a.what for a in hub_artifacts(config("paper")))
 
 
 def test_the_embedded_default_needs_nothing_from_the_hub():

@@ -280,6 +280,7 @@ REFERENCE_SWITCHES = {
     "models.gemma-2-2b-it.sae.gate.sae_id": "layer_3/width_16k/average_l0_142",
     "categories.c_by_condition.specific": -3, "categories.c_by_condition.common": -3,
     "categories.c_by_condition.transfer": -3, "categories.circuits.error_nodes": "nodes",
+    "categories.circuits.submodules": ["attn", "mlp", "resid"],
 }
 
 
@@ -320,6 +321,11 @@ def test_the_reference_config_differs_from_the_paper_config_only_by_the_ledger_s
     judged = [b for r, b in blocks if r == "judge_harmbench"]
     assert judged and all(template in b for b in judged)
     assert [b for r, b in blocks if r == "download_dataset" and f"output: {template}" in b]
+    # Marks et al.'s graph: the circuits read each layer's attention and MLP SAEs, from their releases
+    [circ] = [b for r, b in blocks if r == "circuits" and "gemma-2-2b-it" in b]
+    assert "results/saes/gemma-2-2b-it/attn_0" in circ and "results/saes/gemma-2-2b-it/mlp_25" in circ
+    subs = [b for r, b in blocks if r == "submodule_sae"]
+    assert len(subs) == 2 * (26 + 32) and not any("corpus" in b for b in subs)
     # CE's generic text is the Pile's head, streamed once from its pinned shard, not the SAE corpus
     pile = "resources/datasets/pile_uncopyrighted/train/00.head1000.jsonl"
     caps = [b for r, b in blocks if r == "capabilities"]

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from conftest import FAMILY_CORPUS, ROOT
 from sae_lens import SAE
+from safetensors import safe_open
 from safetensors.torch import load_file
 from slurm_cluster import missing_requirements, slurm_cluster
 
@@ -631,7 +632,7 @@ def test_every_rule_reads_every_params_key_it_is_passed(run):
 REUSED = ("results/models/tiny/tuned/model.safetensors", "results/activations/tiny/bundled.safetensors",
           "results/saes/tiny/layer_1/sae_weights.safetensors", "results/directions/tiny.safetensors")
 REFERENCE_TARGETS = ("results/tables/benchmark.csv", "results/categories/tiny/normalized_jailbreak.csv",
-                     "results/guardrails/tiny/unlearning.csv")
+                     "results/guardrails/tiny/unlearning.csv", "results/categories/tiny/similarity.csv")
 
 
 def _last_params(work, rule):
@@ -671,7 +672,8 @@ def test_the_reference_protocol_runs_beside_the_project_s(run, reference_run, tm
     ref, before, rules = reference_run
     assert {f: (ref / f).stat().st_mtime_ns for f in REUSED} == before
     if rules is not None:
-        assert {"feature_attribution", "steer_generate", "category_steering", "guardrail_eval"} <= rules, rules
+        assert {"feature_attribution", "steer_generate", "category_steering", "guardrail_eval", "submodule_corpus",
+                "submodule_sae", "circuits"} <= rules, rules
         assert not rules & {"prepare_model", "refusal_tune", "cache_activations", "train_sae", "refusal_direction"}
     fits = {p: json.loads((ref / f"results/features/tiny/{p}/attribution.transductive.json").read_text())
             for p in ("bundled", "refusal_direction")}
@@ -688,6 +690,15 @@ def test_the_reference_protocol_runs_beside_the_project_s(run, reference_run, tm
     assert _last_params(ref, "category_steering")["cfg"]["pin_other_set"] is True
     assert _last_params(work, "category_steering")["cfg"]["pin_other_set"] is False
     assert _last_params(ref, "guardrail_eval")["cfg"]["gate_edit"] == "all_selected"
+    # Marks et al.'s graph: nodes at each SAE layer's attention and MLP outputs, trained SAEs there
+    with safe_open(ref / "results/categories/tiny/circuit_scores.safetensors", "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["layers"]) == ["attn1", "mlp1", "1", "attn3", "mlp3", "3"]
+    assert ["1", "attn3"] in json.loads(meta["pairs"]) and ["attn1", "3"] not in json.loads(meta["pairs"])
+    assert json.loads((ref / "results/saes/tiny/attn_3/cfg.json").read_text())["metadata"]["hook_name"] == (
+        "blocks.3.hook_attn_out")
+    graphs = list((ref / "results/categories/tiny/circuits").rglob("*.graphml"))
+    assert graphs and any(".mlp/" in line or ".attn/" in line for g in graphs for line in g.read_text().splitlines())
     page = results_page.build(work, tmp_path / "results.md", ROOT, beside=ref)
     beside = page.split(f"## Beside `{ref.name}`", 1)[1]
     assert "la_ig-local-transductive" in beside and "refusal_direction" in beside

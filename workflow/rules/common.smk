@@ -13,7 +13,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from refusal_atlas.cluster.gpus import stage_gpus
-from refusal_atlas.config.model_checks import check_models, model_facts
+from refusal_atlas.config.model_checks import check_models, model_facts, submodule_kinds
 from refusal_atlas.config.schema import check_schema, sort_keys
 from refusal_atlas.config.sections import (
     BENCHMARK_FILES,
@@ -146,6 +146,7 @@ SAE_SOURCE_KEYS = (
     "path",
     "quality_targets",
     "gate",
+    "submodules",
 )
 # what LA-IG reads (refusal_atlas.features.attribution.LAIGConfig.from_section)
 LA_IG_KEYS = ("ig_steps", "la_bz", *LA_IG_MODE_KEYS)
@@ -163,6 +164,33 @@ def sae_pretrained_params(model):
         "sae_id": sae["sae_id"],
         "d_model": MODEL_FACTS[model].d_model,
     }
+
+
+def submodule_sae_params(wildcards):
+    """A submodule SAE's SAELens release and id (models.<m>.sae.submodules), or, where none is
+    named, the TopK hyper-parameters it is trained with."""
+    given = model_spec(wildcards.model)["sae"]["submodules"].get(wildcards.submodule)
+    if given:
+        return {**given, "d_model": MODEL_FACTS[wildcards.model].d_model}
+    return sae_train_params(wildcards.model)
+
+
+def submodule_sae_inputs(wildcards):
+    """The corpus a trained submodule SAE learns from; nothing for a released one."""
+    if model_spec(wildcards.model)["sae"]["submodules"].get(wildcards.submodule):
+        return {}
+    return {
+        "acts": f"results/saes/{wildcards.model}/corpus/{wildcards.submodule}.safetensors"
+    }
+
+
+def submodule_sae_dirs(model):
+    """The circuits' attention and MLP SAEs (categories.circuits.submodules) at every SAE layer."""
+    return [
+        f"results/saes/{model}/{kind}_{layer}"
+        for kind in submodule_kinds(for_model(config, model))
+        for layer in sae_layers(model)
+    ]
 
 
 def gate_sae_params(model):
@@ -799,6 +827,7 @@ def circuit_inputs(wildcards):
     ps = circuit_promptset(config)
     shared = ("model", "direction", "saes")
     inputs = {k: v for k, v in category_inputs(wildcards).items() if k in shared}
+    inputs["submodule_saes"] = submodule_sae_dirs(wildcards.model)
     inputs["promptset"] = f"results/promptsets/{ps}.parquet"
     if ps == category_promptset(config):
         inputs["categories"] = f"results/categories/{wildcards.model}/features.json"

@@ -84,6 +84,63 @@ rule pretrained_sae:
         "../scripts/pretrained_sae.py"
 
 
+# Marks et al.'s attention and MLP submodules for the circuits (categories.circuits.submodules):
+# their SAEs from a SAELens release, or trained like the resid SAEs on a corpus pass of their own.
+rule submodule_corpus:
+    input:
+        model=final_model_dir,
+        corpus=f"resources/datasets/{config['sae_corpus']['dataset']}",
+    output:
+        "results/saes/{model}/corpus/{submodule}.safetensors",
+    log:
+        "logs/submodule_corpus/{model}/{submodule}.log",
+    benchmark:
+        "benchmarks/submodule_corpus/{model}/{submodule}.tsv"
+    wildcard_constraints:
+        submodule="attn|mlp",
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
+        runtime=120,
+        gpu=gpus("sae_corpus"),
+    params:
+        code=library_code("submodule_corpus"),
+        spec=lambda w: load_params(w.model),
+        cfg=config["sae_corpus"],
+        layers=lambda w: sae_layers(w.model),
+    script:
+        "../scripts/submodule_corpus.py"
+
+
+rule submodule_sae:
+    input:
+        unpack(submodule_sae_inputs),
+    output:
+        directory("results/saes/{model}/{submodule}_{layer}"),
+    log:
+        "logs/submodule_sae/{model}/{submodule}_{layer}.log",
+    benchmark:
+        "benchmarks/submodule_sae/{model}/{submodule}_{layer}.tsv"
+    wildcard_constraints:
+        submodule="attn|mlp",
+        layer="[0-9]+",
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 2 * model_spec(w.model)["mem_mb"],
+        runtime=120,
+        gpu=gpus("train_sae"),
+    params:
+        code=library_code("submodule_sae"),
+        spec=lambda w: load_params(w.model),
+        sae=submodule_sae_params,
+    script:
+        "../scripts/submodule_sae.py"
+
+
 # The unlearning guardrail's own SAE (models.<m>.sae.gate), as Muhamed et al. gate with a 16k
 # Gemma Scope SAE where the study reads 65k ones.
 rule gate_sae:

@@ -113,9 +113,11 @@ def stage_memory(stage: str, spec: Mapping, config: Mapping) -> float:
         judge = 2 * hb["n_params"] if "harmbench" in config["evaluation"]["judges"] and stage in hb["stages"] else 0
         return weights + _saes_bytes(shape, sae, n_sae, b) + _kv_cache_bytes(shape, batch, seq, b) + judge
     if stage == "circuits":
-        # IG over every SAE layer at once: as LA-IG, with the circuits' batch for la_bz
+        # IG over every SAE site at once: as LA-IG, with the circuits' batch for la_bz; the attention
+        # and MLP SAEs counted at the resid SAEs' width (an upper bound for Gemma Scope's 16k ones)
+        cc = config["categories"]["circuits"]
         return la_ig_memory(
-            shape, d_sae=sae["d_sae"], n_sae_layers=n_sae, la_bz=config["categories"]["circuits"]["batch_size"],
+            shape, d_sae=sae["d_sae"], n_sae_layers=n_sae * len(cc["submodules"]), la_bz=cc["batch_size"],
             seq_len=seq, dtype_bytes=b,
         )["peak"]
     if stage == "feature_dashboards":

@@ -37,6 +37,13 @@ def _sae_directory() -> dict:
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
+def _release_folders(what: str, release: Mapping, sae_id: str, layers) -> HubArtifact:
+    """Only the folders of a release's SAEs at ``layers`` (a release holds hundreds)."""
+    paths = {s["id"]: s["path"] for s in release["saes"]}
+    folders = tuple(paths[sae_id.format(layer=layer)] for layer in sorted(layers))
+    return HubArtifact(what, release["repo_id"], None, tuple(f"{f}/*" for f in folders), folders)
+
+
 def hub_artifacts(config: Mapping) -> list[HubArtifact]:
     """What the jobs of ``config`` would fetch from the hub, one entry per repository."""
     out, directory = [], None
@@ -46,11 +53,12 @@ def hub_artifacts(config: Mapping) -> list[HubArtifact]:
         sae = spec["sae"]
         if sae["source"] == "pretrained":
             directory = _sae_directory() if directory is None else directory
-            release = directory[sae["release"]]
-            paths = {s["id"]: s["path"] for s in release["saes"]}
-            folders = tuple(paths[sae["sae_id"].format(layer=layer)] for layer in sorted(sae["layers"]))
-            out.append(HubArtifact(f"models.{name}.sae", release["repo_id"], None,
-                                   tuple(f"{f}/*" for f in folders), folders))
+            out.append(_release_folders(f"models.{name}.sae", directory[sae["release"]], sae["sae_id"], sae["layers"]))
+        for kind, given in sorted(sae.get("submodules", {}).items()):
+            if kind in config["categories"]["circuits"]["submodules"]:
+                directory = _sae_directory() if directory is None else directory
+                out.append(_release_folders(f"models.{name}.sae.submodules.{kind}", directory[given["release"]],
+                                            given["sae_id"], sae["layers"]))
         if sae.get("gate"):
             directory = _sae_directory() if directory is None else directory
             release = directory[sae["gate"]["release"]]

@@ -190,6 +190,11 @@ def _check_gate_sae(name: str, gate: Mapping, layer: int | None, facts: ModelFac
             raise ConfigError(f"{where}.sae_id: release {gate['release']!r} has no SAE {sae_id!r}")
 
 
+def submodule_kinds(model_config: Mapping) -> list[str]:
+    """The submodules besides resid whose SAEs the circuits read (categories.circuits.submodules)."""
+    return [k for k in ("attn", "mlp") if k in model_config["categories"]["circuits"]["submodules"]]
+
+
 def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, ModelFacts]) -> None:
     """What a stage would otherwise find out only after an hour of upstream jobs: layers beyond the
     model's depth, a model with no chat template, an SAE release for another model, a dataset the
@@ -241,6 +246,24 @@ def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, M
         if sae.get("gate"):
             directory = _pretrained_directory() if directory is None else directory
             _check_gate_sae(name, sae["gate"], config["guardrails"]["unlearning"]["layer"], f, directory)
+        for kind in submodule_kinds(mc):
+            given = sae["submodules"].get(kind)
+            if given is None:
+                if sae["source"] != "train":
+                    raise ConfigError(f"categories.circuits.submodules names {kind} (model {name}): set "
+                                      f"models.{name}.sae.submodules.{kind} to a SAELens release and sae_id; only "
+                                      "SAEs of source train are trained here")
+                continue
+            directory = _pretrained_directory() if directory is None else directory
+            if directory:
+                where = f"models.{name}.sae.submodules.{kind}"
+                if given["release"] not in directory:
+                    raise ConfigError(f"{where}.release: SAELens knows no release {given['release']!r}")
+                ids = {s["id"] for s in directory[given["release"]].get("saes", [])}
+                missing = [given["sae_id"].format(layer=l) for l in sae["layers"]
+                           if given["sae_id"].format(layer=l) not in ids]
+                if missing:
+                    raise ConfigError(f"{where}.sae_id: release {given['release']!r} has no SAE {missing[:3]}")
     datasets = {"sae_corpus.dataset": config["sae_corpus"]["dataset"]}
     for pname, p in config["promptsets"].items():
         if p["source"] == "benchmark" and "file" in p:

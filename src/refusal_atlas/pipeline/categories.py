@@ -22,13 +22,15 @@ from refusal_atlas.features import attribution, direction, selection
 from refusal_atlas.features.direction import fit_direction
 from refusal_atlas.lm.generation import generate
 from refusal_atlas.pipeline.judging import error_set, label_rate, stage_judge
-from refusal_atlas.pipeline.openers import open_model, open_saes
+from refusal_atlas.pipeline.openers import open_model, open_saes, open_submodule_saes
 from refusal_atlas.reporting import figures
 from refusal_atlas.steering import clamp
 from refusal_atlas.studies import categories
 from refusal_atlas.studies.circuits import (
+    Site,
     ablated_metric,
     choose_pools,
+    edge_pairs,
     edge_scores,
     faithfulness,
     node_scores,
@@ -231,9 +233,11 @@ def _circuit_groups(df: pd.DataFrame, cats: Sequence[str], split: str, cap: int 
 
 
 def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary: str | None, direction_summary: str,
-             sae_dirs: Sequence[str], cfg: Mapping, outputs: Mapping[str, str], caption: str) -> None:
+             sae_dirs: Sequence[str], submodule_sae_dirs: Sequence[str], cfg: Mapping, outputs: Mapping[str, str],
+             caption: str) -> None:
     """Per-prompt node and edge scores (circuits.py), each category's circuit for toxic and safe
-    prompts as a graph file, and faithfulness/completeness curves on held-out prompts."""
+    prompts as a graph file, and faithfulness/completeness curves on held-out prompts. Nodes live
+    at every resid SAE, and at the attention and MLP SAEs of ``submodule_sae_dirs`` (Marks et al.)."""
     import networkx as nx
 
     cc = cfg["circuits"]
@@ -246,8 +250,11 @@ def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary:
     fit = _circuit_groups(df, cats, cfg["fit_split"], cc["max_prompts"], cfg["seed"], cc["safe_variant"])
     ev = _circuit_groups(df, cats, cfg["eval_split"], cc["eval_max_prompts"], cfg["seed"], cc["safe_variant"])
     model, tok, system_prompt = open_model(model_dir, spec)
-    sae_map = open_saes(sae_dirs, spec, model)
+    sae_map = {Site(layer): sae for layer, sae in open_saes(sae_dirs, spec, model).items()}
+    sae_map.update(open_submodule_saes(submodule_sae_dirs, spec, model))
     layers = sorted(sae_map)
+    if {s.submodule for s in layers} != set(cc["submodules"]):
+        raise ValueError(f"circuits.submodules {cc['submodules']}, but the SAEs read {sorted({s.label for s in layers})}")
     means = reference_means(model, tok, sae_map, list(fit.instruction), cc["batch_size"], system_prompt)
     nodes, m_clean = node_scores(model, tok, sae_map, list(fit.instruction), means, refusal_ids, steps=cc["steps"],
                                    batch_size=cc["batch_size"], system_prompt=system_prompt)
@@ -263,19 +270,22 @@ def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary:
     tensors = {"m_clean": m_clean}
     for l in layers:
         keep = torch.as_tensor(np.append(node_pool[l], sae_map[l].cfg.d_sae), dtype=torch.long)
-        tensors[f"nodes.{l}"] = nodes[l][:, keep].float()
-        tensors[f"node_ids.{l}"] = torch.as_tensor(np.append(node_pool[l], -1))
-        tensors[f"edge_ids.{l}"] = torch.as_tensor(np.append(edge_pool[l], -1))
-        tensors[f"means.{l}"] = means.latents[l].float()
+        tensors[f"nodes.{l.name}"] = nodes[l][:, keep].float()
+        tensors[f"node_ids.{l.name}"] = torch.as_tensor(np.append(node_pool[l], -1))
+        tensors[f"edge_ids.{l.name}"] = torch.as_tensor(np.append(edge_pool[l], -1))
+        tensors[f"means.{l.name}"] = means.latents[l].float()
     for (a, b), e in edges.items():
-        tensors[f"edges.{a}.{b}"] = e.float()
-    write_safetensors(tensors, outputs["scores"], metadata={"layers": json.dumps(layers)})
+        tensors[f"edges.{a.name}.{b.name}"] = e.float()
+    # sites by name (a bare layer for resid); the edge pairs, as submodules make them other than consecutive
+    write_safetensors(tensors, outputs["scores"], metadata={
+        "layers": json.dumps([l.name for l in layers]),
+        "pairs": json.dumps([[a.name, b.name] for a, b, _ in edge_pairs(layers)])})
     write_parquet(fit[["id", "category", "label", "group", "split"]].assign(m_clean=m_clean.numpy()), outputs["index"])
 
-    scores = Scores(layers, {l: tensors[f"node_ids.{l}"].numpy() for l in layers},
-                               {l: tensors[f"nodes.{l}"].numpy() for l in layers},
-                               {l: tensors[f"edge_ids.{l}"].numpy() for l in layers},
-                               {p: e.numpy() for p, e in edges.items()})
+    scores = Scores(layers, {l: tensors[f"node_ids.{l.name}"].numpy() for l in layers},
+                    {l: tensors[f"nodes.{l.name}"].numpy() for l in layers},
+                    {l: tensors[f"edge_ids.{l.name}"].numpy() for l in layers},
+                    {p: e.numpy() for p, e in edges.items()})
     curves = []
     # error_nodes "nodes": an error node is ablated unless the circuit holds it (Marks et al.)
     as_nodes = cc["error_nodes"] == "nodes"
@@ -291,9 +301,10 @@ def circuits(*, model_dir: str, spec: Mapping, promptset: str, category_summary:
             g = nx.DiGraph(model=model_dir, category=cat, group=group, n_prompts=len(rows),
                            metric="refusal log-odds at the last prompt token", ablation="mean")
             for (l, i), ie in circuit.nodes.items():
-                g.add_node(f"L{l}/{'err' if i < 0 else i}", layer=l, latent=i, error=i < 0, ie=ie)
+                g.add_node(f"{l.label}/{'err' if i < 0 else i}", layer=l.layer, submodule=l.submodule, latent=i,
+                           error=i < 0, ie=ie)
             for (a, u, b, d), w in circuit.edges.items():
-                g.add_edge(f"L{a}/{'err' if u < 0 else u}", f"L{b}/{'err' if d < 0 else d}", weight=w)
+                g.add_edge(f"{a.label}/{'err' if u < 0 else u}", f"{b.label}/{'err' if d < 0 else d}", weight=w)
             (tmp / group).mkdir(exist_ok=True)
             nx.write_graphml(g, tmp / group / f"{cat}.graphml")
             # faithfulness on the category's held-out prompts, circuits of growing size
@@ -333,9 +344,10 @@ def modularity(*, scores_path: str, index_path: str, steering_summary: str, cfg:
 
     t = load_file(scores_path)
     with safe_open(scores_path, "pt") as fh:
-        layers = json.loads(fh.metadata()["layers"])
+        meta = fh.metadata()
+    layers = json.loads(meta["layers"])
     index = pd.read_parquet(index_path)
-    pairs = list(zip(layers[:-1], layers[1:]))
+    pairs = [tuple(p) for p in json.loads(meta["pairs"])]
     tc = cfg["test"]
     pcfg = PermutationConfig(n_nodes=cfg["circuits"]["n_nodes"], n_edges=cfg["circuits"]["n_edges"],
                                n_permutations=tc["n_permutations"], n_bootstrap=tc["n_bootstrap"],

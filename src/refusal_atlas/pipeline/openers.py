@@ -24,6 +24,7 @@ from refusal_atlas.lm.modeling import layer_device, load_model
 from refusal_atlas.saes import loading
 from refusal_atlas.steering import clamp
 from refusal_atlas.steering.conditions import Condition
+from refusal_atlas.studies.circuits import Site
 
 log = logging.getLogger("refusal_atlas")
 
@@ -74,6 +75,16 @@ def open_saes(sae_dirs: Sequence[str], spec: Mapping, model) -> dict[int, SAE]:
         sae = loading.load_sae(d, device="cpu", dtype=spec["dtype"])
         layer = loading.hook_layer(sae)
         out[layer] = sae.to(layer_device(model, layer))
+    return out
+
+
+def open_submodule_saes(sae_dirs: Sequence[str], spec: Mapping, model) -> dict:
+    """``{Site(layer, submodule): SAE}`` for the circuits' attention and MLP SAEs."""
+    out = {}
+    for d in sae_dirs:
+        sae = loading.load_sae(d, device="cpu", dtype=spec["dtype"])
+        layer, submodule = loading.site_of(sae)
+        out[Site(layer, submodule)] = sae.to(layer_device(model, layer))
     return out
 
 

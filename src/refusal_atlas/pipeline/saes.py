@@ -18,6 +18,13 @@ from refusal_atlas.data import prompts
 log = logging.getLogger("refusal_atlas")
 
 
+def corpus_splits(n_items: int, cfg: Mapping) -> dict[str, np.ndarray]:
+    """The corpus's held-out and training sequences (a seeded shuffle), the same for every pass."""
+    order = np.random.default_rng(cfg["seed"]).permutation(n_items)
+    n_ho = min(cfg["heldout_sequences"], n_items // 2)
+    return {"heldout": order[:n_ho], "train": order[n_ho : n_ho + cfg["max_sequences"]]}
+
+
 def sae_corpus(*, model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, layers: Sequence[int], heldout_only: bool,
                acts_out: str, index_out: str) -> None:
     """One activation pass over the corpus for every SAE layer; held-out sequences kept apart."""
@@ -26,11 +33,9 @@ def sae_corpus(*, model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, lay
     from refusal_atlas.saes import corpus, loading
 
     items = prompts.load_instructions(Path(dataset))
-    order = np.random.default_rng(cfg["seed"]).permutation(len(items))
-    n_ho = min(cfg["heldout_sequences"], len(items) // 2)
-    splits = {"heldout": order[:n_ho]}
-    if not heldout_only:
-        splits["train"] = order[n_ho : n_ho + cfg["max_sequences"]]
+    splits = corpus_splits(len(items), cfg)
+    if heldout_only:
+        del splits["train"]
     model, tok, system_prompt = open_model(model_dir, spec)
     check_layers(layers, model.config.num_hidden_layers, "sae.layers")
     tensors, rows = {}, []
@@ -48,14 +53,65 @@ def sae_corpus(*, model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, lay
     write_parquet(pd.DataFrame(rows), index_out)
 
 
+def submodule_corpus(*, model_dir: str, spec: Mapping, dataset: str, cfg: Mapping, layers: Sequence[int],
+                     submodule: str, acts_out: str) -> None:
+    """The sae_corpus's training sequences again, read at each layer's ``submodule`` output (the
+    attention's or the MLP's, TransformerLens's hook_attn_out / hook_mlp_out), for the circuits'
+    trained submodule SAEs. A pass of its own: the resid SAEs' corpus stays as it was."""
+    from refusal_atlas.lm.modeling import autocast
+    from refusal_atlas.pipeline.openers import check_layers, open_model
+    from refusal_atlas.saes import corpus
+
+    items = prompts.load_instructions(Path(dataset))
+    texts = [items[i]["instruction"] for i in corpus_splits(len(items), cfg)["train"]]
+    model, tok, system_prompt = open_model(model_dir, spec)
+    check_layers(layers, model.config.num_hidden_layers, "sae.layers")
+    hooks = {submodule_hook(layer, submodule): layer for layer in layers}
+    with autocast(model, cfg["autocast_dtype"]):
+        acts = corpus.token_resid_post(model, tok, texts, list(hooks), batch_size=cfg["batch_size"],
+                                       system_prompt=system_prompt)
+    log.info("%s: %d sequences, %d tokens per layer", submodule, len(texts), next(iter(acts.values())).shape[0])
+    write_safetensors({f"{submodule}_{hooks[h]}.train": a for h, a in acts.items()}, acts_out,
+                      metadata={"hook": submodule_hook("{layer}", submodule), "positions": "non-special tokens",
+                                "dataset": dataset})
+
+
+def submodule_hook(layer, submodule: str) -> str:
+    """Where a trained submodule SAE reads (the sublayer's output as it joins the stream)."""
+    return f"blocks.{layer}.hook_{submodule}_out"
+
+
+def submodule_sae(*, acts_path: str | None, layer: int, submodule: str, model_name: str, spec: Mapping,
+                  cfg: Mapping, output_dir: str) -> None:
+    """One SAE on ``submodule``'s output at ``layer``: a SAELens release's (``cfg`` has
+    ``release``/``sae_id``), or TopK trained like the resid SAEs on :func:`submodule_corpus`."""
+    if acts_path is None:
+        from refusal_atlas.saes import loading
+
+        sae_id = cfg["sae_id"].format(layer=layer)
+        sae = loading.load_pretrained_sae(cfg["release"], sae_id, dtype=spec["dtype"])
+        loading.check_fits(sae, layer, cfg["d_model"], f"{cfg['release']}/{sae_id}", model_name, submodule)
+        with atomic_path(output_dir, is_dir=True) as tmp:
+            sae.save_model(tmp)
+        return
+    _train(acts_path, f"{submodule}_{layer}", submodule_hook(layer, submodule), model_name, spec, cfg, output_dir)
+
+
 def train_sae(*, acts_path: str, layer: int, model_name: str, spec: Mapping, cfg: Mapping, output_dir: str) -> None:
+    from refusal_atlas.saes import loading
+
+    _train(acts_path, f"layer_{layer}", loading.hook_name(layer), model_name, spec, cfg, output_dir)
+
+
+def _train(acts_path: str, key: str, hook: str, model_name: str, spec: Mapping, cfg: Mapping,
+           output_dir: str) -> None:
     from safetensors import safe_open
 
     from refusal_atlas.lm.modeling import resolve_device
-    from refusal_atlas.saes import loading, training
+    from refusal_atlas.saes import training
 
     with safe_open(acts_path, "pt") as fh:
-        acts = fh.get_tensor(f"layer_{layer}.train")
+        acts = fh.get_tensor(f"{key}.train")
     train_cfg = training.TopKTrainConfig(
         d_sae=cfg["d_sae"], k=cfg["k"], lr=cfg["lr"], batch_size=cfg["train_batch_size"],
         training_tokens=cfg["training_tokens"], dead_feature_window=cfg["dead_feature_window"], seed=cfg["seed"],
@@ -63,11 +119,11 @@ def train_sae(*, acts_path: str, layer: int, model_name: str, spec: Mapping, cfg
     )
     start = time.perf_counter()
     sae = training.train_topk_sae(acts, train_cfg, {
-        "hook_name": loading.hook_name(layer), "model_name": model_name, "exclude_special_tokens": True,
+        "hook_name": hook, "model_name": model_name, "exclude_special_tokens": True,
         "n_cached_tokens": int(acts.shape[0]),
     })
     sae.cfg.metadata.train_seconds = round(time.perf_counter() - start, 1)
-    log.info("trained layer %d on %d cached tokens in %.0f s", layer, acts.shape[0], sae.cfg.metadata.train_seconds)
+    log.info("trained %s on %d cached tokens in %.0f s", hook, acts.shape[0], sae.cfg.metadata.train_seconds)
     with atomic_path(output_dir, is_dir=True) as tmp:
         sae.save_model(tmp)
 

@@ -10,7 +10,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.lm.generation import chat_batches
-from refusal_atlas.lm.modeling import block_hidden, decoder_layers, position_ids_from_mask, special_token_mask
+from refusal_atlas.lm.modeling import (
+    block_hidden,
+    decoder_layers,
+    hook_site,
+    position_ids_from_mask,
+    special_token_mask,
+)
 
 if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
     pass
@@ -27,18 +33,20 @@ def token_resid_post(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     instructions: Sequence[str],
-    layers: Sequence[int],
+    layers: Sequence[int | str],
     *,
     batch_size: int = 16,
     system_prompt: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
-) -> dict[int, torch.Tensor]:
+) -> dict[int | str, torch.Tensor]:
     """``{layer: [n_tokens, d_model]}`` resid_post at every non-special token, one pass for all layers.
+    A ``str`` among ``layers`` is a TransformerLens hook name (lm.modeling.hook_site: an attention
+    or MLP output, for the circuits' submodule SAEs), keyed by itself.
 
     Rows are in prompt order then position order, the same rows in every layer.
     """
     blocks = decoder_layers(model)
-    rows: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(instructions) for layer in layers}
+    rows: dict[int | str, list[torch.Tensor | None]] = {layer: [None] * len(instructions) for layer in layers}
 
     def make_hook(layer: int):
         def hook(_m, _i, output):
@@ -46,8 +54,12 @@ def token_resid_post(
 
         return hook
 
-    grabbed: dict[int, torch.Tensor] = {}
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    def keep(name: str):
+        return lambda h: grabbed.__setitem__(name, h.detach())
+
+    grabbed: dict[int | str, torch.Tensor] = {}
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) if isinstance(layer, int)
+               else hook_site(model, layer, keep(layer), replace=False) for layer in layers]
     device = next(model.parameters()).device
     try:
         with tqdm(total=len(instructions), desc="corpus activations", unit="seq") as bar:
