@@ -371,3 +371,28 @@ def test_local_saes_must_exist_read_their_layer_and_match_the_model_s_width(tmp_
         check_models(cfg, MANIFEST_KEYS, _tiny_facts())
     with pytest.raises(WorkflowError, match="path"):  # the schema: source local needs its path template
         validated(_edited(("models", "smollm2-135m", "sae"), {"source": "local", "layers": [8]}))
+
+
+def test_circuits_over_submodules_need_an_sae_source_for_each_before_any_job():
+    """A released model's attention and MLP SAEs come from a SAELens release it holds; only source
+    train trains them here."""
+    cfg = validated(yaml.safe_load((ROOT / "config/gemma-2-2b-it.yaml").read_text()))
+    facts = {"gemma-2-2b-it": ModelFacts(26, 2304, None, "shape")}
+    cfg["categories"]["circuits"]["submodules"] = ["attn", "mlp", "resid"]
+    with pytest.raises(ConfigError, match=r"names attn \(model gemma-2-2b-it\): set models.gemma-2-2b-it.sae."
+                                          r"submodules.attn"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    sae = cfg["models"]["gemma-2-2b-it"]["sae"]
+    sae["submodules"] = {"attn": {"release": "gemma-scope-2b-pt-att-canonical",
+                                  "sae_id": "layer_{layer}/width_16k/canonical"},
+                         "mlp": {"release": "gemma-scope-2b-pt-mlp-canonical",
+                                 "sae_id": "layer_{layer}/width_3k/canonical"}}
+    with pytest.raises(ConfigError, match=r"submodules.mlp.sae_id: release 'gemma-scope-2b-pt-mlp-canonical' has no"):
+        check_models(cfg, MANIFEST_KEYS, facts)
+    sae["submodules"]["mlp"]["sae_id"] = "layer_{layer}/width_16k/canonical"
+    check_models(cfg, MANIFEST_KEYS, facts)
+    # resid must stay: the schema refuses circuits without it
+    bad = yaml.safe_load((ROOT / "config/gemma-2-2b-it.yaml").read_text())
+    bad.setdefault("categories", {}).setdefault("circuits", {})["submodules"] = ["attn", "mlp"]
+    with pytest.raises(Exception, match="resid"):
+        validated(bad)
