@@ -192,7 +192,9 @@ def _check_gate_sae(name: str, gate: Mapping, layer: int | None, facts: ModelFac
 
 def submodule_kinds(model_config: Mapping) -> list[str]:
     """The submodules besides resid whose SAEs the circuits read (categories.circuits.submodules)."""
-    return [k for k in ("attn", "mlp") if k in model_config["categories"]["circuits"]["submodules"]]
+    # a config checked before the schema filled its defaults may lack the section: resid only
+    read = model_config.get("categories", {}).get("circuits", {}).get("submodules", ["resid"])
+    return [k for k in ("attn", "mlp") if k in read]
 
 
 def check_models(config: Mapping, manifest_keys: set[str], facts: Mapping[str, ModelFacts]) -> None:
