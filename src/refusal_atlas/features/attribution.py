@@ -52,6 +52,7 @@ from refusal_atlas.lm.modeling import (
     last_token_logits,
     template_header_length,
 )
+from refusal_atlas.saes.loading import hook_name
 
 if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
     from sae_lens import SAE
@@ -158,7 +159,7 @@ def logits_with_replaced_sites(model: PreTrainedModel, enc: Mapping[str, torch.T
     """Last-token logits (float32 or finer) with each site's activation replaced by ``fns[site]``:
     an ``int`` is that block's output (resid_post), a ``str`` a TransformerLens hook name
     (lm.modeling.hook_site; circuits use attention and MLP outputs)."""
-    names = {k: k if isinstance(k, str) else f"blocks.{k}.hook_resid_post" for k in fns}
+    names = {k: k if isinstance(k, str) else hook_name(k) for k in fns}
     with hooks_removed([hook_site(model, names[k], fn) for k, fn in fns.items()]):
         logits = last_token_logits(model, enc)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -86,13 +86,8 @@ def submodule_sae(*, acts_path: str | None, layer: int, submodule: str, model_na
     """One SAE on ``submodule``'s output at ``layer``: a SAELens release's (``cfg`` has
     ``release``/``sae_id``), or TopK trained like the resid SAEs on :func:`submodule_corpus`."""
     if acts_path is None:
-        from refusal_atlas.saes import loading
-
-        sae_id = cfg["sae_id"].format(layer=layer)
-        sae = loading.load_pretrained_sae(cfg["release"], sae_id, dtype=spec["dtype"])
-        loading.check_fits(sae, layer, cfg["d_model"], f"{cfg['release']}/{sae_id}", model_name, submodule)
-        with atomic_path(output_dir, is_dir=True) as tmp:
-            sae.save_model(tmp)
+        pretrained_sae(spec=spec, cfg=cfg, layer=layer, model_name=model_name, output_dir=output_dir,
+                       submodule=submodule)
         return
     _train(acts_path, f"{submodule}_{layer}", submodule_hook(layer, submodule), model_name, spec, cfg, output_dir)
 
@@ -128,12 +123,13 @@ def _train(acts_path: str, key: str, hook: str, model_name: str, spec: Mapping, 
         sae.save_model(tmp)
 
 
-def pretrained_sae(*, spec: Mapping, cfg: Mapping, layer: int, model_name: str, output_dir: str) -> None:
+def pretrained_sae(*, spec: Mapping, cfg: Mapping, layer: int, model_name: str, output_dir: str,
+                   submodule: str = "resid") -> None:
     from refusal_atlas.saes import loading
 
     sae_id = cfg["sae_id"].format(layer=layer)
     sae = loading.load_pretrained_sae(cfg["release"], sae_id, dtype=spec["dtype"])
-    loading.check_fits(sae, layer, cfg["d_model"], f"{cfg['release']}/{sae_id}", model_name)
+    loading.check_fits(sae, layer, cfg["d_model"], f"{cfg['release']}/{sae_id}", model_name, submodule)
     with atomic_path(output_dir, is_dir=True) as tmp:
         sae.save_model(tmp)
 

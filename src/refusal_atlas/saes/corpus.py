@@ -10,13 +10,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_atlas.lm.generation import chat_batches
-from refusal_atlas.lm.modeling import (
-    block_hidden,
-    decoder_layers,
-    hook_site,
-    position_ids_from_mask,
-    special_token_mask,
-)
+from refusal_atlas.lm.modeling import hook_site, hooks_removed, position_ids_from_mask, special_token_mask
+from refusal_atlas.saes.loading import hook_name
 
 if TYPE_CHECKING:  # SAELens takes seconds to import; model-only jobs never need it
     pass
@@ -45,23 +40,16 @@ def token_resid_post(
 
     Rows are in prompt order then position order, the same rows in every layer.
     """
-    blocks = decoder_layers(model)
     rows: dict[int | str, list[torch.Tensor | None]] = {layer: [None] * len(instructions) for layer in layers}
 
-    def make_hook(layer: int):
-        def hook(_m, _i, output):
-            grabbed[layer] = block_hidden(output).detach()
-
-        return hook
-
-    def keep(name: str):
-        return lambda h: grabbed.__setitem__(name, h.detach())
+    def grab(key: int | str):
+        return lambda h: grabbed.__setitem__(key, h.detach())
 
     grabbed: dict[int | str, torch.Tensor] = {}
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) if isinstance(layer, int)
-               else hook_site(model, layer, keep(layer), replace=False) for layer in layers]
+    handles = [hook_site(model, layer if isinstance(layer, str) else hook_name(layer), grab(layer), replace=False)
+               for layer in layers]
     device = next(model.parameters()).device
-    try:
+    with hooks_removed(handles):
         with tqdm(total=len(instructions), desc="corpus activations", unit="seq") as bar:
             for idx, enc in chat_batches(tokenizer, instructions, batch_size, system_prompt, device):
                 grabbed.clear()
@@ -76,7 +64,4 @@ def token_resid_post(
                     for row, i in enumerate(idx):
                         rows[layer][i] = h[row][keep[row]]
                 bar.update(len(idx))
-    finally:
-        for h in handles:
-            h.remove()
     return {layer: torch.cat(rows[layer]) for layer in layers}

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from refusal_atlas.features.attribution import logits_with_replaced_sites
 from refusal_atlas.lm.generation import chat_batches
 from refusal_atlas.lm.modeling import hook_site, hooks_removed, last_token_logits, special_token_mask
+from refusal_atlas.saes.loading import hook_name
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -84,7 +85,7 @@ def _hook_name(key, sae: SAE) -> str:
         return name
     if as_site(key).submodule != "resid":
         raise ValueError(f"the SAE for {as_site(key).label} names no hook_name")
-    return f"blocks.{as_site(key).layer}.hook_resid_post"
+    return hook_name(as_site(key).layer)
 
 
 def _hooked(model, saes: Mapping, fns: Mapping, replace: bool = True) -> list:
